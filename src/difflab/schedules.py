@@ -1,0 +1,455 @@
+"""Noise schedules and the noise-level sequences that samplers walk.
+
+Owns: ``NoiseSchedule`` (betas -> alphas_cumprod in float64; linear, scaled_linear, cosine,
+sigmoid, custom; the zero-terminal-SNR rescale), the continuous-time view of a discrete
+schedule (``alpha(t)``, ``sigma(t)``, ``log_snr(t)`` for fractional ``t``, interpolated in
+log-SNR, and its inverse), and the sampling discretisations (leading, trailing, linspace,
+karras, logsnr, exponential, custom) as ``NoiseLevels``.
+
+Knows nothing of models or data.
+
+Notation (Ho et al. 2020, "DDPM"): ``alphas_cumprod[t]`` is ᾱ_t, so that
+x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε.  difflab writes α_t = √ᾱ_t and σ_t = √(1-ᾱ_t) (the VP
+convention of Kingma et al. 2021), λ_t = log(α_t²/σ_t²) the log-SNR, and
+σ^VE_t = σ_t/α_t the "k-diffusion sigma" (Karras et al. 2022).
+
+Naming trap: the latent-diffusion (CompVis) config calls linear-in-√β betas "linear";
+diffusers and difflab call that ``scaled_linear``.  difflab's ``linear`` is DDPM's linear
+in β.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._validate import check_choice
+
+ScheduleName = Literal["linear", "scaled_linear", "cosine", "sigmoid", "custom"]
+Spacing = Literal["leading", "trailing", "linspace", "karras", "logsnr", "exponential"]
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "karras", "logsnr", "exponential")
+TimeLike = float | int | Tensor
+
+
+def _sigmoid(x: float) -> float:
+    if x == math.inf:
+        return 1.0
+    if x == -math.inf:
+        return 0.0
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+class NoiseSchedule:
+    """A discrete variance-preserving schedule of ``T`` steps (Ho et al. 2020, eq. 4).
+
+    ``betas`` and ``alphas_cumprod`` are float64 master tables of shape ``[T]``; the
+    float32 views used on the hot path are ``table(name, device)``.
+    """
+
+    def __init__(self, betas: Tensor | Sequence[float], *, name: str = "custom", **params: Any):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().clone().cpu()
+        if betas.ndim != 1 or betas.numel() < 2:
+            raise ValueError(
+                f"betas must be a 1-D sequence of at least 2 values, got {tuple(betas.shape)}"
+            )
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
+            bad = betas[(betas <= 0) | (betas > 1) | ~torch.isfinite(betas)]
+            raise ValueError(
+                f"every beta must lie in (0, 1] (1 only for a zero-terminal-SNR last step); "
+                f"got {bad[:4].tolist()}"
+            )
+        if (betas[:-1] >= 1).any():
+            raise ValueError("only the last beta may equal 1 (zero terminal SNR)")
+        self.name = name
+        self.params = dict(params)
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        if betas[-1] == 1:
+            self.alphas_cumprod[-1] = 0.0
+        ab = self.alphas_cumprod
+        with torch.no_grad():
+            self._log_snr = torch.log(ab) - torch.log1p(-ab)  # λ_t, float64 [T]; -inf at ᾱ=0
+        self._log_snr_list = self._log_snr.tolist()
+        self._cache: dict[tuple[str, str, torch.dtype], Tensor] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linear(
+        cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+    ) -> NoiseSchedule:
+        """DDPM's schedule: β linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020, §4)."""
+        _check_T(T)
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return cls(betas, name="linear", T=T, beta_start=beta_start, beta_end=beta_end)
+
+    @classmethod
+    def scaled_linear(
+        cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> NoiseSchedule:
+        """Stable Diffusion's schedule: √β linear (LDM calls this "linear")."""
+        _check_T(T)
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+        return cls(betas, name="scaled_linear", T=T, beta_start=beta_start, beta_end=beta_end)
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+        """Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t)/f(0), f(t) = cos²((t/T+s)/(1+s)·π/2).
+
+        β_t = 1 - ᾱ_t/ᾱ_{t-1}, clipped at ``max_beta``.
+        """
+        _check_T(T)
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+        return cls(betas, name="cosine", T=T, s=s, max_beta=max_beta)
+
+    @classmethod
+    def sigmoid(
+        cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+    ) -> NoiseSchedule:
+        """GeoDiff's sigmoid schedule (Xu et al. 2022): β = sigmoid(linspace(-6, 6))·(b1-b0)+b0."""
+        _check_T(T)
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
+        betas = betas * (beta_end - beta_start) + beta_start
+        return cls(betas, name="sigmoid", T=T, beta_start=beta_start, beta_end=beta_end)
+
+    @classmethod
+    def from_betas(cls, betas: Tensor | Sequence[float]) -> NoiseSchedule:
+        """A custom schedule from explicit betas."""
+        return cls(betas, name="custom")
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor | Sequence[float]) -> NoiseSchedule:
+        """A custom schedule from ᾱ_t (strictly decreasing, in [0, 1))."""
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if (ab[1:] >= ab[:-1]).any() or ab[0] >= 1 or ab[-1] < 0:
+            raise ValueError("alphas_cumprod must be strictly decreasing within [0, 1)")
+        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        return cls(1 - ab / prev, name="custom")
+
+    @classmethod
+    def from_name(cls, name: str, T: int = 1000, **kwargs: Any) -> NoiseSchedule:
+        """Build a named schedule: ``linear``, ``scaled_linear``, ``cosine`` or ``sigmoid``."""
+        builders = {
+            "linear": cls.linear,
+            "scaled_linear": cls.scaled_linear,
+            "cosine": cls.cosine,
+            "sigmoid": cls.sigmoid,
+        }
+        check_choice("noise schedule", name, builders)
+        return builders[name](T, **kwargs)
+
+    def rescale_zero_terminal_snr(self) -> NoiseSchedule:
+        """Lin et al. 2023, Alg. 1: shift and scale √ᾱ so that ᾱ_T = 0 exactly, ᾱ_0 kept."""
+        a = self.alphas_cumprod.sqrt()
+        a0, aT = a[0].clone(), a[-1].clone()
+        a = (a - aT) * a0 / (a0 - aT)
+        ab = a**2
+        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        betas = 1 - ab / prev
+        betas[-1] = 1.0
+        out = NoiseSchedule(betas, name=self.name, **self.params)
+        out.params["zero_terminal_snr"] = True
+        return out
+
+    # ------------------------------------------------------------------ config
+    def to_config(self) -> dict[str, Any]:
+        """A YAML-able description; ``from_config(to_config())`` rebuilds the same tables."""
+        if self.name == "custom":
+            return {"name": "custom", "betas": self.betas.tolist()}
+        cfg = {"name": self.name, **self.params}
+        return cfg
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> NoiseSchedule:
+        """Inverse of ``to_config``."""
+        cfg = dict(config)
+        name = cfg.pop("name", "linear")
+        if name == "custom":
+            return cls.from_betas(cfg["betas"])
+        zero_snr = cfg.pop("zero_terminal_snr", False)
+        T = cfg.pop("T", 1000)
+        sched = cls.from_name(name, T, **cfg)
+        return sched.rescale_zero_terminal_snr() if zero_snr else sched
+
+    def __repr__(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"NoiseSchedule.{self.name}({extra})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoiseSchedule) and torch.equal(self.betas, other.betas)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ tables
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of training timesteps."""
+        return int(self.betas.numel())
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """True when ᾱ_{T-1} = 0 (pure noise at the last step)."""
+        return bool(self.alphas_cumprod[-1] == 0)
+
+    @property
+    def alphas_cumprod_prev(self) -> Tensor:
+        """ᾱ_{t-1} with ᾱ_{-1} = 1, float64 [T]."""
+        return torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+
+    @property
+    def sigmas_ve(self) -> Tensor:
+        """σ^VE_t = √((1-ᾱ_t)/ᾱ_t), float64 [T] (k-diffusion's sigmas; ∞ at ᾱ=0)."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    @property
+    def log_snr_table(self) -> Tensor:
+        """λ_t = log(ᾱ_t/(1-ᾱ_t)) at integer t, float64 [T]."""
+        return self._log_snr.clone()
+
+    def table(
+        self,
+        name: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """A cached copy of a float64 table (``betas``, ``alphas_cumprod``, ``log_snr``)."""
+        check_choice("schedule table", name, ("betas", "alphas_cumprod", "log_snr"))
+        key = (name, str(device), dtype)
+        if key not in self._cache:
+            src = self._log_snr if name == "log_snr" else getattr(self, name)
+            self._cache[key] = src.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ continuous view
+    def log_snr(self, t: TimeLike) -> TimeLike:
+        """λ(t) for float ``t`` in [0, T-1]: exact at integers, linear in λ in between."""
+        if isinstance(t, Tensor):
+            lam = self.table("log_snr", t.device, torch.float32)
+            tc = t.to(torch.float32).clamp(0, self.num_timesteps - 1)
+            lo = tc.floor().long()
+            hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+            frac = tc - lo
+            a, b = lam[lo], lam[hi]
+            # frac == 0 must not touch b (which may be -inf): torch.where keeps it exact.
+            return torch.where(frac == 0, a, a + frac * (b - a))
+        t = float(t)
+        T = self.num_timesteps
+        if not (0.0 <= t <= T - 1):
+            raise ValueError(f"timestep {t} outside the schedule's range [0, {T - 1}]")
+        lo = int(math.floor(t))
+        frac = t - lo
+        a = self._log_snr_list[lo]
+        if frac == 0.0:
+            return a
+        b = self._log_snr_list[lo + 1]
+        return a + frac * (b - a)
+
+    def alpha(self, t: TimeLike) -> TimeLike:
+        """α(t) = √ᾱ(t) = √sigmoid(λ(t))."""
+        lam = self.log_snr(t)
+        if isinstance(lam, Tensor):
+            return torch.sigmoid(lam).sqrt()
+        return math.sqrt(_sigmoid(lam))
+
+    def sigma(self, t: TimeLike) -> TimeLike:
+        """σ(t) = √(1-ᾱ(t)) = √sigmoid(-λ(t))."""
+        lam = self.log_snr(t)
+        if isinstance(lam, Tensor):
+            return torch.sigmoid(-lam).sqrt()
+        return math.sqrt(_sigmoid(-lam))
+
+    def t_from_log_snr(self, log_snr: float) -> float:
+        """Inverse of ``log_snr``: the fractional timestep whose λ equals ``log_snr``.
+
+        λ outside the table's range is clamped to t = 0 (cleanest) or T-1 (noisiest).
+        """
+        lam = self._log_snr_list
+        T = self.num_timesteps
+        if log_snr >= lam[0]:
+            return 0.0
+        if log_snr <= lam[-1]:
+            return float(T - 1)
+        # binary search for lam[i] >= log_snr > lam[i+1] (λ is strictly decreasing)
+        lo, hi = 0, T - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if lam[mid] >= log_snr:
+                lo = mid
+            else:
+                hi = mid
+        a, b = lam[lo], lam[hi]
+        if b == -math.inf:
+            return float(hi)
+        return lo + (log_snr - a) / (b - a)
+
+    def t_from_sigma_ve(self, sigma_ve: float) -> float:
+        """The fractional timestep whose σ^VE = σ/α equals ``sigma_ve`` (λ = -2 log σ^VE)."""
+        if sigma_ve <= 0:
+            return 0.0
+        if sigma_ve == math.inf:
+            return float(self.num_timesteps - 1)
+        return self.t_from_log_snr(-2.0 * math.log(sigma_ve))
+
+    # ------------------------------------------------------------------ discretisations
+    def timesteps(
+        self,
+        steps: int,
+        spacing: str | Sequence[float] = "trailing",
+        *,
+        steps_offset: int = 0,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> list[float]:
+        """``steps`` strictly decreasing timesteps in [0, T-1] for sampling.
+
+        Spacings (diffusers' names where they exist):
+        - ``leading``: t_i = i·⌊T/N⌋ + steps_offset (DDIM, Song et al. 2021; SD 1.x's default).
+        - ``trailing``: t_i = round(T - i·T/N) - 1, always starting at T-1 (Lin et al. 2023).
+        - ``linspace``: round(linspace(0, T-1, N)) (reversed).
+        - ``karras``: σ^VE_i = (σ_max^{1/ρ} + i/(N-1)·(σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ
+          (Karras et al. 2022, eq. 5), mapped to fractional t through λ = -2 log σ^VE.
+        - ``logsnr``: uniform in λ (DPM-Solver's "logSNR" order, Lu et al. 2022).
+        - ``exponential``: uniform in log σ^VE (k-diffusion's name for the same grid as
+          ``logsnr``: λ = -2 log σ^VE).
+        - a sequence: custom timesteps, checked to be strictly decreasing within [0, T-1].
+
+        The sigma-based spacings on a zero-terminal-SNR schedule (σ_max = ∞) put the first
+        step at t = T-1 and spread the other N-1 between σ_min and the largest finite σ.
+        """
+        T = self.num_timesteps
+        if not isinstance(spacing, str):
+            ts = [float(v) for v in spacing]
+            _check_custom(ts, T)
+            if steps is not None and steps != len(ts):
+                raise ValueError(f"steps={steps} but the custom timestep list has {len(ts)}")
+            return ts
+        check_choice("spacing", spacing, SPACINGS)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if spacing in ("leading", "trailing", "linspace") and steps > T:
+            raise ValueError(f"steps={steps} exceeds the schedule's T={T} for {spacing} spacing")
+        if spacing == "leading":
+            ratio = T // steps
+            ts = [float(i * ratio + steps_offset) for i in range(steps)][::-1]
+            if ts[0] > T - 1:
+                raise ValueError(f"steps_offset={steps_offset} pushes the first timestep past T-1")
+        elif spacing == "trailing":
+            ratio = T / steps
+            ts = [float(round(T - i * ratio) - 1) for i in range(steps)]
+        elif spacing == "linspace":
+            if steps == 1:
+                ts = [float(T - 1)]
+            else:
+                ts = [float(round(i * (T - 1) / (steps - 1))) for i in range(steps)][::-1]
+        else:
+            ts = self._sigma_spacing(spacing, steps, rho, sigma_min, sigma_max)
+        if steps_offset and spacing != "leading":
+            raise ValueError("steps_offset applies only to 'leading' spacing")
+        _check_custom(ts, T)
+        return ts
+
+    def _sigma_spacing(
+        self, spacing: str, steps: int, rho: float, sigma_min: float | None, sigma_max: float | None
+    ) -> list[float]:
+        sig = self.sigmas_ve.tolist()
+        finite = [s for s in sig if math.isfinite(s)]
+        smin = float(sigma_min) if sigma_min is not None else finite[0]
+        lead_inf = sigma_max is None and not math.isfinite(sig[-1])
+        smax = float(sigma_max) if sigma_max is not None else finite[-1]
+        if not (0 < smin < smax):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {smin} and {smax}")
+        n = steps - 1 if lead_inf else steps
+        sigmas: list[float] = []
+        if n == 1:
+            sigmas = [smax]
+        elif n > 1:
+            if spacing == "karras":
+                a, b = smax ** (1 / rho), smin ** (1 / rho)
+                sigmas = [(a + i / (n - 1) * (b - a)) ** rho for i in range(n)]
+            else:  # logsnr / exponential: uniform in log σ^VE
+                la, lb = math.log(smax), math.log(smin)
+                sigmas = [math.exp(la + i / (n - 1) * (lb - la)) for i in range(n)]
+        ts = [self.t_from_sigma_ve(s) for s in sigmas]
+        if lead_inf:
+            ts = [float(self.num_timesteps - 1)] + ts
+        return ts
+
+    def noise_levels(self, timesteps: Sequence[float]) -> NoiseLevels:
+        """The ``NoiseLevels`` of a timestep sequence, ending in the clean level (α=1, σ=0)."""
+        ts = [float(t) for t in timesteps]
+        lams = [float(self.log_snr(t)) for t in ts] + [math.inf]
+        return NoiseLevels(t=ts, log_snr=lams)
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """The explicit sequence a sampler walks: N model timesteps and N+1 noise levels.
+
+    ``t[i]`` is the model timestep of level ``i``; ``log_snr`` has one more entry, the final
+    clean level (λ = +∞: α = 1, σ = 0).  All values are host floats, so reading them in the
+    sampling loop never synchronises a device.
+    """
+
+    t: list[float]
+    log_snr: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.log_snr) != len(self.t) + 1:
+            raise ValueError("log_snr needs exactly one more entry than t (the final level)")
+        for a, b in zip(self.log_snr[:-1], self.log_snr[1:]):
+            if not b > a:
+                raise ValueError(
+                    f"noise levels must strictly decrease in noise; got λ {a} then {b}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    @property
+    def alpha(self) -> list[float]:
+        """α_i = √sigmoid(λ_i), N+1 host floats (1.0 at the end)."""
+        return [math.sqrt(_sigmoid(lam)) for lam in self.log_snr]
+
+    @property
+    def sigma(self) -> list[float]:
+        """σ_i = √sigmoid(-λ_i), N+1 host floats (0.0 at the end)."""
+        return [math.sqrt(_sigmoid(-lam)) for lam in self.log_snr]
+
+    @property
+    def sigma_ve(self) -> list[float]:
+        """σ^VE_i = σ_i/α_i = exp(-λ_i/2), N+1 host floats (0 at the end, ∞ at zero SNR)."""
+        return [math.exp(-lam / 2) if lam != math.inf else 0.0 for lam in self.log_snr]
+
+    def tail(self, start: int) -> NoiseLevels:
+        """The levels from index ``start`` on (img2img starts part-way down)."""
+        return NoiseLevels(t=self.t[start:], log_snr=self.log_snr[start:])
+
+
+def _check_T(T: int) -> None:
+    if not isinstance(T, int) or T < 2:
+        raise ValueError(f"T (number of training timesteps) must be an integer >= 2, got {T!r}")
+
+
+def _check_custom(ts: list[float], T: int) -> None:
+    if not ts:
+        raise ValueError("the timestep sequence is empty")
+    for v in ts:
+        if not (0 <= v <= T - 1):
+            raise ValueError(f"timestep {v} outside [0, {T - 1}]")
+    for a, b in zip(ts[:-1], ts[1:]):
+        if not b < a:
+            raise ValueError(
+                f"timesteps must be strictly decreasing (distinct); got {a} then {b}. "
+                "Fewer steps or another spacing avoids duplicates."
+            )
