@@ -1,0 +1,37 @@
+"""Samplers: one plain function per algorithm, a registry of names and aliases, guidance.
+
+``dl.sample`` / ``dl.img2img`` (api) resolve a sampler name through ``SAMPLERS`` (registry)
+and call its function over one explicit ``NoiseLevels`` sequence; guidance (CFG, rescale,
+thresholding) wraps the denoiser (guidance).  The algorithms live in ``ddpm``, ``pndm``,
+``karras``, ``dpm_solver``, ``unipc``; shared helpers in ``common``.
+"""
+
+from .api import DEFAULT_SAMPLER, Img2ImgResult, img2img, sample
+from .common import SamplerSpec
+from .guidance import (
+    ClassifierFreeGuidance,
+    ClipX0,
+    DenoiserWrapper,
+    DynamicThresholding,
+    dynamic_threshold,
+    rescale_cfg,
+)
+from .registry import SAMPLERS, SamplerRegistry, check_options, resolve
+
+__all__ = [
+    "DEFAULT_SAMPLER",
+    "SAMPLERS",
+    "ClassifierFreeGuidance",
+    "ClipX0",
+    "DenoiserWrapper",
+    "DynamicThresholding",
+    "Img2ImgResult",
+    "SamplerRegistry",
+    "SamplerSpec",
+    "check_options",
+    "dynamic_threshold",
+    "img2img",
+    "resolve",
+    "rescale_cfg",
+    "sample",
+]

@@ -1,0 +1,234 @@
+"""Guidance as denoiser wrappers: classifier-free guidance, CFG rescale, x̂0 thresholding.
+
+Owns: ``ClassifierFreeGuidance`` (cond and uncond in one batched forward; w = 0 is exactly
+the unconditional prediction and w = 1 exactly the conditional one; optional guidance
+rescale φ, Lin et al. 2023 §3.4), ``DynamicThresholding`` (Saharia et al. 2022, Imagen §2.3)
+and ``ClipX0`` (static clipping of x̂0).  Each wraps anything with the ``Denoiser.at``
+method and is itself one, so they compose:
+``ClipX0(ClassifierFreeGuidance(Denoiser(model, sched), 5.0, uncond))``.
+
+Knows nothing of samplers; asks ``parametrization`` for every eps/x0/v conversion, so ε̂ is
+always recomputed consistently with a modified x̂0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..parametrization import (
+    Coef,
+    DenoiserOutput,
+    eps_from_x0,
+    from_x0_eps,
+    to_x0_eps,
+)
+
+__all__ = [
+    "ClassifierFreeGuidance",
+    "ClipX0",
+    "DenoiserWrapper",
+    "DynamicThresholding",
+    "dynamic_threshold",
+    "rescale_cfg",
+]
+
+
+def rescale_cfg(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """Guidance rescale (Lin et al. 2023, "Common diffusion noise schedules...", eq. 15-16).
+
+    x_rescaled = x_cfg·std(x_pos)/std(x_cfg) (eq. 15); x_final = φ·x_rescaled + (1-φ)·x_cfg
+    (eq. 16); std over every dimension but the batch.  Same maths as diffusers'
+    ``rescale_noise_cfg``.  ``guided``/``cond``: ``[B, ...]`` model outputs.
+    """
+    dims = list(range(1, cond.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)
+    std_cfg = guided.std(dim=dims, keepdim=True)
+    rescaled = guided * (std_cond / std_cfg)
+    return phi * rescaled + (1 - phi) * guided
+
+
+def dynamic_threshold(x0: Tensor, percentile: float, max_value: float | None = None) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) of x̂0 ``[B, ...]``.
+
+    s = max(p-th percentile of |x̂0| per sample, 1) (at most ``max_value`` if given);
+    x̂0 ← clamp(x̂0, -s, s)/s.
+    """
+    b = x0.shape[0]
+    s = torch.quantile(x0.abs().reshape(b, -1).float(), percentile, dim=1)  # (B,)
+    s = s.clamp(min=1.0, max=max_value)
+    s = s.reshape((b,) + (1,) * (x0.ndim - 1)).to(x0.dtype)
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+class DenoiserWrapper:
+    """Base for wrappers: forwards every attribute (``nfe``, ``schedule``, ``prediction``...)
+    to the wrapped denoiser and implements ``__call__`` through ``at``."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not yet set (e.g. during unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, x_t: Tensor, t: float | Tensor, **cond: Any) -> DenoiserOutput:
+        alpha, sigma = self.inner.coefficients(t, x_t)
+        return self.at(x_t, t, alpha, sigma, **cond)
+
+    def at(
+        self, x_t: Tensor, t: float | Tensor, alpha: Coef, sigma: Coef, **cond: Any
+    ) -> DenoiserOutput:
+        """x̂0 / ε̂ at ``x_t`` whose level is (α, σ); see ``Denoiser.at``."""
+        raise NotImplementedError
+
+
+def _twice(v: Coef | float | Tensor) -> Coef | float | Tensor:
+    """A per-sample value ``[B]`` repeated for the doubled batch; host floats pass through."""
+    if isinstance(v, Tensor) and v.ndim > 0:
+        return torch.cat([v, v])
+    return v
+
+
+def _batch_conds(
+    cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int
+) -> dict[str, Any] | None:
+    """cond and uncond stacked along the batch (cond first), or None when they can't be.
+
+    Tensors are concatenated (an uncond tensor of batch 1 is expanded, e.g. one negative
+    prompt for the whole batch); equal non-tensor values pass through once.
+    """
+    if set(cond) != set(uncond):
+        return None
+    out: dict[str, Any] = {}
+    for key, c in cond.items():
+        u = uncond[key]
+        if isinstance(c, Tensor) and isinstance(u, Tensor):
+            if c.ndim == 0 or u.ndim == 0 or c.shape[0] != batch:
+                return None
+            if u.shape[0] == 1 and batch > 1:
+                u = u.expand(batch, *u.shape[1:])
+            if u.shape != c.shape or u.dtype != c.dtype:
+                return None
+            out[key] = torch.cat([c, u.to(c.device)])
+        elif isinstance(c, Tensor) or isinstance(u, Tensor):
+            return None
+        else:
+            try:
+                same = bool(c == u)
+            except Exception:  # noqa: BLE001 - anything not comparable is not batchable
+                return None
+            if not same:
+                return None
+            out[key] = c
+    return out
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) in one batched model call.
+
+    ε̃ = ε̂(x, ∅) + w·(ε̂(x, c) - ε̂(x, ∅)); with x̂0 and ε̂ both affine in the network output
+    at fixed x_t, the same combination is applied to x̂0, so they stay consistent.  w = 0
+    returns the unconditional prediction and w = 1 the conditional one, each from a single
+    un-batched call (bit-exact).  Cond and uncond run as one forward over the doubled batch
+    (tensor values in the cond dicts concatenated, cond first) when their keys and shapes
+    match, else as two calls.  A learned variance is taken from the conditional half.
+
+    :param inner: a ``Denoiser`` (or wrapper).
+    :param scale: w.
+    :param uncond: the unconditional / negative conditioning dict (e.g. the null class).
+    :param rescale: φ ∈ [0, 1] of guidance rescale (Lin et al. 2023, eq. 16), applied to the
+        model output in its own parametrization, as diffusers does.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        scale: float,
+        uncond: Mapping[str, Any] | None = None,
+        *,
+        rescale: float = 0.0,
+    ):
+        super().__init__(inner)
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {rescale}")
+        self.scale = float(scale)
+        self.uncond = dict(uncond or {})
+        self.rescale = float(rescale)
+
+    def at(
+        self, x_t: Tensor, t: float | Tensor, alpha: Coef, sigma: Coef, **cond: Any
+    ) -> DenoiserOutput:
+        w = self.scale
+        if w == 1.0:
+            return self.inner.at(x_t, t, alpha, sigma, **cond)
+        if w == 0.0:
+            return self.inner.at(x_t, t, alpha, sigma, **self.uncond)
+        b = x_t.shape[0]
+        both = _batch_conds(cond, self.uncond, b)
+        if both is not None:
+            out = self.inner.at(
+                torch.cat([x_t, x_t]), _twice(t), _twice(alpha), _twice(sigma), **both
+            )
+            c = DenoiserOutput(out.x0[:b], out.eps[:b], _half(out.var_values, b))
+            u = DenoiserOutput(out.x0[b:], out.eps[b:], None)
+        else:
+            c = self.inner.at(x_t, t, alpha, sigma, **cond)
+            u = self.inner.at(x_t, t, alpha, sigma, **self.uncond)
+        x0 = u.x0 + w * (c.x0 - u.x0)
+        eps = u.eps + w * (c.eps - u.eps)
+        if self.rescale > 0.0:
+            pred = self.inner.prediction
+            guided = from_x0_eps(pred, x0, eps, alpha, sigma)
+            guided = rescale_cfg(guided, from_x0_eps(pred, c.x0, c.eps, alpha, sigma), self.rescale)
+            x0, eps = to_x0_eps(pred, guided, x_t.float(), alpha, sigma)
+        return DenoiserOutput(x0=x0, eps=eps, var_values=c.var_values)
+
+
+def _half(v: Tensor | None, b: int) -> Tensor | None:
+    return None if v is None else v[:b]
+
+
+class DynamicThresholding(DenoiserWrapper):
+    """Imagen's dynamic thresholding of x̂0 (Saharia et al. 2022, §2.3), ε̂ recomputed.
+
+    :param percentile: p in (0, 1], the per-sample percentile of |x̂0| (Imagen: 0.995).
+    :param max_value: optional upper bound on s (diffusers' ``sample_max_value``).
+    """
+
+    def __init__(self, inner: Any, percentile: float = 0.995, max_value: float | None = None):
+        super().__init__(inner)
+        if not 0.0 < percentile <= 1.0:
+            raise ValueError(f"dynamic_threshold percentile must lie in (0, 1], got {percentile}")
+        if max_value is not None and max_value < 1.0:
+            raise ValueError(f"dynamic threshold max_value must be >= 1, got {max_value}")
+        self.percentile = float(percentile)
+        self.max_value = max_value
+
+    def at(
+        self, x_t: Tensor, t: float | Tensor, alpha: Coef, sigma: Coef, **cond: Any
+    ) -> DenoiserOutput:
+        out = self.inner.at(x_t, t, alpha, sigma, **cond)
+        x0 = dynamic_threshold(out.x0, self.percentile, self.max_value)
+        return DenoiserOutput(x0, eps_from_x0(x_t.float(), x0, alpha, sigma), out.var_values)
+
+
+class ClipX0(DenoiserWrapper):
+    """Static clipping of x̂0 to [-limit, limit] (Ho et al. 2020's sampler), ε̂ recomputed."""
+
+    def __init__(self, inner: Any, limit: float = 1.0):
+        super().__init__(inner)
+        if not limit > 0:
+            raise ValueError(f"clip_x0 limit must be positive, got {limit}")
+        self.limit = float(limit)
+
+    def at(
+        self, x_t: Tensor, t: float | Tensor, alpha: Coef, sigma: Coef, **cond: Any
+    ) -> DenoiserOutput:
+        out = self.inner.at(x_t, t, alpha, sigma, **cond)
+        x0 = out.x0.clamp(-self.limit, self.limit)
+        return DenoiserOutput(x0, eps_from_x0(x_t.float(), x0, alpha, sigma), out.var_values)

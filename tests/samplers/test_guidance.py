@@ -1,0 +1,200 @@
+"""Guidance wrappers (CFG, rescale, thresholding) and img2img's explicit strength."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from difflab.parametrization import Denoiser, x0_from_v
+from difflab.samplers import (
+    ClassifierFreeGuidance,
+    ClipX0,
+    DynamicThresholding,
+    dynamic_threshold,
+    img2img,
+    rescale_cfg,
+    sample,
+)
+from difflab.schedules import NoiseSchedule
+
+SCHED = NoiseSchedule.linear(1000)
+
+
+class CondModel:
+    """A conditional toy model whose output depends nonlinearly on x, t, class and context."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, t, class_labels=None, context=None):
+        self.batches.append(x.shape[0])
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        out = torch.tanh(x) * (1 + t.reshape(shape) / 1000)
+        if class_labels is not None:
+            out = out + 0.3 * class_labels.float().reshape(shape) * x.pow(2)
+        if context is not None:
+            out = out + context.mean(dim=(1, 2)).reshape(shape)
+        return out
+
+
+def _x(seed=0, shape=(3, 2, 4, 4)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+COND = {"class_labels": torch.tensor([1, 2, 3])}
+UNCOND = {"class_labels": torch.tensor([0, 0, 0])}
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_cfg_scale_0_is_exactly_uncond_and_1_exactly_cond(prediction):
+    den = Denoiser(CondModel(), SCHED, prediction)
+    x, a, s = _x(), SCHED.alpha(500.0), SCHED.sigma(500.0)
+    for w, ref_cond in ((0.0, UNCOND), (1.0, COND)):
+        got = ClassifierFreeGuidance(den, w, UNCOND).at(x, 500.0, a, s, **COND)
+        ref = den.at(x, 500.0, a, s, **ref_cond)
+        assert torch.equal(got.x0, ref.x0) and torch.equal(got.eps, ref.eps)
+
+
+def test_cfg_is_one_batched_call_equal_to_two_separate_calls():
+    model = CondModel()
+    den = Denoiser(model, SCHED)
+    x, a, s = _x(), SCHED.alpha(300.0), SCHED.sigma(300.0)
+    cfg = ClassifierFreeGuidance(den, 4.0, UNCOND)
+    got = cfg.at(x, 300.0, a, s, **COND)
+    assert model.batches == [6] and den.nfe == 1  # one forward over the doubled batch
+    c, u = den.at(x, 300.0, a, s, **COND), den.at(x, 300.0, a, s, **UNCOND)
+    torch.testing.assert_close(got.eps, u.eps + 4.0 * (c.eps - u.eps), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.x0, u.x0 + 4.0 * (c.x0 - u.x0), rtol=1e-6, atol=1e-6)
+    # x̂0 and ε̂ stay consistent: x_t = α x̂0 + σ ε̂
+    torch.testing.assert_close(a * got.x0 + s * got.eps, x, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_batches_context_tensors_and_broadcasts_a_single_negative_prompt():
+    model = CondModel()
+    den = Denoiser(model, SCHED)
+    x = _x()
+    ctx = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
+    neg = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(2))
+    got = ClassifierFreeGuidance(den, 2.5, {"context": neg})(x, 100.0, context=ctx)
+    assert model.batches == [6]
+    c, u = den(x, 100.0, context=ctx), den(x, 100.0, context=neg.expand(3, 5, 8))
+    torch.testing.assert_close(got.eps, u.eps + 2.5 * (c.eps - u.eps), rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_with_unbatchable_conds_falls_back_to_two_calls():
+    model = CondModel()
+    den = Denoiser(model, SCHED)
+    x = _x()
+    got = ClassifierFreeGuidance(den, 3.0, {})(x, 100.0, **COND)  # uncond: no kwargs at all
+    assert model.batches == [3, 3]
+    c, u = den(x, 100.0, **COND), den(x, 100.0)
+    torch.testing.assert_close(got.eps, u.eps + 3.0 * (c.eps - u.eps), rtol=1e-6, atol=1e-6)
+
+
+def test_rescale_matches_diffusers_rescale_noise_cfg():
+    g = torch.Generator().manual_seed(3)
+    cfg, cond = torch.randn(4, 3, 8, 8, generator=g) * 3, torch.randn(4, 3, 8, 8, generator=g)
+    for phi in (0.0, 0.7, 1.0):
+        torch.testing.assert_close(rescale_cfg(cfg, cond, phi), rescale_noise_cfg(cfg, cond, phi))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_cfg_rescale_acts_on_the_model_output_like_diffusers(prediction):
+    den = Denoiser(CondModel(), SCHED, prediction)
+    x, t = _x(), 700.0
+    a, s = SCHED.alpha(t), SCHED.sigma(t)
+    got = ClassifierFreeGuidance(den, 7.5, UNCOND, rescale=0.7).at(x, t, a, s, **COND)
+    model = CondModel()
+    tt = torch.full((3,), t)
+    out_c, out_u = model(x, tt, **COND), model(x, tt, **UNCOND)
+    guided = rescale_noise_cfg(out_u + 7.5 * (out_c - out_u), out_c, guidance_rescale=0.7)
+    if prediction == "eps":
+        torch.testing.assert_close(got.eps, guided, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.x0, x0_from_v(x, guided, a, s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.9, 0.995])
+def test_dynamic_threshold_equals_imagen_formula_and_diffusers(p):
+    x0 = _x(4) * 2.0
+    x0[0] *= 0.3  # a sample whose percentile is below 1: s = 1, plain clipping
+    got = dynamic_threshold(x0, p)
+    flat = x0.abs().reshape(3, -1).numpy()
+    for i in range(3):
+        s_i = max(np.quantile(flat[i], p), 1.0)  # numpy's default is linear interpolation
+        ref = np.clip(x0[i].numpy(), -s_i, s_i) / s_i
+        np.testing.assert_allclose(got[i].numpy(), ref, rtol=1e-6, atol=1e-6)
+    ddpm = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=1e9)
+    torch.testing.assert_close(got, ddpm._threshold_sample(x0))
+
+
+@pytest.mark.parametrize(
+    "wrap", [lambda d: DynamicThresholding(d, 0.9), lambda d: ClipX0(d, 1.0)], ids=["dyn", "clip"]
+)
+def test_thresholding_wrappers_recompute_eps_consistently(wrap):
+    den = Denoiser(lambda x, t: -3 * x, SCHED)  # a model whose x̂0 leaves [-1, 1]
+    x, a, s = _x(5), SCHED.alpha(200.0), SCHED.sigma(200.0)
+    out = wrap(den).at(x, 200.0, a, s)
+    assert out.x0.abs().max() <= 1.0 + 1e-6
+    torch.testing.assert_close(a * out.x0 + s * out.eps, x, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_with_guidance_scale_0_equals_unconditional_sampling():
+    noise = _x(6)
+    kw = dict(schedule=SCHED, sampler="dpmpp_2m", steps=6, noise=noise)
+    guided = sample(CondModel(), cond=COND, uncond=UNCOND, guidance_scale=0.0, **kw)
+    plain = sample(CondModel(), cond=UNCOND, **kw)
+    assert torch.equal(guided, plain)
+    model = CondModel()
+    sample(model, cond=COND, uncond=UNCOND, guidance_scale=5.0, guidance_rescale=0.5, **kw)
+    assert model.batches == [6] * 6
+
+
+def test_sample_thresholding_options():
+    kw = dict(schedule=SCHED, sampler="ddim", steps=5, noise=_x(7))
+    model = lambda x, t: -3 * x  # noqa: E731
+    seen = []
+    out = sample(model, clip_x0=True, callback=lambda i, t, x, x0: seen.append(x0), **kw)
+    assert all(x0.abs().max() <= 1 + 1e-6 for x0 in seen) and out.abs().max() <= 1 + 1e-5
+    sample(model, dynamic_threshold=0.995, **kw)
+    with pytest.raises(ValueError, match="either dynamic_threshold or clip_x0"):
+        sample(model, dynamic_threshold=0.995, clip_x0=True, **kw)
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(20, 0.5), (10, 0.3), (50, 0.75), (20, 1.0)])
+def test_img2img_uses_diffusers_starting_step_and_noises_to_that_level(steps, strength):
+    x0 = _x(8).clamp(-1, 1)
+    noise = _x(9)
+    seen = []
+    res = img2img(
+        lambda x, t: 0.1 * x,
+        x0,
+        strength=strength,
+        schedule=SCHED,
+        sampler="ddim",
+        steps=steps,
+        spacing="trailing",
+        noise=noise,
+        callback=lambda i, t, x, x0_: seen.append((t, x)),
+    )
+    # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps on the same trailing grid
+    ref = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    assert res.timesteps == [float(t) for t in ref.timesteps[steps - init :]]
+    assert [t for t, _ in seen] == res.timesteps
+    # the start state is q_sample at the first used timestep: same level as the first step
+    t0 = res.timesteps[0]
+    start = SCHED.alpha(t0) * x0 + SCHED.sigma(t0) * noise
+    torch.testing.assert_close(seen[0][1], start, rtol=1e-6, atol=1e-6)
+    assert res.images.shape == x0.shape
+
+
+def test_img2img_rejects_a_strength_without_steps():
+    with pytest.raises(ValueError, match="no denoising step"):
+        img2img(lambda x, t: x, _x(), strength=0.04, schedule=SCHED, steps=20)
+    with pytest.raises(ValueError, match="strength must lie in"):
+        img2img(lambda x, t: x, _x(), strength=1.5, schedule=SCHED)
