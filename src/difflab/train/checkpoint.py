@@ -1,0 +1,260 @@
+"""Checkpoints: everything needed to resume a run bit for bit, written atomically.
+
+Owns the on-disk layout of a run's checkpoint (``notes/run_layout.md``)::
+
+    run_dir/model.safetensors        raw weights  (metadata: step)
+    run_dir/ema.safetensors          EMA weights  (metadata: step, ema_updates)
+    run_dir/train_state/
+        model.safetensors, ema.safetensors   the same weights (hard links when possible)
+        optimizer.safetensors        every optimiser state tensor, flattened
+        rng.safetensors              torch CPU/CUDA RNG states and the trainer's generators
+        state.json                   step, data position, EMA count, LR schedule, grad
+                                     scaler, the optimiser's non-tensor parts (written last)
+
+No pickle anywhere: tensors go to safetensors, the rest to JSON.  A save builds a complete
+``train_state.tmp-XXXX`` directory (every file fsync'ed), renames the previous
+``train_state`` aside, renames the new one in, then publishes the top-level weights with
+``os.replace``; a crash at any point leaves a complete checkpoint that
+:func:`load_checkpoint` finds.  Knows nothing of models or the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+__all__ = [
+    "Checkpoint",
+    "atomic_write_bytes",
+    "flatten_optimizer_state",
+    "load_checkpoint",
+    "save_checkpoint",
+    "unflatten_optimizer_state",
+]
+
+STATE_DIR = "train_state"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """The contents of one checkpoint.
+
+    :param model: raw weights.
+    :param ema: EMA weights.
+    :param optimizer: ``optimizer.state_dict()``.
+    :param rng: named RNG state tensors (uint8).
+    :param meta: JSON-able scalars: ``step``, ``ema_updates``, data position, LR schedule
+        and grad-scaler state dicts, ...
+    """
+
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- low-level writes
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (the one place checkpoint bytes hit disk)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _tensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return st_save(plain, metadata=metadata)
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    return st_load(path.read_bytes())
+
+
+# --------------------------------------------------------------------------- optimiser state
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors ``state.<param>.<name>`` and a JSON index."""
+    tensors: dict[str, Tensor] = {}
+    index: dict[str, dict[str, Any]] = {}
+    for pid, per_param in state["state"].items():
+        entry: dict[str, Any] = {}
+        for name, value in per_param.items():
+            if isinstance(value, Tensor):
+                key = f"state.{pid}.{name}"
+                tensors[key] = value
+                entry[name] = {"tensor": key}
+            else:
+                entry[name] = {"value": value}
+        index[str(pid)] = entry
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+              for g in state["param_groups"]]  # fmt: skip
+    return tensors, {"state": index, "param_groups": groups}
+
+
+def unflatten_optimizer_state(
+    tensors: dict[str, Tensor], index: dict[str, Any], like: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`.
+
+    :param like: the live optimiser's ``state_dict()``; group entries that are tuples there
+        (AdamW's ``betas``) are turned back into tuples.
+    """
+    state = {
+        int(pid): {
+            name: tensors[spec["tensor"]] if "tensor" in spec else spec["value"]
+            for name, spec in entry.items()
+        }
+        for pid, entry in index["state"].items()
+    }
+    groups = [dict(g) for g in index["param_groups"]]
+    if like is not None:
+        for group, ref in zip(groups, like["param_groups"]):
+            for k, v in ref.items():
+                if isinstance(v, tuple) and isinstance(group.get(k), list):
+                    group[k] = tuple(group[k])
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- save / load
+def _publish(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes atomically (hard link when possible, else a copy)."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _clean_stale(run_dir: Path) -> None:
+    for stale in run_dir.glob(f"{STATE_DIR}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` into ``run_dir`` atomically; returns the ``train_state`` directory.
+
+    The previous checkpoint stays loadable until the new one is complete.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale(run_dir)
+    step = int(ckpt.meta.get("step", 0))
+    ema_updates = int(ckpt.meta.get("ema_updates", 0))
+    opt_tensors, opt_index = flatten_optimizer_state(ckpt.optimizer)
+    meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "optimizer": opt_index}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STATE_DIR}.tmp-", dir=run_dir))
+    try:
+        step_md = {"step": str(step), "format": "difflab"}
+        _write_file(tmp / "model.safetensors", _tensors_bytes(ckpt.model, step_md))
+        ema_md = {**step_md, "ema_updates": str(ema_updates)}
+        _write_file(tmp / "ema.safetensors", _tensors_bytes(ckpt.ema, ema_md))
+        _write_file(tmp / "optimizer.safetensors", _tensors_bytes(opt_tensors))
+        _write_file(tmp / "rng.safetensors", _tensors_bytes(ckpt.rng))
+        _write_file(tmp / "state.json", json.dumps(meta, indent=1).encode("utf-8"))  # last
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    final = run_dir / STATE_DIR
+    old = None
+    if final.exists():
+        old = run_dir / f"{STATE_DIR}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(run_dir)
+    for name in ("model.safetensors", "ema.safetensors"):
+        _publish(final / name, run_dir / name)
+    _fsync_dir(run_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for older in run_dir.glob(f"{STATE_DIR}.old-*"):  # left by an earlier crash
+        shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete ``train_state`` directory of ``run_dir``, or None when there is none.
+
+    A crash between renaming the previous checkpoint aside and renaming the new one in
+    leaves only ``train_state.old-XXXX``; it is complete and is used.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / STATE_DIR
+    if (final / "state.json").is_file():
+        return final
+    olds = [p for p in run_dir.glob(f"{STATE_DIR}.old-*") if (p / "state.json").is_file()]
+    if not olds:
+        return None
+    return max(olds, key=lambda p: json.loads((p / "state.json").read_text())["step"])
+
+
+def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) -> Checkpoint:
+    """Read the checkpoint of ``run_dir``.
+
+    :param optimizer_like: the live optimiser's ``state_dict()`` (restores tuple entries).
+    :raises FileNotFoundError: when ``run_dir`` holds no complete checkpoint.
+    """
+    state_dir = find_checkpoint(run_dir)
+    if state_dir is None:
+        raise FileNotFoundError(f"no checkpoint (train_state/state.json) under {run_dir}")
+    meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{state_dir}: checkpoint format {meta.get('format_version')!r}, "
+            f"this difflab reads {FORMAT_VERSION}"
+        )
+    opt_index = meta.pop("optimizer")
+    optimizer = unflatten_optimizer_state(
+        _read_tensors(state_dir / "optimizer.safetensors"), opt_index, optimizer_like
+    )
+    return Checkpoint(
+        model=_read_tensors(state_dir / "model.safetensors"),
+        ema=_read_tensors(state_dir / "ema.safetensors"),
+        optimizer=optimizer,
+        rng=_read_tensors(state_dir / "rng.safetensors"),
+        meta=meta,
+    )

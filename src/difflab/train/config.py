@@ -1,0 +1,359 @@
+"""Training configuration: typed dataclasses that round-trip through YAML.
+
+Owns the run's configuration (``seed``, ``run_dir`` and the sections ``model``,
+``diffusion``, ``data``, ``train``, ``sample`` described in ``notes/run_layout.md``), its
+validation (unknown keys and closed choices raise ``ValueError`` with a did-you-mean hint)
+and ``--set key.sub=value`` overrides.  Knows nothing of the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._validate import check_choice, unknown_message
+from ..data import DataConfig
+from ..losses import WEIGHTINGS
+from ..parametrization import PREDICTIONS, VARIANCES
+
+__all__ = [
+    "DataConfig",
+    "DiffusionConfig",
+    "LoopConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+]
+
+TIMESTEP_SAMPLERS = ("uniform", "importance")
+LR_SCHEDULES = ("cosine", "constant")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+ON_NONFINITE = ("stop", "skip")
+
+
+# --------------------------------------------------------------------------- generic helpers
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a field's type hint; turn YAML strings like ``2e-4`` into floats."""
+    where = f"{section}.{name}" if section else name
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads "2e-4" as a string (YAML 1.1)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is dict or hint is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    else:  # pragma: no cover - every field is one of the types above
+        return value
+    name_ = getattr(hint, "__name__", str(hint))
+    raise ValueError(f"config key {where!r} must be {name_}, got {value!r}")
+
+
+def _section_from_dict(cls: type, data: Mapping[str, Any] | None, section: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise with a did-you-mean hint."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config section {section!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(unknown_message(f"config key in {section!r}", key, names))
+        kwargs[key] = _coerce(section, key, hints[key], value)
+    return cls(**kwargs)
+
+
+def _check_range(where: str, value: float, lo: float, hi: float | None = None) -> None:
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"config key {where!r} must be {allowed}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class DiffusionConfig:
+    """The forward process and the training objective (see ``difflab.losses``).
+
+    :param schedule: ``NoiseSchedule.to_config()`` dict, e.g. ``{name: cosine, T: 1000}``.
+    :param prediction: what the network predicts: eps | x0 | v.
+    :param variance: fixedsmall | fixedlarge | learned | learned_range (learned ones train
+        with the hybrid loss L_simple + vlb_weight * L_vlb, Nichol & Dhariwal 2021 §3.1).
+    :param weighting: per-timestep loss weight: none | snr | min_snr (Hang et al. 2023).
+    :param snr_gamma: γ of min-SNR-γ weighting.
+    :param vlb_weight: λ of the hybrid loss (0.001 in improved DDPM).
+    :param timestep_sampler: uniform | importance (p_t ∝ √E[L_t²], Nichol & Dhariwal 2021
+        eq. 18; ``losses.LossSecondMomentSampler``).
+    :param offset_noise: strength of per-channel offset noise (0 = off).
+    :param input_perturbation: strength of input perturbation (Ning et al. 2023; 0 = off).
+    :param cond_drop_prob: probability a class label is replaced by the null label, so the
+        same network learns the unconditional model for classifier-free guidance (Ho &
+        Salimans 2022).
+    """
+
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "cosine", "T": 1000})
+    prediction: str = "eps"
+    variance: str = "fixedsmall"
+    weighting: str = "none"
+    snr_gamma: float = 5.0
+    vlb_weight: float = 0.001
+    timestep_sampler: str = "uniform"
+    offset_noise: float = 0.0
+    input_perturbation: float = 0.0
+    cond_drop_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        check_choice("variance", self.variance, VARIANCES)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _check_range("diffusion.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
+        for name in ("snr_gamma", "vlb_weight", "offset_noise", "input_perturbation"):
+            _check_range(f"diffusion.{name}", getattr(self, name), 0.0)
+
+    @property
+    def learned_variance(self) -> bool:
+        """True when the network also outputs the reverse-step variance."""
+        return self.variance in ("learned", "learned_range")
+
+
+@dataclass
+class LoopConfig:
+    """The optimisation loop (the ``train:`` section).
+
+    ``batch_size`` is the global micro-batch (split across ranks under torchrun); one
+    optimiser step consumes ``batch_size * grad_accum`` samples.
+    """
+
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2.0e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    max_steps: int = 2000
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    mixed_precision: str = "no"
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    on_nonfinite: str = "stop"
+    log_every: int = 50
+    sample_every: int = 500  # 0 = never
+    save_every: int = 500  # 0 = only at the end
+    num_workers: int = 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        for name in ("batch_size", "grad_accum", "log_every"):
+            _check_range(f"train.{name}", getattr(self, name), 1)
+        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "max_steps"):
+            _check_range(f"train.{name}", getattr(self, name), 0)
+        for name in ("sample_every", "save_every", "num_workers"):
+            _check_range(f"train.{name}", getattr(self, name), 0)
+        _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for the training-time sample grids and for ``difflab sample``."""
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    guidance_scale: float = 2.0
+    num_images: int = 16
+
+    def __post_init__(self) -> None:
+        from ..samplers import resolve  # unknown names raise with a did-you-mean
+
+        resolve(self.sampler)
+        _check_range("sample.steps", self.steps, 1)
+        _check_range("sample.num_images", self.num_images, 1)
+
+
+def _default_model() -> dict[str, Any]:
+    return {"preset": "digits", "image_size": 16, "in_channels": 1, "num_classes": 10}
+
+
+_SECTIONS: dict[str, type] = {
+    "diffusion": DiffusionConfig,
+    "data": DataConfig,
+    "train": LoopConfig,
+    "sample": SampleConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: ``TrainConfig.from_dict(yaml.safe_load(...))``.
+
+    ``model`` is a ``UNetConfig`` dict, optionally with ``preset: <name>`` plus overrides;
+    :meth:`resolve` expands it to the full field list that is written to ``config.yaml``.
+    """
+
+    seed: int = 0
+    run_dir: str = "runs/demo"
+    model: dict[str, Any] = field(default_factory=_default_model)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        self.model_config()  # validates the model section (unknown keys, preset names)
+        if self.data.channels != self.model_config().in_channels:
+            raise ValueError(
+                f"data.channels={self.data.channels} but model in_channels="
+                f"{self.model_config().in_channels}; they must match"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TrainConfig:
+        """Build from nested plain dicts; unknown keys raise ValueError with a suggestion."""
+        data = dict(data or {})
+        top = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in top:
+                raise ValueError(unknown_message("config section", key, top))
+        kwargs: dict[str, Any] = {}
+        if "seed" in data:
+            kwargs["seed"] = _coerce("", "seed", int, data["seed"])
+        if "run_dir" in data:
+            kwargs["run_dir"] = str(data["run_dir"])
+        if "model" in data:
+            kwargs["model"] = _coerce("", "model", dict, data["model"] or {})
+        for name, section_cls in _SECTIONS.items():
+            if name in data:
+                kwargs[name] = _section_from_dict(section_cls, data[name], name)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dicts (YAML-able); ``from_dict(to_dict())`` is an equal config."""
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> Any:
+        """The ``difflab.models.UNetConfig`` this config describes (preset expanded).
+
+        The U-Net's ``learn_sigma`` follows ``diffusion.variance`` unless set explicitly,
+        in which case the two must agree.
+        """
+        from ..models import UNetConfig
+
+        spec = dict(self.model)
+        preset = spec.pop("preset", None)
+        learned = self.diffusion.learned_variance
+        if spec.setdefault("learn_sigma", learned) != learned:
+            raise ValueError(
+                f"model.learn_sigma={spec['learn_sigma']} contradicts diffusion.variance="
+                f"{self.diffusion.variance!r} (learned variances need learn_sigma: true)"
+            )
+        try:
+            return UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec)
+        except TypeError as err:  # wrong value types inside the U-Net config
+            raise ValueError(f"bad model section: {err}") from err
+
+    def resolve(self) -> TrainConfig:
+        """A copy whose ``model`` section is the full ``UNetConfig.to_dict()`` (no preset)."""
+        out = TrainConfig.from_dict(self.to_dict())
+        out.model = self.model_config().to_dict()
+        return out
+
+
+# --------------------------------------------------------------------------- files and --set
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ValueError(f"override {item!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with each ``key.sub=value`` set (value parsed as YAML)."""
+    out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(dict(data)))  # deep, plain copy
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ValueError(f"override {item!r}: {where!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    >>> load_config(None, ["train.lr=1e-4"]).train.lr
+    0.0001
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping, got {type(data)}")
+    base = TrainConfig().to_dict()  # defaults under the file, so --set a.b.c=... merges
+    base["model"] = data.pop("model", None) or _default_model()  # a model section replaces
+    return TrainConfig.from_dict(apply_overrides(_merge(base, data), overrides))
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config.to_dict()`` as YAML (atomically: temp file + rename)."""
+    from .checkpoint import atomic_write_bytes
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_bytes(Path(path), text.encode("utf-8"))

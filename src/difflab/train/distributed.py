@@ -1,0 +1,77 @@
+"""Distributed setup under ``torchrun``: process group, device, rank helpers.
+
+Owns reading ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, initialising the process group (gloo
+on CPU, NCCL on GPU) and the few collectives the loop needs.  Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "all_gather_objects", "setup_distributed", "teardown_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True when setup_distributed created the process group
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, logs and sample grids."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1).
+
+    :param device: force a device; default CUDA (``cuda:LOCAL_RANK``) when available, else CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistInfo(device=dev)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        owns = True
+    return DistInfo(rank, world, local, dev, owns)
+
+
+def teardown_distributed(info: DistInfo) -> None:
+    """Destroy the process group if :func:`setup_distributed` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` in a single process)."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

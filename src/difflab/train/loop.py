@@ -1,0 +1,543 @@
+"""The training loop: config → data + model + schedule → loss → optimiser step → EMA → checkpoint.
+
+Owns :func:`train` and the :class:`Trainer` behind it: AdamW with linear warm-up then cosine
+or constant learning rate, gradient accumulation and clipping, EMA (one update per optimiser
+step), mixed precision, classifier-free-guidance condition dropout, non-finite detection,
+DDP under torchrun, logging, sample grids and exact resume.  Every loss, weighting and
+timestep sampler comes from ``difflab.losses``; sampling from ``difflab.samplers``.
+
+Randomness: no global RNG is drawn by the loop.  A trainer-owned generator (seeded from
+``config.seed``, the same on every rank) draws condition dropout, timesteps and noise for
+the whole *global* batch, and each rank keeps its rows, so N ranks compute exactly what
+one process does with the same global batch.  Dropout layers inside the model use torch's
+global RNG; it is seeded at start (``seed + rank``), saved per rank in the checkpoint and
+restored on resume (and the caller's global RNG state is restored when :func:`train` returns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
+
+from ..losses import LossSecondMomentSampler, training_loss
+from ..samplers.common import progress as progress_bar
+from ..schedules import NoiseSchedule
+from .amp import resolve_precision
+from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, save_config
+from .distributed import all_gather_objects, setup_distributed, teardown_distributed
+from .ema import EMA
+from .monitor import MetricsLog, sample_grid
+from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
+from .optim import build_optimizer, step_lr_schedule
+from .stream import BatchStream
+
+__all__ = ["TrainResult", "Trainer", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    :param run_dir: the run directory.
+    :param step: optimiser steps done (skipped non-finite steps included).
+    :param final_loss: loss of the last step (averaged over ranks and micro-batches).
+    :param losses: the loss of every step run by this call.
+    :param skipped_steps: steps skipped by ``on_nonfinite: skip`` in this call.
+    :param ema_updates: EMA updates so far.
+    :param grids: sample-grid PNGs written by this call.
+    """
+
+    run_dir: Path
+    step: int
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    ema_updates: int = 0
+    grids: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _MicroBatch:
+    x0: Tensor
+    cond: dict[str, Tensor]
+    t: Tensor
+    noise: Tensor
+    importance: Tensor | None
+    rng: dict[str, Tensor]  # global + aux RNG states before its forward (for diagnosis)
+
+
+class Trainer:
+    """One training run; :func:`train` is the usual way in.
+
+    :param config: the run's configuration (its model section is resolved).
+    :param dataset: data set of dicts; default ``difflab.data.build_dataset(config.data)``.
+    :param model: a network honouring the model contract; default
+        ``difflab.models.UNet(config.model_config())`` initialised from ``config.seed``.
+    :param progress: progress bar on/off; None: on when stderr is a terminal (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        dataset: Dataset | None = None,
+        model: nn.Module | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.cfg = cfg = config.resolve()
+        tc = cfg.train
+        self.dist = setup_distributed()
+        # Dropout layers draw from torch's global RNG: seed it per rank (train() restores the
+        # caller's state afterwards; a checkpoint saves and restores it).
+        torch.manual_seed(_subseed(cfg.seed, 100 + self.dist.rank))
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run_dir)
+        self.precision = resolve_precision(tc.mixed_precision, self.device)
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
+        rank = self.dist.rank
+        # Shared by all ranks: condition dropout, timesteps, noise of the global batch.
+        self.gen = torch.Generator().manual_seed(_subseed(cfg.seed, 0))
+        # Per rank: offset noise / input perturbation inside the loss, and data flips.
+        self.aux_gen = torch.Generator().manual_seed(_subseed(cfg.seed, 1 + 2 * rank))
+        self.data_gen = torch.Generator().manual_seed(_subseed(cfg.seed, 2 + 2 * rank))
+
+        if dataset is None:
+            from ..data import build_dataset
+
+            dataset, report = build_dataset(cfg.data, generator=self.data_gen)
+            if self.dist.is_main:
+                print(report)
+        else:
+            gen = getattr(dataset, "generator", None)
+            self.data_gen = gen if isinstance(gen, torch.Generator) else self.data_gen
+        self.stream = BatchStream(
+            dataset,
+            tc.batch_size,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=self.dist.world_size,
+            num_workers=tc.num_workers,
+        )
+
+        self.model = self._build_model(model).to(self.device)
+        self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
+        self.null_label: int | None = getattr(self.model, "null_class_label", None)
+        self.ddp: nn.Module = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer, self.lr_schedule = build_optimizer(self.model, tc)
+        self.scaler = self.precision.grad_scaler()
+        self.timestep_sampler = None
+        if cfg.diffusion.timestep_sampler == "importance":
+            T = self.schedule.num_timesteps
+            self.timestep_sampler = LossSecondMomentSampler(T, _subseed(cfg.seed, 3))
+        self.step = 0
+        self.last_loss = float("nan")
+        self.show_progress = progress
+        self.log: MetricsLog | None = None
+
+    # ------------------------------------------------------------------ setup helpers
+    def _build_model(self, model: nn.Module | None) -> nn.Module:
+        tc = self.cfg.train
+        if model is None:
+            from ..models import UNet
+
+            mcfg = self.cfg.model_config()
+            if mcfg.context_dim is not None:
+                raise ValueError(
+                    "text-conditional training (model.context_dim) needs a text encoder, "
+                    "which the trainer does not provide yet; use class labels or none"
+                )
+            model = UNet(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
+        if tc.grad_checkpointing:
+            if not hasattr(model, "set_gradient_checkpointing"):
+                raise ValueError(f"{type(model).__name__} has no set_gradient_checkpointing()")
+            model.set_gradient_checkpointing(True)
+        if tc.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model.train()
+
+    # ------------------------------------------------------------------ one step
+    def _draw(self, batch: dict[str, Any]) -> _MicroBatch:
+        """This rank's inputs, from draws over the whole global batch (same as 1 process)."""
+        B, dev = self.cfg.train.batch_size, self.device
+        b = B // self.dist.world_size
+        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        x0 = batch["image"].to(dev).float()
+        if self.cfg.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        cond: dict[str, Tensor] = {}
+        if self.null_label is not None:
+            if "class_label" in batch:
+                labels = batch["class_label"].to(dev).long()
+            else:  # no labels in the data: train the unconditional (null-label) model
+                labels = torch.full((b,), self.null_label, device=dev, dtype=torch.long)
+            drop = torch.rand(B, generator=self.gen)[rows].to(dev)
+            null = torch.full_like(labels, self.null_label)
+            cond["class_labels"] = torch.where(
+                drop < self.cfg.diffusion.cond_drop_prob, null, labels
+            )
+        importance = None
+        if self.timestep_sampler is not None:
+            t, w = self.timestep_sampler.sample(B)
+            t, importance = t[rows].to(dev), w[rows].to(dev)
+        else:
+            t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.gen)
+            t = t[rows].to(dev)
+        noise = torch.randn((B, *x0.shape[1:]), generator=self.gen)[rows].to(dev)
+        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng())
+
+    def _forward(self, model: nn.Module, mb: _MicroBatch) -> tuple[Tensor, Tensor]:
+        """Scalar loss (importance-weighted mean) and per-sample losses of one micro-batch."""
+        d = self.cfg.diffusion
+        with self.precision.autocast():
+            out = training_loss(
+                model,
+                self.schedule,
+                mb.x0,
+                prediction=d.prediction,
+                variance=d.variance,
+                weighting=d.weighting,
+                snr_gamma=d.snr_gamma,
+                vlb_weight=d.vlb_weight,
+                cond=mb.cond,
+                t=mb.t,
+                noise=mb.noise,
+                offset_noise=d.offset_noise,
+                input_perturbation=d.input_perturbation,
+                generator=self.aux_gen,
+            )
+        if mb.importance is None:
+            return out.loss, out.per_sample
+        return (out.per_sample * mb.importance).mean(), out.per_sample
+
+    def _update_timestep_sampler(self, mb: _MicroBatch, per_sample: Tensor) -> None:
+        """Feed the importance sampler every rank's losses, in global-batch order."""
+        if self.timestep_sampler is None:
+            return
+        pairs = all_gather_objects((mb.t.cpu(), per_sample.detach().float().cpu()), self.dist)
+        self.timestep_sampler.update(
+            torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step over ``grad_accum`` micro-batches; returns its metrics."""
+        tc = self.cfg.train
+        k = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        micro = []
+        for i in range(tc.grad_accum):
+            mb = self._draw(self.stream.next())
+            sync = i == tc.grad_accum - 1 or not self.dist.distributed
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # type: ignore[operator]
+                loss, per_sample = self._forward(self.ddp, mb)
+                self.scaler.scale(loss / tc.grad_accum).backward()
+            self._update_timestep_sampler(mb, per_sample)
+            total += loss.detach().float() / tc.grad_accum
+            micro.append(mb)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        flags = torch.stack([total, (~torch.isfinite(total)).float(), 1.0 - _finite(grad_norm)])
+        if self.dist.distributed:
+            dist.all_reduce(flags)
+        loss_value = float(flags[0]) / self.dist.world_size
+        bad_loss = bool(flags[1] > 0)
+        bad_grad = bool(flags[2] > 0) and not self.precision.needs_scaler  # fp16: scaler skips
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = {"step": k, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        if bad_loss or bad_grad:
+            what = "loss" if bad_loss else "gradient"
+            module = self._diagnose(micro)
+            if tc.on_nonfinite == "stop":
+                self._log({"step": k, "event": "nonfinite", "nonfinite": what, "module": module})
+                raise NonFiniteError(k, what, module)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.precision.needs_scaler:
+                self.scaler.update()
+            self._lr_step()
+            self.step = k
+            return {**record, "skipped": True, "nonfinite": what, "module": module}
+        scale = self.scaler.get_scale() if self.precision.needs_scaler else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._lr_step()
+        self.step = k
+        self.last_loss = loss_value
+        if self.precision.needs_scaler and self.scaler.get_scale() < scale:
+            return {**record, "fp16_overflow": True}  # GradScaler skipped the step: no EMA
+        self.ema.update(self.model)
+        return record
+
+    def _lr_step(self) -> None:
+        step_lr_schedule(self.lr_schedule)
+
+    def _diagnose(self, micro: list[_MicroBatch]) -> str | None:
+        """Re-run each micro-batch with hooks (same RNG states) to name the first bad module."""
+        now = self._local_rng()
+        found = None
+        try:
+            for mb in micro:
+                self._set_local_rng(mb.rng)
+                found = first_nonfinite_module(
+                    self.model, lambda mb=mb: self._forward(self.model, mb)
+                )
+                if found is not None:
+                    break
+            if found is None:
+                found = first_nonfinite_grad(self.model)
+        finally:
+            self._set_local_rng(now)
+        names = [n for n in all_gather_objects(found, self.dist) if n is not None]
+        return names[0] if names else None
+
+    # ------------------------------------------------------------------ RNG state
+    def _local_rng(self) -> dict[str, Tensor]:
+        """RNG states that differ per rank: global CPU/CUDA (dropout), aux and data flips."""
+        out = {"torch_cpu": torch.get_rng_state(), "aux": self.aux_gen.get_state()}
+        out["data"] = self.data_gen.get_state()
+        if self.device.type == "cuda":
+            out["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def _set_local_rng(self, states: dict[str, Tensor]) -> None:
+        torch.set_rng_state(states["torch_cpu"])
+        self.aux_gen.set_state(states["aux"])
+        self.data_gen.set_state(states["data"])
+        if self.device.type == "cuda" and "torch_cuda" in states:
+            torch.cuda.set_rng_state(states["torch_cuda"], self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        """Write a checkpoint (rank 0; every rank's RNG states are gathered first)."""
+        per_rank = all_gather_objects(self._local_rng(), self.dist)
+        if self.dist.is_main:
+            rng = {f"rank{r}.{k}": v for r, st in enumerate(per_rank) for k, v in st.items()}
+            rng["shared.noise"] = self.gen.get_state()
+            ts = self.timestep_sampler
+            meta = {
+                "step": self.step,
+                "loss": self.last_loss,
+                "ema_updates": self.ema.num_updates,
+                "data_position": self.stream.position,
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "timestep_sampler": ts.state_dict() if ts is not None else None,
+                "world_size": self.dist.world_size,
+            }
+            ckpt = Checkpoint(
+                model=self.model.state_dict(),
+                ema=self.ema.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                rng=rng,
+                meta=meta,
+            )
+            save_checkpoint(self.run_dir, ckpt)
+        if self.dist.distributed:
+            dist.barrier()
+
+    def restore(self) -> bool:
+        """Load the run directory's checkpoint if there is one; returns whether it did."""
+        if find_checkpoint(self.run_dir) is None:
+            return False
+        ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
+        meta = ck.meta
+        self.model.load_state_dict(ck.model)
+        self.ema.load_state_dict(ck.ema, meta["ema_updates"])
+        self.optimizer.load_state_dict(ck.optimizer)
+        self.lr_schedule.load_state_dict(meta["lr_schedule"])
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        if self.timestep_sampler is not None and meta["timestep_sampler"] is not None:
+            self.timestep_sampler.load_state_dict(meta["timestep_sampler"])
+        self.step, self.last_loss = int(meta["step"]), float(meta["loss"])
+        self.stream.epoch = int(meta["data_position"]["epoch"])
+        self.stream.index = int(meta["data_position"]["index"])
+        self.gen.set_state(ck.rng["shared.noise"])
+        prefix = f"rank{self.dist.rank}."
+        if meta["world_size"] != self.dist.world_size or prefix + "torch_cpu" not in ck.rng:
+            warnings.warn(
+                f"checkpoint was written by {meta['world_size']} process(es), now "
+                f"{self.dist.world_size}: per-rank RNG states restart from rank 0's",
+                stacklevel=2,
+            )
+            prefix = "rank0."
+        local = {k[len(prefix) :]: v for k, v in ck.rng.items() if k.startswith(prefix)}
+        self._set_local_rng(local)
+        return True
+
+    # ------------------------------------------------------------------ the run
+    def run(self, *, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+        """Train to ``train.max_steps`` (continuing from the checkpoint when ``resume``).
+
+        :param stop_at: stop (and save) after this step, as if the job were cut off there;
+            the LR schedule still runs to ``max_steps``.
+        """
+        tc = self.cfg.train
+        last = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+        if resume:
+            resumed = self.restore()
+            self._warn_config_changes()
+        elif find_checkpoint(self.run_dir) is not None:
+            raise ValueError(
+                f"{self.run_dir} already holds a checkpoint; pass resume=True to continue it "
+                "or choose another run_dir"
+            )
+        else:
+            resumed = False
+        result = TrainResult(self.run_dir, self.step, self.last_loss)
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.log = MetricsLog(self.run_dir, tensorboard=tc.tensorboard)
+            self.log.log({"event": "resume" if resumed else "start", "step": self.step})
+        disable = (not main) or (None if self.show_progress is None else not self.show_progress)
+        bar = progress_bar(
+            range(self.step, last), total=max(0, last - self.step), desc="train",
+            disable=disable,
+        )  # fmt: skip
+        window: list[float] = []
+        good: dict[str, Any] = {}
+        tick = time.perf_counter()
+        for _ in bar:
+            rec = self.train_step()
+            step = self.step
+            result.losses.append(rec["loss"])
+            if rec.get("skipped"):
+                result.skipped_steps.append(step)
+                self._log(rec)
+            else:
+                window.append(rec["loss"])
+                good = rec
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if window and (step % tc.log_every == 0 or step == last):
+                elapsed = max(time.perf_counter() - tick, 1e-9)
+                n = len(window) * tc.batch_size * tc.grad_accum
+                mean = sum(window) / len(window)
+                extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
+                self._log({**good, **extra})
+                window, tick = [], time.perf_counter()
+            if tc.sample_every and step % tc.sample_every == 0:
+                result.grids += self._grids()
+            if (tc.save_every and step % tc.save_every == 0) or step == last:
+                self.save()
+        result.step, result.final_loss = self.step, self.last_loss
+        result.ema_updates = self.ema.num_updates
+        return result
+
+    def _warn_config_changes(self) -> None:
+        """Resuming with a different config is allowed (e.g. more steps) but is worth a word."""
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return
+        old = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        new = _flat(self.cfg.to_dict())
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            warnings.warn(f"resuming with changed config keys: {', '.join(changed)}", stacklevel=3)
+
+    def _extra(self) -> dict[str, Any]:
+        return {
+            "epoch": self.stream.epoch,
+            "ema_decay": self.ema.current_decay,
+            "ema_updates": self.ema.num_updates,
+        }
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.log(record)
+
+    def _grids(self) -> list[Path]:
+        if not self.dist.is_main:
+            return []
+        out = []
+        for name, net in (("raw", self.model), ("ema", self.ema.model)):
+            path = self.run_dir / "samples" / f"step_{self.step:06d}_{name}.png"
+            out.append(
+                sample_grid(
+                    net,
+                    self.cfg,
+                    self.schedule,
+                    path,
+                    device=self.device,
+                    null_label=self.null_label,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        """Close logs and the process group this trainer created."""
+        if self.log is not None:
+            self.log.close()
+        teardown_distributed(self.dist)
+
+
+def _subseed(seed: int, stream: int) -> int:
+    """Distinct, reproducible generator seeds for the trainer's independent streams."""
+    return (seed * 1_000_003 + 7919 * stream) % (2**63)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _finite(x: Tensor) -> Tensor:
+    return torch.isfinite(x).float()
+
+
+@contextlib.contextmanager
+def _preserve_global_rng() -> Iterator[None]:
+    """Restore torch's global RNG state (CPU and every CUDA device) on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def train(
+    config: TrainConfig,
+    *,
+    dataset: Dataset | None = None,
+    model: nn.Module | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train a diffusion model as ``config`` says; works alone and under ``torchrun``.
+
+    :param config: the run (``load_config(path, overrides)``); the resolved config is written
+        to ``run_dir/config.yaml``.
+    :param dataset: data set of dicts; default ``difflab.data.build_dataset(config.data)``.
+    :param model: a network honouring the contract; default the config's U-Net.
+    :param resume: continue from ``run_dir``'s checkpoint bit for bit (fresh start if none).
+    :param progress: progress bar on/off; None: on when stderr is a terminal.
+    :raises NonFiniteError: on a NaN/inf loss or gradient with ``on_nonfinite: stop``.
+    """
+    with _preserve_global_rng():
+        trainer = Trainer(config, dataset=dataset, model=model, progress=progress)
+        try:
+            return trainer.run(resume=resume)
+        finally:
+            trainer.close()

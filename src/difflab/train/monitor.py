@@ -1,0 +1,116 @@
+"""What a run reports while it trains: ``metrics.jsonl``, TensorBoard, fixed-seed sample grids.
+
+Owns the metric log (one JSON object per line, appended and flushed), the optional
+TensorBoard writer (used when ``torch.utils.tensorboard`` imports), and the sample grids
+drawn from the raw and the EMA weights with the same seed every time
+(``samples/step_XXXXXX_{raw,ema}.png``).  Grids go through ``difflab.samplers.sample``;
+knows no sampler internals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..images import save_grid
+from ..schedules import NoiseSchedule
+from .config import TrainConfig
+
+__all__ = ["MetricsLog", "sample_grid"]
+
+
+class MetricsLog:
+    """Appends metric dicts to ``run_dir/metrics.jsonl`` (and TensorBoard when enabled)."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one line; non-finite floats become strings so the line stays valid JSON."""
+        clean = {
+            k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        self._fh.write(json.dumps(clean) + "\n")
+        self._fh.flush()
+        if self._tb is not None and "step" in record:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+@torch.no_grad()
+def sample_grid(
+    model: nn.Module,
+    config: TrainConfig,
+    schedule: NoiseSchedule,
+    path: Path,
+    *,
+    device: torch.device,
+    null_label: int | None,
+) -> Path:
+    """Draw ``config.sample.num_images`` images with a fixed seed and save them as a grid.
+
+    Class-conditional models get labels ``0, 1, 2, ...`` (mod the class count) with
+    classifier-free guidance against the null label.  The global RNG state is preserved,
+    so drawing grids never changes the training run.
+    """
+    from ..samplers import sample
+
+    mcfg = config.model_config()
+    n = config.sample.num_images
+    shape = (n, mcfg.in_channels, mcfg.image_size, mcfg.image_size)
+    cond = uncond = None
+    guidance = 1.0
+    if null_label is not None:
+        labels = torch.arange(n, device=device) % null_label
+        cond = {"class_labels": labels}
+        uncond = {"class_labels": torch.full_like(labels, null_label)}
+        guidance = config.sample.guidance_scale
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            images = sample(
+                model,
+                shape,
+                schedule=schedule,
+                sampler=config.sample.sampler,
+                steps=config.sample.steps,
+                prediction=config.diffusion.prediction,
+                variance=config.diffusion.variance,
+                guidance_scale=guidance,
+                cond=cond,
+                uncond=uncond,
+                generator=torch.Generator().manual_seed(config.seed),
+                progress=False,
+            )
+    finally:
+        model.train(was_training)
+    params = {
+        "sampler": config.sample.sampler,
+        "steps": config.sample.steps,
+        "guidance_scale": guidance,
+        "seed": config.seed,
+    }
+    return save_grid(images, path, params=params)

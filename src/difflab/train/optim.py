@@ -1,0 +1,62 @@
+"""Optimiser and learning-rate schedule of a run.
+
+Owns AdamW (Loshchilov & Hutter 2019) over the model's parameters and the LR multiplier:
+linear warm-up, then cosine decay to zero or constant, as a ``LambdaLR`` whose state is plain
+JSON.  Knows nothing of data or losses.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .config import LoopConfig
+
+__all__ = ["build_optimizer", "lr_factor", "step_lr_schedule"]
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """LR multiplier at ``step`` (0-based): linear warm-up to 1, then cosine to 0 or constant.
+
+    Cosine: ``0.5·(1 + cos(π·p))`` with ``p`` the fraction of post-warm-up steps done
+    (Loshchilov & Hutter 2017, SGDR, without restarts).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    p = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+
+
+def build_optimizer(
+    model: nn.Module, config: LoopConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with ``config.lr`` / ``weight_decay`` and its warm-up + cosine/constant schedule."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stays JSON
+        return lr_factor(
+            step,
+            warmup_steps=config.warmup_steps,
+            max_steps=config.max_steps,
+            schedule=config.lr_schedule,
+        )
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_lr_schedule(schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance the schedule by one step.
+
+    The schedule follows the step count even when a step was skipped (non-finite loss, or
+    an fp16 overflow), so PyTorch's "scheduler before optimizer" warning is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        schedule.step()

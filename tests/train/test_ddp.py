@@ -1,0 +1,68 @@
+"""Distributed: 2 gloo processes under torchrun equal one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+
+from difflab.train import load_checkpoint, train
+
+HERE = Path(__file__).parent
+OPTS = [
+    "model.dropout=0",  # dropout masks come from each rank's own global RNG
+    "train.max_steps=3",
+    "train.grad_accum=2",
+    "diffusion.cond_drop_prob=0.3",
+    "diffusion.timestep_sampler=importance",
+]
+
+SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(1)
+from train_helpers import ToyData, tiny_config
+from difflab.train import train
+result = train(tiny_config(sys.argv[1], *sys.argv[2:]), dataset=ToyData())
+print("FINAL", result.final_loss, flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(script), str(tmp_path / "ddp"), *OPTS]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    single = train(tiny_config(tmp_path / "single", *OPTS), dataset=ToyData())
+    ddp_loss = float(proc.stdout.split("FINAL")[-1].split()[0])
+    assert ddp_loss == pytest.approx(single.final_loss, rel=1e-5)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "single" / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    meta = load_checkpoint(tmp_path / "ddp").meta
+    assert meta["world_size"] == 2 and meta["step"] == 3 and meta["ema_updates"] == 3

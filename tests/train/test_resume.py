@@ -1,0 +1,103 @@
+"""Exact resume: 2N steps in one go equal N steps + resume + N steps, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+
+from difflab.images import read_png_params
+from difflab.train import Trainer, load_checkpoint, load_config, train
+
+
+def _same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # eps, uniform timesteps
+        ["diffusion.variance=learned_range", "diffusion.timestep_sampler=importance"],
+    ],
+    ids=["eps", "hybrid-importance"],
+)
+def test_resume_is_bit_exact(tmp_path, extra):
+    opts = ["train.max_steps=6", "train.grad_accum=2", "diffusion.cond_drop_prob=0.3", *extra]
+    data = ToyData(24)  # 3 global batches per epoch: the run crosses epoch boundaries
+    full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
+
+    cfg = tiny_config(tmp_path / "split", *opts)
+    first = Trainer(cfg, dataset=data)  # the same run, cut off after step 3
+    try:
+        first.run(stop_at=3)
+    finally:
+        first.close()
+    torch.manual_seed(1234)  # the caller's global RNG must not matter
+    rest = train(cfg, dataset=data, resume=True)
+
+    assert rest.step == full.step == 6
+    assert rest.final_loss == full.final_loss
+    assert rest.losses == full.losses[3:]
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    _same_state(a.model, b.model)
+    _same_state(a.ema, b.ema)
+    assert a.meta["ema_updates"] == b.meta["ema_updates"] == 6
+    assert a.meta["data_position"] == b.meta["data_position"]
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+    for pid, st in a.optimizer["state"].items():
+        _same_state(st, b.optimizer["state"][pid])
+    assert a.meta["timestep_sampler"] == b.meta["timestep_sampler"]
+
+
+def test_train_restores_callers_rng_and_writes_run_dir(tmp_path):
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.sample_every=2")
+    result = train(cfg, dataset=ToyData())
+    assert torch.equal(torch.rand(3), expected)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "model.safetensors", "ema.safetensors", "train_state"} <= names
+    written = load_config(tmp_path / "config.yaml")
+    assert written == cfg.resolve() and "preset" not in written.model
+    assert [p.name for p in result.grids] == ["step_000002_raw.png", "step_000002_ema.png"]
+    assert {p.name for p in (tmp_path / "samples").iterdir()} == {p.name for p in result.grids}
+    assert read_png_params(result.grids[1])["seed"] == cfg.seed
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2]
+
+
+def test_fresh_train_refuses_existing_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=1")
+    train(cfg, dataset=ToyData())
+    with pytest.raises(ValueError, match="resume=True"):
+        train(cfg, dataset=ToyData())
+
+
+def test_memory_flags_and_workers_do_not_change_the_gradients(tmp_path):
+    flags = ["train.num_workers=1", "train.grad_checkpointing=true", "train.channels_last=true"]
+    grads, losses = [], []
+    for name, opts in (("base", []), ("flags", flags)):
+        trainer = Trainer(tiny_config(tmp_path / name, *opts), dataset=ToyData())
+        try:
+            losses.append(trainer.train_step()["loss"])
+            grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        finally:
+            trainer.close()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_warns_about_changed_config(tmp_path):
+    train(tiny_config(tmp_path, "train.max_steps=1"), dataset=ToyData())
+    with pytest.warns(UserWarning, match="train.max_steps"):
+        assert (
+            train(tiny_config(tmp_path, "train.max_steps=2"), dataset=ToyData(), resume=True).step
+            == 2
+        )

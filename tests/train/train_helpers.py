@@ -1,0 +1,60 @@
+"""Shared fixtures for the training tests: a tiny config and an in-memory data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from difflab.train import TrainConfig, load_config
+
+TINY_MODEL = [
+    "model.preset=tiny",
+    "model.image_size=8",
+    "model.model_channels=16",
+    "model.norm_groups=4",
+    "model.num_classes=4",
+    "model.dropout=0.1",
+    "data.image_size=8",
+    "diffusion.schedule.T=100",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "train.max_steps=4",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "train.save_every=0",
+    "train.tensorboard=false",
+    "sample.steps=3",
+    "sample.num_images=4",
+]
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> TrainConfig:
+    """A U-Net of a few thousand weights on 8x8 images; ``overrides`` as ``key.sub=value``."""
+    return load_config(None, [f"run_dir={run_dir}", *TINY_MODEL, *overrides])
+
+
+class ToyData(Dataset):
+    """``n`` fixed 1x8x8 images in [-1, 1] with class labels ``i % 4``."""
+
+    def __init__(self, n: int = 32, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, 8, 8, generator=gen) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "class_label": i % 4}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions are fastest (and not starved on a busy machine) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
