@@ -30,7 +30,7 @@ VARIANCES: tuple[str, ...] = ("fixedsmall", "fixedlarge", "learned", "learned_ra
 Coef = float | Tensor
 
 # ε̂ → x̂0 divides by α; at zero terminal SNR α = 0 and ε-prediction carries no information
-# about x0 there.  As diffusers does for such schedules, α² is floored at 2⁻²⁴ in that one
+# about x0 there.  As diffusers does for such schedules, α² = 0 is replaced by 2⁻²⁴ in that one
 # division, so the first step stays finite (x̂0 is then dominated by the model's error).
 _MIN_ALPHA = 2.0**-12
 
@@ -49,7 +49,12 @@ def _coefs(alpha: Coef, sigma: Coef, ndim: int) -> tuple[Coef, Coef]:
 def x0_from_eps(x_t: Tensor, eps: Tensor, alpha: Coef, sigma: Coef) -> Tensor:
     """x0 = (x_t - σ·ε)/α (Ho et al. 2020, eq. 4 solved for x0)."""
     a, s = _coefs(alpha, sigma, x_t.ndim)
-    a = a.clamp(min=_MIN_ALPHA) if isinstance(a, Tensor) else max(a, _MIN_ALPHA)
+    # Only an exact zero is floored: a tiny positive α (cosine's last step, α ≈ 5e-5) is kept,
+    # so that x_t = α·x0 + σ·ε holds for every t > α = 0.
+    if isinstance(a, Tensor):
+        a = torch.where(a > 0, a, torch.full_like(a, _MIN_ALPHA))
+    elif a <= 0:
+        a = _MIN_ALPHA
     return (x_t - s * eps) / a
 
 

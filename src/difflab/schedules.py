@@ -288,6 +288,8 @@ class NoiseSchedule:
             else:
                 hi = mid
         a, b = lam[lo], lam[hi]
+        if log_snr == a:
+            return float(lo)
         if b == -math.inf:
             return float(hi)
         return lo + (log_snr - a) / (b - a)

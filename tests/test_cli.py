@@ -1,0 +1,113 @@
+"""The ``difflab`` command in-process: sample, a few-step demo, train, error exit codes."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from _tiny_run import make_tiny_run
+from PIL import Image
+
+from difflab.cli import main
+from difflab.images import read_png_params
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("cli") / "run", num_classes=10)
+
+
+def test_help_lists_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "train", "sample"):
+        assert name in out
+
+
+def test_sample_writes_grid_with_params_and_separate_images(run, tmp_path, capsys):
+    out = tmp_path / "s.png"
+    argv = [
+        "sample", str(run), "--sampler", "ddim", "--steps", "3", "--cfg", "1.5",
+        "--class", "2", "7", "--n", "4", "--seed", "5", "-o", str(out), "--separate",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    params = read_png_params(out)
+    assert params["class_labels"] == [2, 2, 7, 7] and params["seed"] == 5
+    assert (params["sampler"], params["steps"], params["guidance_scale"]) == ("ddim", 3, 1.5)
+    assert params["weights"] == "ema" and params["run"] == str(run)
+    assert params["spacing"] and params["difflab_version"]
+    with Image.open(out) as img:
+        assert img.size == (2 * 9 + 1, 2 * 9 + 1)  # one row per class: 2 x 2 tiles of 8 + pad
+    singles = sorted((tmp_path / "s").glob("*.png"))
+    assert len(singles) == 4
+    one = read_png_params(singles[3])
+    assert one["seed"] == 8 and one["class_labels"] == [7] and one["n"] == 1
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_error_paths_exit_2_with_a_message(run, tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in _err(capsys)
+
+    uncond = make_tiny_run(tmp_path / "u", num_classes=None)
+    assert main(["sample", str(uncond), "--cfg", "3", "--n", "1"]) == 2
+    assert "unconditional" in _err(capsys)
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["model_channels"] = 16
+    other = make_tiny_run(tmp_path / "o")
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["sample", str(other), "--n", "1"]) == 2
+    assert "another architecture" in _err(capsys)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"batchsize": 8}}))
+    assert main(["train", str(bad)]) == 2
+    assert "did you mean 'batch_size'" in _err(capsys)
+
+    shape = tmp_path / "shape.yaml"
+    shape.write_text(yaml.safe_dump({"data": {"channels": 3}}))
+    assert main(["train", str(shape)]) == 2
+    assert "channels" in _err(capsys)
+
+    assert main(["sample", str(run), "--class", "1", "2", "3", "--n", "4"]) == 2
+    assert "multiple" in _err(capsys)
+    assert main(["frobnicate"]) == 2
+
+
+def test_demo_few_steps_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--steps", "3", "--per-class", "2", "--sampler", "ddim",
+            "--sample-steps", "3", "--set", "model.model_channels=16",
+            "--set", "train.batch_size=16"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "SVM accuracy" in text and "elapsed" in text
+    params = read_png_params(out / "demo_grid.png")
+    assert params["class_labels"] == [k for k in range(10) for _ in range(2)]
+    with Image.open(out / "demo_grid.png") as img:
+        assert img.size == (2 * 9 + 1, 10 * 9 + 1)  # one row per class
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["max_steps"] == 3 and cfg["model"]["num_classes"] == 10
+    assert cfg["model"]["model_channels"] == 16
+    assert (out / "ema.safetensors").is_file()
+
+
+def test_train_from_config_with_overrides(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    from difflab.cli import DEMO_CONFIG
+
+    config.write_text(yaml.safe_dump(DEMO_CONFIG))
+    out = tmp_path / "t"
+    argv = ["train", str(config), "--set", f"run_dir={out}", "--set", "train.max_steps=2",
+            "--set", "train.batch_size=8", "--set", "model.model_channels=16"]  # fmt: skip
+    assert main(argv) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["max_steps"] == 2 and cfg["model"]["model_channels"] == 16
+    assert main(argv) == 2  # the run exists: needs --resume
+    assert "resume" in _err(capsys)

@@ -1,0 +1,104 @@
+"""Pipeline.from_run: rebuild, load, sample; seeds per image; clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from _tiny_run import make_tiny_run
+
+from difflab.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("cond") / "run", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def pipe(cond_run):
+    return Pipeline.from_run(cond_run)
+
+
+def test_output_shape_range_and_defaults(pipe):
+    x = pipe(n=3, class_labels=[0, 5, 9], seed=0)
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+    p = pipe.resolve_params(3, [0, 5, 9])
+    assert (p["sampler"], p["steps"], p["guidance_scale"]) == ("ddim", 4, 2.0)  # from the run
+
+
+def test_same_seed_same_image_and_other_seed_differs(pipe):
+    a = pipe(n=2, class_labels=3, seed=7)
+    b = pipe(n=2, class_labels=3, seed=7)
+    c = pipe(n=2, class_labels=3, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert torch.allclose(a[1], c[0], atol=1e-5)  # image 1 of seed 7 is seed 8 alone
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])  # deterministic and ancestral noise
+def test_image_i_of_a_batch_equals_its_seed_alone(pipe, sampler):
+    batch = pipe(n=3, class_labels=[1, 2, 4], sampler=sampler, steps=3, seed=10)
+    alone = pipe(n=1, class_labels=[4], sampler=sampler, steps=3, seed=12)
+    torch.testing.assert_close(batch[2], alone[0], atol=1e-5, rtol=0)
+
+
+def test_guidance_zero_is_the_unconditional_sample(pipe):
+    """CFG w=0 gives exactly the null-label (unconditional) prediction at every step."""
+    guided = pipe(n=2, class_labels=[3, 3], guidance_scale=0.0, seed=1)
+    uncond = pipe(n=2, class_labels=None, seed=1)
+    torch.testing.assert_close(guided, uncond, atol=1e-5, rtol=0)
+    labelled = pipe(n=2, class_labels=[3, 3], guidance_scale=1.0, seed=1)
+    assert not torch.allclose(labelled, uncond, atol=1e-4)
+
+
+def test_raw_and_ema_weights_are_distinct_files(cond_run, pipe):
+    raw = Pipeline.from_run(cond_run, weights="raw")
+    assert raw.weights == "raw"
+    a, b = pipe(n=1, class_labels=0, seed=0), raw(n=1, class_labels=0, seed=0)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="unknown weights 'best'"):
+        Pipeline.from_run(cond_run, weights="best")
+
+
+def test_checkpoint_from_another_architecture_is_named(tmp_path):
+    run = make_tiny_run(tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["model_channels"] = 16  # the weights were saved with 32
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="checkpoint from another architecture.*shape"):
+        Pipeline.from_run(run)
+    cfg["model"]["model_channels"] = 32
+    cfg["model"]["num_res_blocks"] = 2  # extra blocks: keys missing from the file
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="another architecture.*missing key"):
+        Pipeline.from_run(run)
+
+
+def test_cfg_on_unconditional_model_raises(tmp_path):
+    pipe = Pipeline.from_run(make_tiny_run(tmp_path / "u", num_classes=None))
+    assert pipe(n=1, seed=0).shape == (1, 1, 8, 8)  # the run's default CFG 2.0 is not applied
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe(n=1, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        pipe(n=1, class_labels=[1])
+
+
+def test_bad_conditioning_raises(pipe):
+    with pytest.raises(ValueError, match="no text conditioning"):
+        pipe(n=1, class_labels=[1], prompt="a seven")
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        pipe(n=1, class_labels=[10])
+    with pytest.raises(ValueError, match="2 class labels for n=3"):
+        pipe(n=3, class_labels=[1, 2])
+    with pytest.raises(ValueError, match="needs a condition"):
+        pipe(n=1, guidance_scale=3.0)
+
+
+def test_missing_run_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Pipeline.from_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        Pipeline.from_run(tmp_path / "empty")
