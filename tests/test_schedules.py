@@ -242,3 +242,19 @@ def test_bad_schedule_arguments_raise_value_errors_naming_allowed_values():
         s.timesteps(10, "trailing", steps_offset=1)
     with pytest.raises(ValueError, match="choices"):
         s.table("alpha")
+
+
+def test_zero_snr_last_interval_has_finite_log_snr_and_exact_inverse():
+    """On ᾱ_{T-1} = 0 the last interval interpolates α linearly to 0: finite λ, exact inverse."""
+    import math
+
+    sched = NoiseSchedule.linear(100).rescale_zero_terminal_snr()
+    a_lo = math.sqrt(sched.alphas_cumprod[98].item())
+    for t in (98.25, 98.5, 98.9):
+        lam = sched.log_snr(t)
+        assert math.isfinite(lam)
+        assert math.isclose(sched.alpha(t), (99 - t) * a_lo, rel_tol=1e-12)
+        assert math.isclose(sched.t_from_log_snr(lam), t, rel_tol=1e-12)
+        as_tensor = sched.log_snr(torch.tensor([t], dtype=torch.float32)).item()
+        assert math.isclose(as_tensor, lam, rel_tol=1e-4)
+    assert sched.log_snr(99.0) == -math.inf

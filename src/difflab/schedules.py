@@ -232,7 +232,13 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ continuous view
     def log_snr(self, t: TimeLike) -> TimeLike:
-        """λ(t) for float ``t`` in [0, T-1]: exact at integers, linear in λ in between."""
+        """λ(t) for float ``t`` in [0, T-1]: exact at integers, linear in λ in between.
+
+        On a zero-terminal-SNR schedule the last interval ends at λ = -∞, where linear-in-λ
+        has no meaning; there α(t) falls linearly to 0 instead, so every t < T-1 keeps a
+        finite λ and ``t_from_log_snr`` stays an exact inverse.  A float ``t`` outside
+        [0, T-1] raises; tensor ``t`` is clamped (checking it would synchronise the device).
+        """
         if isinstance(t, Tensor):
             lam = self.table("log_snr", t.device, torch.float32)
             tc = t.to(torch.float32).clamp(0, self.num_timesteps - 1)
@@ -240,8 +246,13 @@ class NoiseSchedule:
             hi = (lo + 1).clamp(max=self.num_timesteps - 1)
             frac = tc - lo
             a, b = lam[lo], lam[hi]
+            inner = a + frac * (b - a)
+            # Zero terminal SNR: the last interval ends at λ = -∞; there α falls linearly to 0.
+            alpha_end = (1 - frac) * torch.sigmoid(a).sqrt()
+            end = 2 * torch.log(alpha_end) - torch.log1p(-(alpha_end**2))
+            inner = torch.where(torch.isinf(b), end, inner)
             # frac == 0 must not touch b (which may be -inf): torch.where keeps it exact.
-            return torch.where(frac == 0, a, a + frac * (b - a))
+            return torch.where(frac == 0, a, inner)
         t = float(t)
         T = self.num_timesteps
         if not (0.0 <= t <= T - 1):
@@ -252,6 +263,11 @@ class NoiseSchedule:
         if frac == 0.0:
             return a
         b = self._log_snr_list[lo + 1]
+        if b == -math.inf:  # zero terminal SNR: α falls linearly to 0 over the last interval
+            alpha_end = (1 - frac) * math.sqrt(_sigmoid(a))
+            if alpha_end == 0.0:
+                return -math.inf
+            return 2 * math.log(alpha_end) - math.log1p(-(alpha_end**2))
         return a + frac * (b - a)
 
     def alpha(self, t: TimeLike) -> TimeLike:
@@ -290,8 +306,8 @@ class NoiseSchedule:
         a, b = lam[lo], lam[hi]
         if log_snr == a:
             return float(lo)
-        if b == -math.inf:
-            return float(hi)
+        if b == -math.inf:  # the last interval of a zero-terminal-SNR schedule: α linear
+            return lo + 1.0 - math.sqrt(_sigmoid(log_snr)) / math.sqrt(_sigmoid(a))
         return lo + (log_snr - a) / (b - a)
 
     def t_from_sigma_ve(self, sigma_ve: float) -> float:
