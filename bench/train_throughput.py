@@ -1,0 +1,228 @@
+"""Training throughput: difflab's U-Net against diffusers' ``UNet2DModel`` at equal architecture.
+
+Both networks are built from one :class:`difflab.models.UNetConfig` (same widths, depths,
+attention resolutions, heads, GroupNorm groups, scale-shift conditioning, dropout) and
+trained with the DDPM objective (Ho et al. 2020): MSE between the predicted and the true
+noise, one AdamW step per batch. Throughput is timed in one fresh process per precision,
+the models taking turns window by window so that load from other processes on a shared
+machine hits them alike; the best window counts. Peak memory is read in a fresh process
+per (model, precision) from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the growth of
+the peak resident set size over the warm-up steps plus one (model, optimiser and data
+already built before).
+
+Usage::
+
+    python bench/train_throughput.py --preset cifar10 --batch-size 8 --iters 10
+    python bench/train_throughput.py --preset digits --channels-last --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from difflab.models import UNet, UNetConfig
+
+RESULTS = Path(__file__).parent / "results" / "train_throughput.md"
+
+
+def diffusers_kwargs(cfg: UNetConfig) -> dict[str, Any]:
+    """``UNet2DModel`` arguments with the same architecture as ``UNet(cfg)``."""
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    attn = [r in cfg.attention_resolutions for r in cfg.level_resolutions]
+    attn_widths = {w for w, a in zip(widths, attn) if a} | {widths[-1]}  # + middle block
+    if cfg.num_head_channels is not None:
+        head_dim = cfg.num_head_channels
+    elif cfg.num_heads == 1:
+        head_dim = None  # diffusers: one head spanning all channels
+    elif len({w // cfg.num_heads for w in attn_widths}) == 1:
+        head_dim = attn_widths.pop() // cfg.num_heads
+    else:
+        raise ValueError("diffusers fixes the head width; use num_head_channels or num_heads=1")
+    if cfg.num_classes is not None or cfg.context_dim is not None:
+        raise ValueError("the benchmark compares unconditional models")
+    resample = "resnet" if cfg.resblock_updown else "conv"
+    return dict(
+        sample_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.resolved_out_channels,
+        block_out_channels=tuple(widths),
+        layers_per_block=cfg.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=head_dim,
+        norm_num_groups=cfg.norm_groups,
+        attn_norm_num_groups=cfg.norm_groups,  # else diffusers drops the middle GroupNorm
+        resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
+        downsample_type=resample,
+        upsample_type=resample,
+        dropout=cfg.dropout,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def build(name: str, cfg: UNetConfig) -> tuple[torch.nn.Module, Any]:
+    """The model and a callable ``forward(x_t, t) -> prediction``."""
+    if name == "difflab":
+        model = UNet(cfg, generator=torch.Generator().manual_seed(0))
+        return model, model
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(**diffusers_kwargs(cfg))
+    return model, lambda x, t: model(x, t).sample
+
+
+def max_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any, int]:
+    """One DDPM training step of model ``name`` (``step()``) and its parameter count."""
+    cfg = UNetConfig.preset(
+        args.preset, **({"image_size": args.image_size} if args.image_size else {})
+    )
+    model, forward = build(name, cfg)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.train().to(memory_format=fmt)  # in place: ``forward`` still calls this model
+    if args.compile:
+        forward = torch.compile(forward)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
+    x0 = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+    noise = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
+    t = torch.randint(0, 1000, (args.batch_size,), generator=g)
+    alpha = torch.rand(args.batch_size, 1, 1, 1, generator=g)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise  # eq. 4 of Ho et al. with a random ᾱ
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        with autocast:
+            pred = forward(x_t, t.float() if name == "difflab" else t)
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
+    """Images/s of every model, timed in alternating windows so that load from other
+    processes on a shared machine hits all models alike; the best window counts."""
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",")
+    steps = {name: make_step(name, precision, args) for name in names}
+    for step, _ in steps.values():
+        for _ in range(args.warmup):
+            step()
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(args.repeats):
+        for name, (step, _) in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    queue.put([
+        dict(model=name, precision=precision, params=steps[name][1],
+             images_per_s=args.iters * args.batch_size / best[name])
+        for name in names
+    ])  # fmt: skip
+
+
+def memory_worker(name: str, precision: str, args: argparse.Namespace, queue: Any) -> None:
+    """Growth of the peak RSS over warm-up plus one step, in a fresh process."""
+    torch.set_num_threads(args.threads)
+    step, _ = make_step(name, precision, args)
+    rss0 = max_rss_bytes()
+    for _ in range(args.warmup + 1):
+        step()
+    queue.put((max_rss_bytes() - rss0) / 2**20)
+
+
+def in_subprocess(target: Any, *args: Any) -> Any:
+    """Run ``target(*args, queue)`` in a fresh spawned process; return what it queued."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Exception:  # queue.Empty: keep waiting while the worker lives
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"{target.__name__} failed (exit code {proc.exitcode})"
+                ) from None
+    proc.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cifar10", help="UNetConfig preset (tiny, digits, ...)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--iters", type=int, default=5, help="training steps per timed window")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows; the best is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--models", default="difflab,diffusers")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--channels-last", action="store_true", help="channels_last for both models")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+
+    rows = []
+    for precision in args.precisions.split(","):
+        for row in in_subprocess(speed_worker, precision, args):
+            row["peak_mib"] = in_subprocess(memory_worker, row["model"], precision, args)
+            rows.append(row)
+        print(f"done: {precision}", file=sys.stderr)
+
+    base = {r["precision"]: r["images_per_s"] for r in rows if r["model"] == "diffusers"}
+    lines = [
+        f"Preset `{args.preset}`, batch {args.batch_size}, best of {args.repeats} windows of "
+        f"{args.iters} steps after {args.warmup} warm-up, compile={args.compile}, "
+        f"channels_last={args.channels_last}, {args.threads} CPU threads, "
+        f"torch {torch.__version__}, {platform.processor() or 'cpu'}.",
+        "Images/s: best window, models timed in alternation in one process. Peak memory: "
+        "growth of max RSS (getrusage) over the warm-up steps plus one, in a fresh process.",
+        "",
+        "| model | precision | params (M) | images/s | vs diffusers | peak memory (MiB) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = r["images_per_s"] / base[r["precision"]] if r["precision"] in base else float("nan")
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
+            f"{r['images_per_s']:.1f} | {ratio:.2f}x | {r['peak_mib']:.0f} |"
+        )
+    if len({r["params"] for r in rows}) > 1:
+        note = "Parameter counts differ: diffusers' `DownBlock2D` ignores `downsample_type`,"
+        lines += ["", f"{note} so `resblock_updown` is only matched at attention levels."]
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(
+        ["python bench/train_throughput.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    args.out.write_text(f"# Training throughput\n\n`{command}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

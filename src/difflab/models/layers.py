@@ -1,0 +1,225 @@
+"""Shared network layers for difflab models.
+
+Owns: the sinusoidal timestep embedding, ``zero_init``, the GroupNorm helper, the
+self-attention block of ADM (Dhariwal & Nichol 2021) and the cross-attention transformer
+block of latent diffusion (Rombach et al. 2022). Knows nothing of noise schedules,
+parametrizations or training; every layer maps tensors to tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionBlock",
+    "attention",
+    "CrossAttention",
+    "SpatialTransformer",
+    "TransformerBlock",
+    "group_norm",
+    "timestep_embedding",
+    "zero_init",
+]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, Ho et al. 2020, sec. B.
+
+    ``emb[:, i] = cos(t * f_i)`` and ``emb[:, half + i] = sin(t * f_i)`` with
+    ``f_i = max_period ** (-i / half)``; an odd ``dim`` gets one trailing zero column.
+
+    :param t: timesteps ``[B]`` in training-timestep units.
+    :param dim: embedding width.
+    :return: float32 tensor ``[B, dim]``.
+    """
+    half = dim // 2
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) * (
+        -math.log(max_period) / half
+    )
+    args = t.float()[:, None] * torch.exp(exponent)[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero and return it (ADM / DiT output layers)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm over ``channels`` with ``min(groups, channels)`` groups (ADM's GroupNorm32).
+
+    Tiny widths (fewer channels than ``groups``) fall back to one channel per group; any
+    other width must be divisible by the group count.
+
+    :raises ValueError: when ``channels`` is not divisible by the group count.
+    """
+    if channels < 1 or groups < 1:
+        raise ValueError(f"group_norm needs positive channels and groups, got {channels}, {groups}")
+    num_groups = min(groups, channels)
+    if channels % num_groups:
+        raise ValueError(
+            f"GroupNorm over {channels} channels cannot use {num_groups} groups "
+            f"({channels} is not divisible by {num_groups}); choose norm_groups dividing every "
+            f"width of the network, e.g. norm_groups={math.gcd(channels, num_groups)}"
+        )
+    return nn.GroupNorm(num_groups, channels, eps=eps)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """``[B, N, H*D] -> [B, H, N, D]``."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``[B, H, N, D] -> [B, N, H*D]``."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` over ``[B, H, N, D]`` heads, computed in float32.
+
+    ADM (Dhariwal & Nichol 2021) runs the softmax in float32 for stability under mixed
+    precision; on CPU it is also much faster, the bfloat16 SDPA backward being ~50x slower
+    than the float32 one. ``mask``: boolean, broadcastable to ``[B, H, N, L]``, True = attend.
+    Returns the dtype of ``q``.
+    """
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    return out.to(q.dtype)
+
+
+def _check_heads(channels: int, heads: int) -> int:
+    if heads < 1 or channels % heads:
+        raise ValueError(f"{channels} attention channels cannot be split into {heads} heads")
+    return heads
+
+
+class AttentionBlock(nn.Module):
+    """Spatial multi-head self-attention with a residual, ADM (Dhariwal & Nichol 2021).
+
+    ``x + proj(attn(norm(x)))`` over the ``H*W`` positions, with a fused qkv projection,
+    :func:`attention` and an output projection that ``UNet.initialize_weights`` zeroes so
+    the block starts as the identity. Input and output ``[B, C, H, W]``.
+    """
+
+    def __init__(self, channels: int, num_heads: int, norm_groups: int = 32) -> None:
+        super().__init__()
+        self.num_heads = _check_heads(channels, num_heads)
+        self.norm = group_norm(channels, norm_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); free if channels_last
+        q, k, v = self.qkv(tokens).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = _merge_heads(attention(q, k, v))  # (B, HW, C)
+        out = self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x [B, N, C]`` over ``context [B, L, C_ctx]`` (LDM eq. 3).
+
+    Without a context it is self-attention (with a fused qkv projection). ``mask`` is a
+    boolean ``[B, L]``, True = the token takes part. A row with every token masked out
+    yields a zero output instead of NaN.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = _check_heads(dim, num_heads)
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        b, n, _ = x.shape
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor [B, L, context_dim]")
+            q = _split_heads(self.to_q(x), self.num_heads)
+            kv = self.to_kv(context).view(b, context.shape[1], 2, self.num_heads, -1)
+            k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
+        else:
+            q, k, v = self.to_qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn_mask = keep_row = None
+        if mask is not None:
+            keep_row = mask.any(dim=-1)  # (B,)
+            attn_mask = (mask | ~keep_row[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = self.to_out(_merge_heads(attention(q, k, v, attn_mask)))
+        if keep_row is not None:
+            out = out * keep_row[:, None, None].to(out.dtype)
+        return out
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward ``W2 (GELU(W_g x) * W_v x)`` (Shazeer 2020), as used by LDM."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(value * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attn, cross-attn on the context, GEGLU (LDM, Rombach
+    et al. 2022, appendix). Input and output tokens ``[B, N, C]``."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, num_heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's spatial transformer (Rombach et al. 2022): GroupNorm, project to tokens,
+    ``depth`` transformer blocks conditioned on ``context``, zero-initialised projection
+    back, residual. Input and output ``[B, C, H, W]``."""
+
+    def __init__(
+        self, channels: int, num_heads: int, context_dim: int, depth: int = 1, norm_groups: int = 32
+    ) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups)
+        self.proj_in = nn.Linear(channels, channels)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, HW, C)
+        for block in self.blocks:
+            tokens = block(tokens, context, mask)
+        return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
