@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from difflab.parametrization import Denoiser
-from difflab.samplers import DEFAULT_SAMPLER, SAMPLERS, resolve, sample
+from difflab.samplers import (
+    DEFAULT_OPTIONS,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    SAMPLERS,
+    resolve,
+    sample,
+)
 from difflab.samplers.registry import sampler_options
 from difflab.schedules import SPACINGS, NoiseSchedule
 
@@ -140,6 +147,7 @@ def test_default_spacing_and_custom_timestep_list():
     seen = []
     sample(linear_model, (1, 2), schedule=SCHED, sampler="ddim", callback=record(seen))
     assert [t for _, t, _ in seen] == SCHED.timesteps(20, SAMPLERS["ddim"].default_spacing)
+    assert len(seen) == 20  # steps=None means 20
     seen.clear()
     sample(
         linear_model,
@@ -208,3 +216,40 @@ def test_a_ready_denoiser_is_used_as_is_and_counts_calls():
     den = Denoiser(linear_model, SCHED)
     sample(den, (1, 2), schedule=SCHED, sampler="ddim", steps=7)
     assert den.nfe == 7
+
+
+def test_default_is_the_benchmarked_configuration_and_explicit_arguments_win():
+    noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    seen = []
+    a = sample(linear_model, noise=noise, schedule=SCHED, steps=8, callback=record(seen))
+    assert [t for _, t, _ in seen] == SCHED.timesteps(8, DEFAULT_SPACING)
+    b = sample(
+        linear_model,
+        noise=noise,
+        schedule=SCHED,
+        steps=8,
+        sampler=DEFAULT_SAMPLER,
+        spacing=DEFAULT_SPACING,
+        **DEFAULT_OPTIONS,
+    )
+    assert torch.equal(a, b)
+    seen.clear()
+    sample(
+        linear_model,
+        noise=noise,
+        schedule=SCHED,
+        steps=8,
+        spacing="trailing",
+        callback=record(seen),
+    )
+    assert [t for _, t, _ in seen] == SCHED.timesteps(8, "trailing")
+    seen.clear()  # a sampler named explicitly uses its own default spacing
+    sample(
+        linear_model,
+        noise=noise,
+        schedule=SCHED,
+        steps=8,
+        sampler=DEFAULT_SAMPLER,
+        callback=record(seen),
+    )
+    assert [t for _, t, _ in seen] == SCHED.timesteps(8, SAMPLERS[DEFAULT_SAMPLER].default_spacing)

@@ -6,7 +6,14 @@ thresholding) wraps the denoiser (guidance).  The algorithms live in ``ddpm``, `
 ``karras``, ``dpm_solver``, ``unipc``; shared helpers in ``common``.
 """
 
-from .api import DEFAULT_SAMPLER, Img2ImgResult, img2img, sample
+from .api import (
+    DEFAULT_OPTIONS,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    Img2ImgResult,
+    img2img,
+    sample,
+)
 from .common import SamplerSpec
 from .guidance import (
     ClassifierFreeGuidance,
@@ -16,10 +23,13 @@ from .guidance import (
     dynamic_threshold,
     rescale_cfg,
 )
-from .registry import SAMPLERS, SamplerRegistry, check_options, resolve
+from .registry import OWN_GRID, SAMPLERS, SamplerRegistry, check_options, resolve
 
 __all__ = [
+    "DEFAULT_OPTIONS",
     "DEFAULT_SAMPLER",
+    "DEFAULT_SPACING",
+    "OWN_GRID",
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "ClipX0",

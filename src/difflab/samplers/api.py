@@ -23,11 +23,22 @@ from .common import progress as progress_bar
 from .guidance import ClassifierFreeGuidance, ClipX0, DynamicThresholding
 from .registry import SAMPLERS, check_options
 
-__all__ = ["DEFAULT_SAMPLER", "DEFAULT_STEPS", "Img2ImgResult", "img2img", "sample"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_SPACING",
+    "DEFAULT_STEPS",
+    "Img2ImgResult",
+    "img2img",
+    "sample",
+]
 
-# Chosen from bench/samplers.py (lowest PF-ODE error at NFE 10 and 20 on a Gaussian-mixture
-# exact denoiser, see docs/samplers.md); ``spacing=None`` uses the sampler's default spacing.
-DEFAULT_SAMPLER = "dpmpp_2m"
+# ``sampler=None``: the configuration with the lowest probability-flow-ODE error at NFE 10
+# and 20 in bench/samplers.py (exact denoiser of a Gaussian mixture; docs/samplers.md).
+# A sampler named explicitly uses its own defaults (spacing: ``spec.default_spacing``).
+DEFAULT_SAMPLER = "unipc"
+DEFAULT_SPACING = "logsnr"
+DEFAULT_OPTIONS: dict[str, Any] = {"order": 3, "variant": "bh1"}
 DEFAULT_STEPS = 20
 
 # Options of ``NoiseSchedule.timesteps`` that may be passed through ``**sampler_options``.
@@ -46,7 +57,7 @@ def _plan(
     model: Callable[..., Tensor],
     *,
     schedule: NoiseSchedule,
-    sampler: str | SamplerSpec,
+    sampler: str | SamplerSpec | None,
     steps: int | None,
     prediction: str,
     variance: str,
@@ -63,8 +74,13 @@ def _plan(
     """Resolve every argument into (spec, wrapped denoiser, levels, sampler options)."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    spec, implied = SAMPLERS.resolve(sampler)
-    options = dict(sampler_options)
+    if sampler is None:  # the recommended configuration; explicit arguments still win
+        spec, implied = SAMPLERS.resolve(DEFAULT_SAMPLER)
+        implied = DEFAULT_SPACING if spacing is None else None
+        options = {**DEFAULT_OPTIONS, **sampler_options}
+    else:
+        spec, implied = SAMPLERS.resolve(sampler)
+        options = dict(sampler_options)
     spacing_kwargs = {k: options.pop(k) for k in _SPACING_OPTIONS if k in options}
     if eta is not None:
         # eta = 0 asks for exactly what a deterministic sampler without ``eta`` does.
@@ -179,7 +195,7 @@ def sample(
     shape: Sequence[int] | None = None,
     *,
     schedule: NoiseSchedule,
-    sampler: str | SamplerSpec = DEFAULT_SAMPLER,
+    sampler: str | SamplerSpec | None = None,
     steps: int | None = None,
     prediction: str = "eps",
     variance: str = "fixedsmall",
@@ -206,7 +222,9 @@ def sample(
 
     :param model: ``model(x_t, t, **cond)`` or a ready ``Denoiser``.
     :param shape: batch shape ``[B, C, ...]``; optional when ``noise`` is given.
-    :param sampler: a name in ``dl.SAMPLERS`` or an alias ("DPM++ 2M Karras", "Euler a").
+    :param sampler: a name in ``dl.SAMPLERS`` or an alias ("DPM++ 2M Karras", "Euler a");
+        None: the benchmark's best (``DEFAULT_SAMPLER`` with ``DEFAULT_SPACING`` and
+        ``DEFAULT_OPTIONS``).
     :param steps: number of steps (None: 20, or the length of a custom ``spacing`` list).
     :param spacing: a spacing name or a strictly decreasing timestep list; None: the spacing
         the alias implies, else the sampler's default.
@@ -264,7 +282,7 @@ def img2img(
     *,
     strength: float,
     schedule: NoiseSchedule,
-    sampler: str | SamplerSpec = DEFAULT_SAMPLER,
+    sampler: str | SamplerSpec | None = None,
     steps: int | None = None,
     prediction: str = "eps",
     variance: str = "fixedsmall",
