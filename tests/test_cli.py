@@ -35,7 +35,7 @@ def test_sample_writes_grid_with_params_and_separate_images(run, tmp_path, capsy
     assert params["class_labels"] == [2, 2, 7, 7] and params["seed"] == 5
     assert (params["sampler"], params["steps"], params["guidance_scale"]) == ("ddim", 3, 1.5)
     assert params["weights"] == "ema" and params["run"] == str(run)
-    assert params["spacing"] and params["difflab_version"]
+    assert params["spacing"] and params["difflab_version"] and params["clip_x0"] is True
     with Image.open(out) as img:
         assert img.size == (2 * 9 + 1, 2 * 9 + 1)  # one row per class: 2 x 2 tiles of 8 + pad
     singles = sorted((tmp_path / "s").glob("*.png"))
@@ -84,7 +84,7 @@ def test_demo_few_steps_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--steps", "3", "--per-class", "2", "--sampler", "ddim",
             "--sample-steps", "3", "--set", "model.model_channels=16",
-            "--set", "train.batch_size=16"]  # fmt: skip
+            "--set", "train.batch_size=16", "--threads", "0"]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "SVM accuracy" in text and "elapsed" in text
@@ -111,3 +111,15 @@ def test_train_from_config_with_overrides(tmp_path, capsys):
     assert cfg["train"]["max_steps"] == 2 and cfg["model"]["model_channels"] == 16
     assert main(argv) == 2  # the run exists: needs --resume
     assert "resume" in _err(capsys)
+
+
+def test_configs_digits_yaml_is_the_demo_config():
+    from pathlib import Path
+
+    from difflab.cli import DEMO_CONFIG
+    from difflab.train import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    shipped = yaml.safe_load(path.read_text())
+    assert {**shipped, "run_dir": DEMO_CONFIG["run_dir"]} == DEMO_CONFIG
+    assert load_config(path).model_config().num_classes == 10

@@ -1,0 +1,132 @@
+"""Training data: the embedded digits, image folders, captioned folders, ``.npz`` arrays.
+
+Owns ``DataConfig`` (the ``data:`` section of a run config), ``build_dataset`` and the
+``DataReport`` printed before training.  Every source yields
+``dict(image=[C, H, W] float in [-1, 1], class_label=int, text=str)`` (the last two only
+when the source has them).  Knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from .._validate import check_choice, unknown_message
+from .digits import digits_accuracy, digits_caption, digits_tensor, load_digits_dataset
+from .folders import ArrayDataset, FileDataset, load_captioned_folder, load_image_folder, load_npz
+from .report import DataReport
+from .transforms import ImageTransform, random_flip
+
+__all__ = [
+    "SOURCES",
+    "ArrayDataset",
+    "DataConfig",
+    "DataReport",
+    "FileDataset",
+    "ImageTransform",
+    "build_dataset",
+    "digits_accuracy",
+    "digits_caption",
+    "digits_tensor",
+    "random_flip",
+]
+
+SOURCES = ("digits", "folder", "captions", "npz")
+Source = Literal["digits", "folder", "captions", "npz"]
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of a run config.
+
+    :param source: ``digits`` (embedded, class labels + captions), ``folder`` (class =
+        subfolder), ``captions`` (metadata.jsonl or sidecar .txt), ``npz`` (arrays).
+    :param path: folder or ``.npz`` file (unused for ``digits``).
+    :param image_size: output side in pixels (images are square).
+    :param channels: 1 (grayscale) or 3 (RGB).
+    :param center_crop: resize the shorter side then crop the centre; else squash to square.
+    :param random_flip: horizontal flips, drawn from the dataset's generator.
+    :param allow_missing_captions: captioned folders: keep images without a caption (as
+        ``""``) instead of raising.
+    :param min_side: skip (and report) images whose shorter side is below this.
+    """
+
+    source: Source = "digits"
+    path: str | None = None
+    image_size: int = 16
+    channels: int = 1
+    center_crop: bool = True
+    random_flip: bool = False
+    allow_missing_captions: bool = False
+    min_side: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("data source", self.source, SOURCES)
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"data.image_size must be a positive integer, got {self.image_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.source != "digits" and self.path is None:
+            raise ValueError(f"data.path is required for source '{self.source}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
+        """Inverse of ``to_dict``; unknown keys raise ValueError with a did-you-mean."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ValueError(unknown_message("data config key", key, known))
+        return cls(**dict(data))
+
+
+def build_dataset(
+    cfg: DataConfig | Mapping[str, Any] | Any, *, generator: torch.Generator | None = None
+) -> tuple[Dataset, DataReport]:
+    """Build the dataset a config names, and the report of what was found and used.
+
+    :param generator: source of random flips (default: a CPU generator seeded with 0 when
+        ``random_flip`` is on).  Its state is ``dataset.generator.get_state()``.
+    :raises ValueError: bad config, missing folder, missing captions (unless allowed),
+        or no usable image at all.
+    """
+    if not isinstance(cfg, DataConfig):
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            cfg = dataclasses.asdict(cfg)  # e.g. difflab.train's copy of the data section
+        cfg = DataConfig.from_dict(cfg)
+    if cfg.random_flip and generator is None:
+        generator = torch.Generator().manual_seed(0)
+    transform = ImageTransform(
+        cfg.image_size, cfg.channels, center_crop=cfg.center_crop, random_flip=cfg.random_flip
+    )
+    dataset: Dataset
+    if cfg.source == "digits":
+        dataset, report = load_digits_dataset(
+            cfg.image_size, cfg.channels, random_flip=cfg.random_flip, generator=generator
+        )
+    elif cfg.source == "folder":
+        dataset, report = load_image_folder(
+            cfg.path, transform, generator=generator, min_side=cfg.min_side
+        )
+    elif cfg.source == "captions":
+        dataset, report = load_captioned_folder(
+            cfg.path,
+            transform,
+            allow_missing_captions=cfg.allow_missing_captions,
+            generator=generator,
+            min_side=cfg.min_side,
+        )
+    else:
+        dataset, report = load_npz(cfg.path, transform, generator=generator)
+    report.output_size = (cfg.channels, cfg.image_size, cfg.image_size)
+    if report.used == 0:
+        raise ValueError(f"no usable images in {report.root}\n{report}")
+    return dataset, report

@@ -1,0 +1,132 @@
+"""Images out: tensors in [-1, 1] -> uint8, grids, PNGs that carry their generation parameters.
+
+Owns ``to_uint8``, ``make_grid``, ``save_png`` / ``read_png_params`` (a PNG text chunk
+``difflab`` holding every generation parameter as JSON, so any image can be reproduced) and
+``save_grid``.  PIL only.  Knows nothing of models or samplers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import Tensor
+
+__all__ = [
+    "PNG_KEY",
+    "make_grid",
+    "read_png_params",
+    "save_grid",
+    "save_image",
+    "save_png",
+    "to_uint8",
+]
+
+PNG_KEY = "difflab"  # tEXt keyword of the generation-parameters chunk
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """``[N, C, H, W]`` (or ``[C, H, W]``) floats in [-1, 1] -> uint8 ``[N, H, W, C]``.
+
+    Quantised as ``round((x + 1) * 127.5)`` after clamping, the rule FID code expects.
+    """
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        raise ValueError(
+            f"images must be [N, C, H, W] with C in (1, 3, 4), got {tuple(images.shape)}"
+        )
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    """uint8 ``[H, W, C]`` -> PIL image (mode L, RGB or RGBA)."""
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def make_grid(
+    images: Tensor, nrow: int | None = None, *, padding: int = 1, pad_value: int = 0
+) -> Image.Image:
+    """Tile ``images [N, C, H, W]`` in [-1, 1] into one PIL image, ``nrow`` images per row.
+
+    ``nrow`` defaults to ``ceil(sqrt(N))``; ``padding`` pixels of ``pad_value`` separate the
+    tiles and frame the grid.
+    """
+    arr = to_uint8(images)  # (N, H, W, C)
+    n, h, w, c = arr.shape
+    if n == 0:
+        raise ValueError("make_grid needs at least one image")
+    ncol = nrow if nrow is not None else math.ceil(math.sqrt(n))
+    if ncol < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    rows = math.ceil(n / ncol)
+    grid = np.full(
+        (rows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8
+    )
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        grid[top : top + h, left : left + w] = arr[i]
+    return _pil(grid)
+
+
+def save_png(image: Image.Image, path: str | Path, params: Mapping[str, Any] | None = None) -> Path:
+    """Write ``image`` as PNG, atomically (temp file + rename), with ``params`` as JSON in
+    the ``difflab`` text chunk.  Returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text(PNG_KEY, json.dumps(dict(params), sort_keys=True, default=_jsonable))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in PNG parameters")
+
+
+def read_png_params(path: str | Path) -> dict[str, Any] | None:
+    """The generation parameters stored by ``save_png`` (``None`` if the PNG has none)."""
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}).get(PNG_KEY)
+    return None if text is None else json.loads(text)
+
+
+def save_grid(
+    images: Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    padding: int = 1,
+) -> Path:
+    """``make_grid`` then ``save_png``: one PNG of ``images [N, C, H, W]`` in [-1, 1]."""
+    return save_png(make_grid(images, nrow, padding=padding), path, params)
+
+
+def save_image(image: Tensor, path: str | Path, params: Mapping[str, Any] | None = None) -> Path:
+    """One image ``[C, H, W]`` in [-1, 1] as a PNG with its parameters."""
+    return save_png(_pil(to_uint8(image)[0]), path, params)

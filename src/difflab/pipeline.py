@@ -1,0 +1,347 @@
+"""``Pipeline``: a trained run directory turned back into a sampler of images.
+
+Owns reading a run (``config.yaml`` + ``ema.safetensors`` / ``model.safetensors``),
+rebuilding the U-Net and the ``NoiseSchedule`` it was trained with, checking that the
+checkpoint matches the architecture, and the conditioning plumbing of a call (class labels,
+the null label for classifier-free guidance, prompts).  The sampling itself is
+``difflab.samplers.sample``; this module knows no sampler maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from .schedules import NoiseSchedule
+
+__all__ = ["Pipeline", "load_weights", "read_run_config"]
+
+WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
+TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved ``config.yaml`` of a run directory, as plain dicts."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {str(run)!r} does not exist")
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a run directory: it has no config.yaml")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{path} has no 'model' section; is it a difflab run config?")
+    return data
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a safetensors file into ``model``; every key and shape must match exactly.
+
+    :return: the file's metadata (e.g. ``step``).
+    :raises ValueError: "checkpoint from another architecture", listing missing,
+        unexpected and shape-mismatched keys.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{len(items)} {what} key(s): {'; '.join(items[:3])}{more}")
+        raise ValueError(
+            f"{path} is a checkpoint from another architecture than its config.yaml "
+            f"describes: {', '.join(parts)}"
+        )
+    model.load_state_dict(state)
+    return metadata
+
+
+def _build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    from .models import UNet, UNetConfig
+
+    spec = dict(model_cfg)
+    preset = spec.pop("preset", None)
+    cfg = UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec)
+    return UNet(cfg)
+
+
+class Pipeline:
+    """A trained model with its schedule and sampling defaults: ``pipe(n, class_labels, ...)``.
+
+    :param model: a network honouring ``model(x_t, t, class_labels=, context=, ...)``.
+    :param schedule: the schedule it was trained with.
+    :param prediction: eps | x0 | v.
+    :param variance: fixedsmall | fixedlarge | learned | learned_range.
+    :param image_shape: ``(C, H, W)`` of one sample.
+    :param num_classes: ``None`` for an unconditional model; the null label is this value.
+    :param sample_defaults: ``sampler``, ``steps``, ``guidance_scale`` used when a call omits them.
+    :param text_encoder: ``prompts -> (context [B, L, D], mask [B, L] | None)`` for a
+        text-conditional model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        *,
+        prediction: str = "eps",
+        variance: str = "fixedsmall",
+        image_shape: tuple[int, int, int],
+        num_classes: int | None = None,
+        context_dim: int | None = None,
+        sample_defaults: Mapping[str, Any] | None = None,
+        text_encoder: TextEncoder | None = None,
+        run_dir: str | None = None,
+        weights: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model.to(self.device).eval()
+        self.schedule = schedule
+        self.prediction = prediction
+        self.variance = variance
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+        self.context_dim = context_dim
+        self.sample_defaults = {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 1.0}
+        self.sample_defaults.update(
+            {k: v for k, v in (sample_defaults or {}).items() if k in self.sample_defaults}
+        )
+        self.text_encoder = text_encoder
+        self.run_dir = run_dir
+        self.weights = weights
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        weights: str = "ema",
+        device: torch.device | str | None = None,
+        *,
+        text_encoder: TextEncoder | None = None,
+    ) -> Pipeline:
+        """Rebuild model and schedule from ``run_dir/config.yaml`` and load the weights.
+
+        :param weights: ``"ema"`` (``ema.safetensors``, default) or ``"raw"``
+            (``model.safetensors``).
+        :raises FileNotFoundError: no such run directory, config or weights file.
+        :raises ValueError: the checkpoint does not fit the configured architecture.
+        """
+        from ._validate import check_choice
+
+        check_choice("weights", weights, WEIGHTS)
+        cfg = read_run_config(run_dir)
+        model = _build_model(cfg["model"])
+        load_weights(model, Path(run_dir) / WEIGHTS[weights])
+        diffusion = cfg.get("diffusion") or {}
+        schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
+        mc = model.config  # type: ignore[attr-defined]
+        return cls(
+            model,
+            schedule,
+            prediction=diffusion.get("prediction", "eps"),
+            variance=diffusion.get("variance", "fixedsmall"),
+            image_shape=(mc.in_channels, mc.image_size, mc.image_size),
+            num_classes=mc.num_classes,
+            context_dim=mc.context_dim,
+            sample_defaults=cfg.get("sample") or {},
+            text_encoder=text_encoder,
+            run_dir=str(run_dir),
+            weights=weights,
+            device=device,
+        )
+
+    # ------------------------------------------------------------------ conditioning
+    def _labels(self, class_labels: int | Sequence[int] | Tensor | None, n: int) -> Tensor | None:
+        if class_labels is None:
+            return None
+        if self.num_classes is None:
+            raise ValueError(
+                "class_labels given, but this model is unconditional (num_classes=None)"
+            )
+        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+        if labels.numel() == 1 and n != 1:
+            labels = labels.expand(n)
+        if labels.numel() != n:
+            raise ValueError(f"got {labels.numel()} class labels for n={n} images")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"class labels must lie in 0..{self.num_classes - 1}, got {bad.tolist()[:5]}"
+            )
+        return labels
+
+    def _guidance(self, guidance_scale: float | None, conditional: bool) -> float:
+        if guidance_scale is None:  # the run's default, only meaningful with a condition
+            return float(self.sample_defaults["guidance_scale"]) if conditional else 1.0
+        scale = float(guidance_scale)
+        if scale != 1.0 and self.num_classes is None and self.context_dim is None:
+            raise ValueError(
+                f"guidance_scale={scale} needs a conditional model, but this model is "
+                "unconditional; use guidance_scale=1 (no classifier-free guidance)"
+            )
+        if scale != 1.0 and not conditional:
+            raise ValueError(
+                f"guidance_scale={scale} needs a condition: pass class_labels or a prompt"
+            )
+        return scale
+
+    def _conditioning(
+        self, labels: Tensor | None, prompt: str | Sequence[str] | None, n: int
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        cond: dict[str, Any] = {}
+        uncond: dict[str, Any] = {}
+        if labels is not None:
+            cond["class_labels"] = labels.to(self.device)
+            uncond["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
+        if prompt is not None:
+            if self.context_dim is None:
+                raise ValueError(
+                    "a prompt was given, but this model has no text conditioning "
+                    "(context_dim=None); use class_labels or an unconditional call"
+                )
+            if self.text_encoder is None:
+                raise ValueError(
+                    "this model is text-conditional but the Pipeline has no text_encoder; "
+                    "pass text_encoder= to Pipeline.from_run"
+                )
+            prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != n:
+                raise ValueError(f"got {len(prompts)} prompts for n={n} images")
+            ctx, mask = self.text_encoder(prompts)
+            empty, empty_mask = self.text_encoder([""] * n)
+            cond["context"], uncond["context"] = ctx.to(self.device), empty.to(self.device)
+            if mask is not None and empty_mask is not None:
+                cond["context_mask"] = mask.to(self.device)
+                uncond["context_mask"] = empty_mask.to(self.device)
+        elif self.context_dim is not None:
+            raise ValueError("this model is text-conditional: pass prompt=")
+        return cond, uncond
+
+    # ------------------------------------------------------------------ sampling
+    def resolve_params(
+        self,
+        n: int = 16,
+        class_labels: int | Sequence[int] | Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        spacing: str | None = None,
+        clip_x0: bool = True,
+    ) -> dict[str, Any]:
+        """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
+        from . import __version__
+        from .samplers import SAMPLERS
+
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        labels = self._labels(class_labels, n)
+        scale = self._guidance(guidance_scale, labels is not None or prompt is not None)
+        name = sampler if sampler is not None else str(self.sample_defaults["sampler"])
+        spec, implied = SAMPLERS.resolve(name)
+        return {
+            "run": self.run_dir,
+            "weights": self.weights,
+            "sampler": name,
+            "steps": int(steps if steps is not None else self.sample_defaults["steps"]),
+            "spacing": spacing or implied or spec.default_spacing,
+            "guidance_scale": scale,
+            "clip_x0": bool(clip_x0),
+            "seed": int(seed),
+            "n": n,
+            "class_labels": None if labels is None else labels.tolist(),
+            "prompt": prompt if prompt is None or isinstance(prompt, str) else list(prompt),
+            "prediction": self.prediction,
+            "schedule": self.schedule.to_config(),
+            "difflab_version": __version__,
+        }
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        n: int = 16,
+        class_labels: int | Sequence[int] | Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        *,
+        spacing: str | None = None,
+        clip_x0: bool = True,
+        **sampler_options: Any,
+    ) -> Tensor:
+        """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
+
+        Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral
+        noise), so it equals the same seed drawn alone.  ``class_labels`` (an int or ``n``
+        ints) conditions a class-conditional model; ``None`` samples it unconditionally
+        with the null label.  ``guidance_scale`` w is classifier-free guidance
+        (Ho & Salimans 2022): ε̃ = ε(∅) + w·(ε(c) - ε(∅)), with the null label as ∅;
+        ``None`` takes the run's ``sample.guidance_scale``.  ``clip_x0`` clips every x̂0 to
+        [-1, 1], the data range, as DDPM's sampler does (Ho et al. 2020, Alg. 2 with
+        ``clip_denoised``); without it, ε̂ → x̂0 = (x_t - σ ε̂)/α amplifies the model's error
+        by 1/α at the first step (1/α ≈ 2·10⁴ at t = T-1 of the cosine schedule) and the
+        samples saturate.
+        """
+        from .samplers import sample
+        from .samplers.common import randn
+
+        p = self.resolve_params(
+            n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0
+        )
+        labels = self._labels(class_labels, n)
+        cond, uncond = self._conditioning(labels, prompt, n)
+        gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
+        shape = (n, *self.image_shape)
+        noise = randn(shape, gens, device=self.device)
+        x = sample(
+            self.model,
+            shape,
+            schedule=self.schedule,
+            sampler=p["sampler"],
+            steps=p["steps"],
+            prediction=self.prediction,
+            variance=self.variance,
+            spacing=spacing,
+            guidance_scale=p["guidance_scale"],
+            cond=cond or None,
+            uncond=uncond if p["guidance_scale"] != 1.0 else None,
+            noise=noise,
+            generator=gens,
+            progress=progress,
+            clip_x0=clip_x0 or None,
+            **sampler_options,
+        )
+        return x.clamp(-1.0, 1.0)
+
+    def __repr__(self) -> str:
+        cond = f"num_classes={self.num_classes}" if self.num_classes else "unconditional"
+        return (
+            f"Pipeline(run={self.run_dir!r}, weights={self.weights!r}, "
+            f"image_shape={self.image_shape}, {cond}, prediction={self.prediction!r})"
+        )
