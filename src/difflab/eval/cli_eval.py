@@ -1,0 +1,203 @@
+"""The ``difflab eval`` and ``difflab sweep`` subcommands.
+
+Owns argument parsing and printing only: ``eval`` calls `difflab.eval.sweep.evaluate_pipeline`,
+``sweep`` calls `difflab.eval.sweep.run_sweep`. Register them with
+``add_eval_parser(subparsers)`` and ``add_sweep_parser(subparsers)``; each parser sets
+``func=handler`` where ``handler(args) -> int`` (exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from difflab.eval.features import RESIZE_MODES, FeatureExtractor
+
+__all__ = ["add_eval_parser", "add_sweep_parser", "format_results", "run_eval", "run_sweep_cli"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory (config.yaml + *.safetensors)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="FID Inception-v3 weights (pytorch-fid .pth or .safetensors): FID/KID/precision-"
+        "recall/IS in Inception space instead of the digits classifier's (never downloaded)",
+    )
+    p.add_argument(
+        "--resize",
+        default="clean",
+        choices=RESIZE_MODES,
+        help="Inception resize: clean (PIL bicubic, clean-fid) or legacy (torch bilinear)",
+    )
+    p.add_argument(
+        "--reference-cache",
+        default=None,
+        metavar="NPZ",
+        help="reference features file (default: keyed by extractor and image content "
+        "under $DIFFLAB_CACHE/reference)",
+    )
+
+
+def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
+    if args.inception_weights is None:
+        return None  # the digits classifier
+    from difflab.eval.features import InceptionV3Features
+
+    device = args.device or "cpu"
+    return InceptionV3Features(args.inception_weights, resize=args.resize, device=device)
+
+
+# ---------------------------------------------------------------------------- eval
+def add_eval_parser(subparsers: Any) -> None:
+    """Register ``difflab eval RUN [--metrics ...] [--n N] [--sampler --steps --cfg --seed]``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="score samples of a run: FID/KID, precision/recall, IS, class accuracy",
+        description="Draw --n samples (labels cycling over the classes) and score them. Every "
+        "number is printed with the feature extractor that produced it and the settings used, "
+        "and written as JSON.",
+    )
+    _common(p)
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy "
+        "(default: fid,kid plus accuracy for a class-conditional model)",
+    )
+    p.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
+    p.add_argument(
+        "-o", "--out", default=None, help="results JSON (default RUN/eval/<settings>.json)"
+    )
+    p.set_defaults(func=run_eval)
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A plain-text table: one line per metric with its extractor, then the settings."""
+    from difflab.eval.sweep import metric_columns
+
+    rows = []
+    for key in metric_columns([results]):
+        name, extractor = key[:-1].split("[", 1)
+        value = results[key]
+        std = results.get(f"{name}_std[{extractor}]")
+        shown = f"{value:.6g}" + (f" ± {std:.3g}" if std is not None else "")
+        rows.append((name, shown, extractor))
+    head = ("metric", "value", "extractor")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    metric_keys = set(metric_columns([results])) | {k for k in results if "_std[" in k}
+    settings = {k: v for k, v in results.items() if k not in metric_keys}
+    lines.append("")
+    lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    if isinstance(results.get("n"), int) and results["n"] < 10_000:
+        lines.append(
+            f"note: n={results['n']} < 10,000 samples; FID/KID are biased by the sample count "
+            "and not comparable with numbers in papers"
+        )
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of ``difflab eval``."""
+    from difflab.eval.sweep import evaluate_pipeline, load_pipeline
+
+    pipe = load_pipeline(args.run, weights=args.weights, device=args.device)
+    metrics = args.metrics
+    if metrics is None:
+        metrics = "fid,kid" + (",accuracy" if pipe.num_classes is not None else "")
+    results = evaluate_pipeline(
+        pipe,
+        metrics=metrics,
+        n=args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        seed=args.seed,
+        extractor=_extractor(args),
+        reference_cache=args.reference_cache,
+        batch_size=args.batch_size,
+    )
+    results = {"run": str(args.run), "weights": args.weights, **results}
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        name = (
+            f"{results['sampler']}-{results['steps']}steps-cfg{results['guidance_scale']:g}"
+            f"-n{args.n}-seed{args.seed}.json"
+        )
+        out = Path(args.run) / "eval" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    print(format_results(results))
+    print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- sweep
+def add_sweep_parser(subparsers: Any) -> None:
+    """Register ``difflab sweep RUN --samplers ... --steps ... --cfg ... --metrics ... --n N``."""
+    p = subparsers.add_parser(
+        "sweep",
+        help="evaluate every sampler x steps x guidance combination; tables and plots",
+        description="Score every combination of --samplers, --steps and --cfg on --n samples. "
+        "Resumable: finished cells are kept in OUT/sweep.jsonl and not recomputed. Writes "
+        "sweep.csv, sweep.md and PNG plots (metric vs NFE, metric vs guidance, FID vs "
+        "accuracy).",
+    )
+    _common(p)
+    p.add_argument("--samplers", default="dpmpp_2m,ddim,heun", help="comma-separated names")
+    p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
+    p.add_argument("--cfg", default="1,2,4", help="comma-separated guidance scales")
+    p.add_argument(
+        "--metrics",
+        default="fid,accuracy",
+        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy",
+    )
+    p.add_argument("--n", type=int, default=2000, help="samples per cell (default 2000)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/sweep)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    p.set_defaults(func=run_sweep_cli)
+
+
+def run_sweep_cli(args: argparse.Namespace) -> int:
+    """Handler of ``difflab sweep``."""
+    from difflab.eval.sweep import run_sweep
+
+    out = Path(args.out) if args.out is not None else Path(args.run) / "sweep"
+    result = run_sweep(
+        args.run,
+        samplers=args.samplers,
+        steps=args.steps,
+        cfg_scales=args.cfg,
+        metrics=args.metrics,
+        n=args.n,
+        out_dir=out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        extractor=_extractor(args),
+        reference_cache=args.reference_cache,
+        plots=args.plots,
+        weights=args.weights,
+        device=args.device,
+    )
+    print(result.to_markdown())
+    reused = len(result.rows) - len(result.computed)
+    print(f"{len(result.computed)} cell(s) computed, {reused} taken from {result.files['jsonl']}")
+    for kind, path in result.files.items():
+        print(f"wrote {path}" if kind != "jsonl" else f"log   {path}")
+    return 0

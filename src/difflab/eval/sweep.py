@@ -1,0 +1,765 @@
+"""Evaluating a trained run: one setting (`evaluate_pipeline`, `periodic_eval`) or a grid of
+them (`run_sweep`: sampler × steps × guidance scale), with tables and plots.
+
+Owns: drawing class-conditional samples from a `Pipeline` in batches (labels cycle over the
+classes, image *i* uses seed ``seed + i``), counting network evaluations (NFE), the real-data
+reference of a run (its ``data:`` section, features cached as ``.npz`` keyed by extractor and
+image content), the resumable sweep log ``sweep.jsonl`` and its CSV / markdown / PNG views.
+
+Knows nothing of metric maths (`difflab.eval.metrics.evaluate` computes every number) or of
+sampler maths (`Pipeline.__call__` draws the images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab._validate import check_choice
+from difflab.eval.features import DigitsClassifier, FeatureExtractor, cache_dir
+from difflab.eval.metrics import METRICS, evaluate, to_uint8
+
+__all__ = [
+    "SweepResult",
+    "evaluate_pipeline",
+    "load_pipeline",
+    "metric_columns",
+    "periodic_eval",
+    "plot_sweep",
+    "reference_images",
+    "run_sweep",
+    "sample_images",
+    "write_tables",
+]
+
+REFERENCE_METRICS = frozenset({"fid", "kid", "precision_recall"})  # need real-data features
+SWEEP_FILES = {
+    "jsonl": "sweep.jsonl",
+    "csv": "sweep.csv",
+    "markdown": "sweep.md",
+    "nfe_plot": "sweep_nfe.png",
+    "guidance_plot": "sweep_guidance.png",
+    "tradeoff_plot": "sweep_tradeoff.png",
+}
+_METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)\[(?P<extractor>[^\]]+)\]$")
+
+PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num_classes`, `model`
+
+
+# --------------------------------------------------------------------------------------------
+# Samples, NFE and the reference data
+# --------------------------------------------------------------------------------------------
+
+
+def load_pipeline(
+    pipe_or_run_dir: PipeLike | str | os.PathLike,
+    *,
+    weights: str = "ema",
+    device: torch.device | str | None = None,
+) -> PipeLike:
+    """A `Pipeline` from a run directory; anything else is returned unchanged."""
+    if isinstance(pipe_or_run_dir, str | os.PathLike):
+        from difflab.pipeline import Pipeline
+
+        return Pipeline.from_run(pipe_or_run_dir, weights=weights, device=device)
+    return pipe_or_run_dir
+
+
+def _cycle_labels(pipe: PipeLike, n: int) -> Tensor | None:
+    """Labels ``0, 1, ..., K-1, 0, 1, ...`` for a K-class model; None when unconditional."""
+    num_classes = getattr(pipe, "num_classes", None)
+    return None if num_classes is None else torch.arange(n) % int(num_classes)
+
+
+def sample_images(
+    pipe: PipeLike,
+    n: int,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor | None, float | None]:
+    """Draw ``n`` images as ``uint8 [n, C, H, W]`` in batches; labels cycle over the classes.
+
+    Batch ``[s, e)`` is drawn with seed ``seed + s``, so (per-image generators) the images equal
+    one call ``pipe(n, labels, None, sampler, steps, guidance_scale, seed)``.
+
+    :return: ``(images, labels or None, nfe)``: ``nfe`` is the mean number of network forward
+        calls per batch (a classifier-free-guidance call on a doubled batch counts once, as
+        `Denoiser.nfe` does); None when the pipeline exposes no ``model`` module.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    labels = _cycle_labels(pipe, n)
+    model = getattr(pipe, "model", None)
+    calls = [0]
+    handle = None
+    if isinstance(model, torch.nn.Module):
+        handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    chunks = []
+    try:
+        for s in range(0, n, batch_size):
+            e = min(s + batch_size, n)
+            batch_labels = None if labels is None else labels[s:e]
+            x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s, False)
+            chunks.append(to_uint8(x.cpu()))  # (b, C, H, W) uint8: what a PNG would hold
+    finally:
+        if handle is not None:
+            handle.remove()
+    n_batches = math.ceil(n / batch_size)
+    nfe: float | None = None
+    if handle is not None:
+        nfe = calls[0] // n_batches if calls[0] % n_batches == 0 else calls[0] / n_batches
+    return torch.cat(chunks), labels, nfe
+
+
+def _data_section(pipe: PipeLike) -> Mapping[str, Any]:
+    run_dir = getattr(pipe, "run_dir", None)
+    if run_dir is None:
+        raise ValueError(
+            "fid / kid / precision_recall need real images: pass reference= (a tensor of "
+            "images or a data config) for a pipeline that was not loaded from a run directory"
+        )
+    from difflab.pipeline import read_run_config
+
+    data = read_run_config(run_dir).get("data")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{run_dir}/config.yaml has no 'data' section to take real images from")
+    return data
+
+
+def reference_images(reference: Tensor | Mapping[str, Any] | Any) -> Tensor:
+    """Real images ``[N, C, H, W]`` (float in [-1, 1] or uint8) for FID/KID/precision-recall.
+
+    ``reference``: a tensor (returned as is) or a data config (``DataConfig``, the ``data:``
+    section of a run, or its dataclass copy), loaded with ``difflab.data.build_dataset`` with
+    random flips off.
+    """
+    if isinstance(reference, Tensor):
+        return reference
+    import dataclasses
+
+    from difflab.data import build_dataset
+
+    if dataclasses.is_dataclass(reference) and not isinstance(reference, type):
+        reference = dataclasses.asdict(reference)
+    if not isinstance(reference, Mapping):
+        raise ValueError(
+            f"reference must be a tensor of images or a data config, got {type(reference)}"
+        )
+    dataset, _ = build_dataset({**reference, "random_flip": False})
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])  # (N, C, H, W)
+
+
+def reference_cache_path(extractor: FeatureExtractor, images: Tensor) -> Path:
+    """``<cache_dir>/reference/<extractor>-<sha256 of the uint8 images>.npz``."""
+    data = to_uint8(images).contiguous()
+    digest = hashlib.sha256(str(tuple(data.shape)).encode())
+    digest.update(data.numpy().tobytes())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", extractor.id)
+    return cache_dir() / "reference" / f"{slug}-{digest.hexdigest()[:16]}.npz"
+
+
+# --------------------------------------------------------------------------------------------
+# One evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_metrics(metrics: Iterable[str] | str) -> list[str]:
+    if isinstance(metrics, str):
+        metrics = [m for m in metrics.split(",") if m.strip()]
+    out = [check_choice("metric", m.strip(), METRICS) for m in metrics]
+    if not out:
+        raise ValueError(f"no metric given (choices: {', '.join(METRICS)})")
+    return list(dict.fromkeys(out))  # drop repeats, keep order
+
+
+@dataclass
+class _Evaluator:
+    """Extractor, classifier and (lazily) the reference features shared by many cells."""
+
+    metrics: list[str]
+    extractor: FeatureExtractor
+    classifier: FeatureExtractor | None
+    reference: Tensor | Mapping[str, Any] | Any | None
+    reference_cache: str | os.PathLike | None
+    batch_size: int
+    options: dict[str, Any] = field(default_factory=dict)
+    _ref: Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        pipe: PipeLike,
+        metrics: Iterable[str] | str,
+        *,
+        extractor: FeatureExtractor | None,
+        classifier: FeatureExtractor | None,
+        reference: Tensor | Mapping[str, Any] | Any | None,
+        reference_cache: str | os.PathLike | None,
+        batch_size: int,
+        metric_options: Mapping[str, Any] | None,
+    ) -> _Evaluator:
+        metrics = _check_metrics(metrics)
+        if "accuracy" in metrics:
+            num_classes = getattr(pipe, "num_classes", None)
+            if num_classes is None:
+                raise ValueError("metric 'accuracy' needs a class-conditional model")
+            classifier = classifier if classifier is not None else DigitsClassifier()
+            if classifier.num_classes != num_classes:
+                raise ValueError(
+                    f"metric 'accuracy': the classifier {classifier.id!r} knows "
+                    f"{classifier.num_classes} classes but the model has {num_classes}"
+                )
+        if extractor is None:
+            extractor = classifier if classifier is not None else DigitsClassifier()
+        if REFERENCE_METRICS & set(metrics) and reference is None:
+            # the run's data, unless only a cache file is available (no run directory)
+            if reference_cache is None or getattr(pipe, "run_dir", None) is not None:
+                reference = _data_section(pipe)
+        return cls(
+            metrics,
+            extractor,
+            classifier,
+            reference,
+            reference_cache,
+            batch_size,
+            dict(metric_options or {}),
+        )
+
+    def reference_args(self) -> tuple[Tensor | None, str | os.PathLike | None]:
+        if not REFERENCE_METRICS & set(self.metrics):
+            return None, None
+        if self.reference is None:  # only a cache file was given
+            return None, self.reference_cache
+        if self._ref is None:
+            self._ref = to_uint8(reference_images(self.reference))
+        path = self.reference_cache or reference_cache_path(self.extractor, self._ref)
+        return self._ref, path
+
+    def __call__(self, images: Tensor, labels: Tensor | None) -> dict[str, Any]:
+        reference, cache = self.reference_args()
+        return evaluate(
+            images,
+            reference,
+            extractor=self.extractor,
+            metrics=self.metrics,
+            labels=labels,
+            classifier=self.classifier,
+            reference_cache=cache,
+            batch_size=self.batch_size,
+            **self.options,
+        )
+
+
+def evaluate_pipeline(
+    pipe_or_run_dir: PipeLike | str | os.PathLike,
+    *,
+    metrics: Iterable[str] | str = ("fid", "kid", "accuracy"),
+    n: int = 2000,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    extractor: FeatureExtractor | None = None,
+    classifier: FeatureExtractor | None = None,
+    reference: Tensor | Mapping[str, Any] | Any | None = None,
+    reference_cache: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    metric_options: Mapping[str, Any] | None = None,
+    weights: str = "ema",
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Draw ``n`` samples from a run and score them with `difflab.eval.metrics.evaluate`.
+
+    Samples are class-conditional for a class-conditional model (labels ``i % K``). FID/KID/
+    precision-recall use ``extractor`` (default: `DigitsClassifier`, id ``digits-cnn``) against
+    ``reference`` (images or a data config; default the run's ``data:`` section), whose
+    features are cached under ``cache_dir()/reference``; accuracy uses ``classifier``.
+
+    :param metric_options: extra keyword arguments of ``evaluate`` (``kid_subsets``,
+        ``kid_subset_size``, ``pr_k``, ``is_splits``).
+    :return: the resolved sampling settings (``sampler``, ``steps``, ``guidance_scale``,
+        ``seed``, ``nfe``, ``sample_seconds``, ``eval_seconds``) and everything ``evaluate``
+        returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...). JSON-able.
+    """
+    pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device)
+    ev = _Evaluator.build(
+        pipe,
+        metrics,
+        extractor=extractor,
+        classifier=classifier,
+        reference=reference,
+        reference_cache=reference_cache,
+        batch_size=batch_size,
+        metric_options=metric_options,
+    )
+    return _evaluate_cell(pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size)
+
+
+def _resolved(pipe: PipeLike, n: int, labels: Tensor | None, sampler, steps, scale, seed):
+    """Sampler, steps and guidance a call will use (the run's defaults filled in)."""
+    if hasattr(pipe, "resolve_params"):
+        p = pipe.resolve_params(n, labels, None, sampler, steps, scale, seed)
+        return p["sampler"], p["steps"], p["guidance_scale"]
+    return sampler, steps, scale
+
+
+def _evaluate_cell(
+    pipe: PipeLike,
+    ev: _Evaluator,
+    n: int,
+    sampler: str | None,
+    steps: int | None,
+    guidance_scale: float | None,
+    seed: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    labels = _cycle_labels(pipe, n)
+    sampler, steps, guidance_scale = _resolved(
+        pipe, n, labels, sampler, steps, guidance_scale, seed
+    )
+    tick = time.perf_counter()
+    images, labels, nfe = sample_images(
+        pipe,
+        n,
+        sampler=sampler,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    sampled = time.perf_counter()
+    scores = ev(images, labels)
+    row = {
+        "sampler": sampler,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "nfe": nfe,
+        "sample_seconds": round(sampled - tick, 3),
+        "eval_seconds": round(time.perf_counter() - sampled, 3),
+    }
+    row.update(scores)
+    return row
+
+
+def periodic_eval(
+    pipe_like: PipeLike,
+    metrics: Iterable[str] | str,
+    n: int,
+    seed: int,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Metrics of ``n`` fresh samples at the pipeline's default sampler/steps/guidance.
+
+    A pure function for a training loop (no state, global RNG untouched): e.g. every
+    ``eval_every`` steps, ``periodic_eval(Pipeline(ema_model, schedule, ...), ["fid",
+    "accuracy"], 500, seed, reference=cfg.data)`` and log the returned dict with the step.
+    ``kwargs`` are those of `evaluate_pipeline` (``reference``, ``extractor``, ``sampler``...).
+    """
+    return evaluate_pipeline(pipe_like, metrics=metrics, n=n, seed=seed, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------------------------
+
+_KEY_FIELDS = ("sampler", "steps", "guidance_scale", "n", "seed", "metrics", "scorers", "options")
+
+
+def _cell_key(row: Mapping[str, Any]) -> str:
+    """Identity of a cell: sampler, steps, guidance, n, seed, metric set, extractors, options."""
+    return json.dumps({k: row.get(k) for k in _KEY_FIELDS}, sort_keys=True)
+
+
+@dataclass
+class SweepResult:
+    """The rows of one sweep (one per sampler × steps × guidance cell, in grid order).
+
+    ``computed``: keys of the cells computed by this call (the others came from
+    ``sweep.jsonl``); ``files``: every file written, by kind (see ``SWEEP_FILES``).
+    """
+
+    rows: list[dict[str, Any]]
+    computed: list[str]
+    out_dir: Path
+    files: dict[str, Path]
+
+    @property
+    def metric_columns(self) -> list[str]:
+        """Metric keys present in the rows (``"fid[digits-cnn]"``, ...), ``_std`` excluded."""
+        return metric_columns(self.rows)
+
+    def to_markdown(self) -> str:
+        """The markdown table written to ``sweep.md``."""
+        return _markdown(self.rows)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of ``sweep.jsonl``; a torn last line (crash mid-write) is dropped from the file."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    rows, good = [], []
+    for line in text.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and isinstance(row, dict):
+            rows.append(row)
+            good.append(line)
+    if "".join(good) != text:  # rewrite without the broken line, atomically
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(good), encoding="utf-8")
+        os.replace(tmp, path)
+    return rows
+
+
+def _append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one line and flush it to disk before the next cell starts."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, sort_keys=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _as_list(values: Iterable[Any] | str | int | float, cast: Callable[[Any], Any], what: str):
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    elif not isinstance(values, Iterable):
+        values = [values]
+    try:
+        out = [cast(v.strip() if isinstance(v, str) else v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"bad {what} list {values!r}: {err}") from None
+    if not out:
+        raise ValueError(f"no {what} given")
+    return list(dict.fromkeys(out))
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"{v} is not an integer")
+    i = int(v)
+    if i < 1:
+        raise ValueError(f"{i} is not positive")
+    return i
+
+
+def run_sweep(
+    pipe_or_run_dir: PipeLike | str | os.PathLike,
+    *,
+    samplers: Iterable[str] | str,
+    steps: Iterable[int] | str,
+    cfg_scales: Iterable[float] | str,
+    metrics: Iterable[str] | str,
+    n: int,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool | None = None,
+    extractor: FeatureExtractor | None = None,
+    classifier: FeatureExtractor | None = None,
+    reference: Tensor | Mapping[str, Any] | Any | None = None,
+    reference_cache: str | os.PathLike | None = None,
+    metric_options: Mapping[str, Any] | None = None,
+    plots: bool = True,
+    weights: str = "ema",
+    device: torch.device | str | None = None,
+) -> SweepResult:
+    """Evaluate every sampler × steps × guidance-scale cell and tabulate and plot the results.
+
+    Resumable: each finished cell is appended (flushed, fsynced) to ``out_dir/sweep.jsonl``; a
+    cell whose key (sampler, steps, guidance, n, seed, metric set, extractor ids, metric options)
+    is already there is not recomputed. Writes ``sweep.csv``, ``sweep.md`` and, with
+    ``plots``, ``sweep_nfe.png`` (metric vs NFE, a line per sampler, a panel per metric and
+    guidance), ``sweep_guidance.png`` (metric vs guidance, a panel per metric and steps) and,
+    when both FID and accuracy are measured, ``sweep_tradeoff.png`` (FID against accuracy
+    across guidance scales, a line per sampler, a panel per steps).
+
+    Every cell uses the same ``n`` samples' seeds and labels (see `sample_images`); metrics are
+    those of `evaluate_pipeline`. ``progress``: a bar over cells (None: on when stderr is a
+    terminal).
+    """
+    from difflab.samplers import SAMPLERS
+
+    sampler_list = _as_list(samplers, str, "sampler")
+    for name in sampler_list:
+        SAMPLERS.resolve(name)  # unknown names raise with a did-you-mean
+    step_list = _as_list(steps, _positive_int, "steps")
+    scale_list = _as_list(cfg_scales, float, "guidance scale")
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device)
+    if getattr(pipe, "num_classes", None) is None and any(s != 1.0 for s in scale_list):
+        raise ValueError(
+            f"guidance scales {scale_list} need a class-conditional model; this model is "
+            "unconditional, use --cfg 1"
+        )
+    ev = _Evaluator.build(
+        pipe,
+        metrics,
+        extractor=extractor,
+        classifier=classifier,
+        reference=reference,
+        reference_cache=reference_cache,
+        batch_size=batch_size,
+        metric_options=metric_options,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / SWEEP_FILES["jsonl"]
+    done = {_cell_key(r): r for r in _read_jsonl(log_path)}
+    shared = {
+        "n": n,
+        "seed": seed,
+        "metrics": sorted(ev.metrics),
+        "scorers": sorted({ev.extractor.id} | ({ev.classifier.id} if ev.classifier else set())),
+        "options": dict(sorted(ev.options.items())),
+    }
+    cells = list(itertools.product(sampler_list, step_list, scale_list))
+    rows, computed = [], []
+    bar = _cell_bar(len(cells), progress)
+    try:
+        for sampler, n_steps, scale in cells:
+            key = _cell_key(
+                {"sampler": sampler, "steps": n_steps, "guidance_scale": scale, **shared}
+            )
+            bar.set_postfix_str(f"{sampler} steps={n_steps} cfg={scale:g}")
+            if key not in done:
+                row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed, batch_size)
+                row.update(shared, sampler=sampler, steps=n_steps, guidance_scale=scale)
+                _append_jsonl(log_path, row)
+                done[key] = row
+                computed.append(key)
+            rows.append(done[key])
+            bar.update(1)
+    finally:
+        bar.close()
+    files = {"jsonl": log_path, **write_tables(rows, out)}
+    if plots:
+        files.update(plot_sweep(rows, out))
+    return SweepResult(rows, computed, out, files)
+
+
+def _cell_bar(total: int, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty() if progress is None else not progress
+    return tqdm(total=total, desc="sweep", unit="cell", disable=disable)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+_FIRST_COLUMNS = ("sampler", "steps", "guidance_scale", "nfe", "n", "seed")
+
+
+def metric_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Metric keys (``"name[extractor]"``) in first-seen order, ``*_std`` keys excluded."""
+    cols: dict[str, None] = {}
+    for row in rows:
+        for k in row:
+            m = _METRIC_KEY.match(k)
+            if m and not m["name"].endswith("_std"):
+                cols[k] = None
+    return list(cols)
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return ";".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    return "" if v is None else v
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    metrics = metric_columns(rows)
+    head = ["sampler", "steps", "CFG", "NFE", *metrics, "sample s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = [r["sampler"], r["steps"], _fmt(r["guidance_scale"]), _fmt(r.get("nfe"))]
+        for m in metrics:
+            std = r.get(m.replace("[", "_std[", 1))
+            cell = _fmt(r.get(m))
+            vals.append(f"{cell} ± {_fmt(std)}" if std is not None else cell)
+        vals.append(_fmt(r.get("sample_seconds")))
+        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+    if rows:
+        r0 = rows[0]
+        settings = {k: r0[k] for k in r0 if k not in set(_FIRST_COLUMNS) | set(_KEY_FIELDS)}
+        settings = {k: v for k, v in settings.items() if not _METRIC_KEY.match(k)}
+        settings.pop("sample_seconds", None)
+        settings.pop("eval_seconds", None)
+        note = ", ".join(f"{k}={v}" for k, v in settings.items())
+        lines += [
+            "",
+            f"n={r0.get('n')} samples per cell, seed {r0.get('seed')} (image i: seed+i), "
+            f"labels cycling over the classes; {note}.",
+        ]
+        if isinstance(r0.get("n"), int) and r0["n"] < 10_000:
+            lines.append(
+                "FID/KID from fewer than 10,000 samples are biased by the sample count: compare "
+                "them with each other, not with numbers in papers."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``sweep.csv`` (every field) and ``sweep.md`` (the summary table) atomically."""
+    out = Path(out_dir)
+    columns: dict[str, None] = dict.fromkeys(_FIRST_COLUMNS)
+    for c in metric_columns(rows):
+        columns[c] = None
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return {
+        "csv": _write_atomic(out / SWEEP_FILES["csv"], buf.getvalue()),
+        "markdown": _write_atomic(out / SWEEP_FILES["markdown"], _markdown(rows)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API on an Agg canvas: no pyplot, no global backend change)
+# --------------------------------------------------------------------------------------------
+
+
+def _figure(n_rows: int, n_cols: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.6 * n_cols, 2.8 * n_rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def _series(rows, x: str, y: str, **fixed: Any) -> tuple[list[float], list[float]]:
+    pts = sorted(
+        (r[x], r[y])
+        for r in rows
+        if all(r.get(k) == v for k, v in fixed.items())
+        and r.get(x) is not None
+        and r.get(y) is not None
+    )
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _find(metrics: list[str], name: str) -> str | None:
+    return next((m for m in metrics if _METRIC_KEY.match(m)["name"] == name), None)
+
+
+def _log_ticks(ax: Any, values: list[float]) -> None:
+    """Log x axis with plain-number ticks at 1, 2, 5, 10, 20, 50, ... (no 2×10¹ clutter)."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    nice = [m * 10**e for e in range(6) for m in (1, 2, 5)]
+    ticks = [t for t in nice if lo / 1.5 <= t <= hi * 1.5] or [lo, hi]
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write the sweep's PNG plots (see `run_sweep`); returns them by kind."""
+    out = Path(out_dir)
+    metrics = metric_columns(rows)
+    if not rows or not metrics:
+        return {}
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    scales = sorted({r["guidance_scale"] for r in rows})
+    step_list = sorted({r["steps"] for r in rows})
+    files = {}
+
+    fig, axes = _figure(len(metrics), len(scales))  # metric vs NFE
+    for i, m in enumerate(metrics):
+        for j, w in enumerate(scales):
+            ax = axes[i][j]
+            for s in samplers:
+                xs, ys = _series(rows, "nfe", m, sampler=s, guidance_scale=w)
+                ax.plot(xs, ys, marker="o", label=s)
+            ax.set(xlabel="NFE", ylabel=m, title=f"CFG {w:g}")
+            _log_ticks(ax, [r["nfe"] for r in rows if r.get("nfe")])
+    axes[0][0].legend(fontsize="small")
+    files["nfe_plot"] = _save(fig, out / SWEEP_FILES["nfe_plot"])
+
+    fig, axes = _figure(len(metrics), len(step_list))  # metric vs guidance
+    for i, m in enumerate(metrics):
+        for j, k in enumerate(step_list):
+            ax = axes[i][j]
+            for s in samplers:
+                xs, ys = _series(rows, "guidance_scale", m, sampler=s, steps=k)
+                ax.plot(xs, ys, marker="o", label=s)
+            ax.set(xlabel="guidance scale", ylabel=m, title=f"{k} steps")
+    axes[0][0].legend(fontsize="small")
+    files["guidance_plot"] = _save(fig, out / SWEEP_FILES["guidance_plot"])
+
+    fid, acc = _find(metrics, "fid"), _find(metrics, "accuracy")
+    if fid and acc:  # the guidance trade-off: quality of the distribution vs class fidelity
+        fig, axes = _figure(1, len(step_list))
+        for j, k in enumerate(step_list):
+            ax = axes[0][j]
+            for s in samplers:
+                pts = [r for r in rows if r["sampler"] == s and r["steps"] == k]
+                pts.sort(key=lambda r: r["guidance_scale"])
+                ax.plot([r[fid] for r in pts], [r[acc] for r in pts], marker="o", label=s)
+                for r in pts:
+                    ax.annotate(f"{r['guidance_scale']:g}", (r[fid], r[acc]), fontsize="x-small")
+            ax.set(xlabel=fid, ylabel=acc, title=f"{k} steps (labels: CFG scale)")
+        axes[0][0].legend(fontsize="small")
+        files["tradeoff_plot"] = _save(fig, out / SWEEP_FILES["tradeoff_plot"])
+    return files

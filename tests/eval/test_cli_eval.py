@@ -1,0 +1,104 @@
+"""``difflab eval`` / ``difflab sweep`` handlers: thin over the library, JSON/tables written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/_tiny_run.py
+from _tiny_run import make_tiny_run  # noqa: E402
+
+from difflab.eval.cli_eval import add_eval_parser, add_sweep_parser  # noqa: E402
+from difflab.eval.sweep import SWEEP_FILES, evaluate_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*not comparable with numbers in papers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.getbasetemp() / "difflab_cache"  # shared by the eval tests
+        mp.setenv("DIFFLAB_CACHE", str(cache))
+        yield
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("cli_eval") / "run", num_classes=10)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="difflab")
+    sub = parser.add_subparsers(dest="command")
+    add_eval_parser(sub)
+    add_sweep_parser(sub)
+    return parser.parse_args(argv)
+
+
+def test_eval_prints_every_metric_with_its_extractor_and_writes_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = parse(
+        ["eval", str(run_dir), "--metrics", "fid,kid,accuracy", "--n", "8", "--sampler", "ddim"]
+        + ["--steps", "2", "--cfg", "2", "--seed", "5", "-o", str(out)]
+    )
+    assert args.func(args) == 0
+    results = json.loads(out.read_text())
+    direct = evaluate_pipeline(
+        run_dir, metrics="fid,kid,accuracy", n=8, sampler="ddim", steps=2, guidance_scale=2.0,
+        seed=5,
+    )  # fmt: skip
+    for key in (
+        "fid[digits-cnn]",
+        "kid[digits-cnn]",
+        "kid_std[digits-cnn]",
+        "accuracy[digits-cnn]",
+    ):
+        assert results[key] == direct[key]
+    assert (results["sampler"], results["steps"], results["guidance_scale"]) == ("ddim", 2, 2.0)
+    assert results["nfe"] == 2 and results["n"] == 8 and results["run"] == str(run_dir)
+    text = capsys.readouterr().out
+    for name in ("fid", "kid", "accuracy"):
+        assert any(
+            line.split()[:1] == [name] and "digits-cnn" in line for line in text.splitlines()
+        )
+    assert "resize=area-8x8" in text and "< 10,000 samples" in text
+
+
+def test_eval_defaults_come_from_the_run(run_dir, capsys):
+    args = parse(["eval", str(run_dir), "--metrics", "accuracy", "--n", "4"])
+    assert args.func(args) == 0
+    written = run_dir / "eval" / "ddim-4steps-cfg2-n4-seed0.json"  # the run's sample defaults
+    assert json.loads(written.read_text())["nfe"] == 4
+    assert str(written) in capsys.readouterr().out
+
+
+def test_sweep_writes_files_and_resumes(run_dir, tmp_path, capsys):
+    argv = ["sweep", str(run_dir), "--samplers", "ddim", "--steps", "1,2", "--cfg", "1,3"]
+    argv += ["--metrics", "fid,accuracy", "--n", "6", "--out", str(tmp_path)]
+    args = parse(argv)
+    assert args.func(args) == 0
+    first = capsys.readouterr().out
+    assert "4 cell(s) computed, 0 taken" in first and "| ddim | 2 | 3 | 2 |" in first
+    assert {p.name for p in tmp_path.iterdir()} == set(SWEEP_FILES.values())
+    args = parse(argv)
+    assert args.func(args) == 0
+    assert "0 cell(s) computed, 4 taken" in capsys.readouterr().out
+
+
+def test_sweep_default_lists_and_bad_names(run_dir):
+    args = parse(["sweep", str(run_dir)])
+    assert (args.samplers, args.steps, args.cfg) == ("dpmpp_2m,ddim,heun", "5,10,20,50", "1,2,4")
+    assert args.metrics == "fid,accuracy" and args.n == 2000 and args.out is None
+    bad = parse(["sweep", str(run_dir), "--samplers", "eulr", "--n", "4"])
+    with pytest.raises(ValueError, match="did you mean 'euler'"):
+        bad.func(bad)
+    bad = parse(["eval", str(run_dir), "--metrics", "fid,acuracy", "--n", "4"])
+    with pytest.raises(ValueError, match="did you mean 'accuracy'"):
+        bad.func(bad)
+    missing = parse(["eval", str(run_dir), "--inception-weights", "/nonexistent.pth"])
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        missing.func(missing)
