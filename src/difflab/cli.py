@@ -1,4 +1,4 @@
-"""The ``difflab`` command: ``demo``, ``train``, ``sample`` (and ``eval``/``sweep`` when present).
+"""The ``difflab`` command: ``demo``, ``train``, ``sample``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -7,14 +7,12 @@ not a traceback (set ``DIFFLAB_DEBUG=1`` to see the traceback).
 
 Adding a subcommand is one function ``add_<name>_parser(subparsers)`` that registers a
 parser with ``set_defaults(func=run)`` where ``run(args) -> int``; ``eval`` and ``sweep``
-are picked up from ``difflab.eval.cli`` (``add_eval_parser`` / ``add_sweep_parser``) when
-that module exists.
+live beside the metrics in ``difflab.eval.cli_eval``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -319,25 +317,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- main
 SUBCOMMANDS: list[AddParser] = [add_demo_parser, add_train_parser, add_sample_parser]
-# Subcommands owned by other modules: registered only when the module provides them.
-OPTIONAL_SUBCOMMANDS: list[tuple[str, str]] = [
-    ("difflab.eval.cli", "add_eval_parser"),
-    ("difflab.eval.cli", "add_sweep_parser"),
-]
 
 
-def _optional_adders() -> list[AddParser]:
-    adders = []
-    for module, name in OPTIONAL_SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name is not None and module.startswith(err.name):
-                continue  # the module is not written yet
-            raise
-        if hasattr(mod, name):
-            adders.append(getattr(mod, name))
-    return adders
+def _eval_adders() -> list[AddParser]:
+    """``eval`` and ``sweep`` (imported here so ``difflab sample`` never loads the metrics)."""
+    from .eval.cli_eval import add_eval_parser, add_sweep_parser
+
+    return [add_eval_parser, add_sweep_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS + _optional_adders():
+    for add in SUBCOMMANDS + _eval_adders():
         add(subparsers)
     return parser
 

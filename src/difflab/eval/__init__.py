@@ -1,4 +1,5 @@
-"""Evaluation: FID/KID, precision/recall, Inception score, conditional accuracy, CLIP score.
+"""Evaluation: FID/KID, precision/recall, Inception score, conditional accuracy, CLIP score,
+likelihood, and sweeps of a trained run over sampler × steps × guidance.
 
 Owns metrics and the feature extractors they are computed with; knows nothing of how the
 images were made. Every number is reported under the id of the extractor that produced it.
@@ -29,6 +30,7 @@ from difflab.eval.metrics import (
     precision_recall,
     to_uint8,
 )
+from difflab.eval.sweep import SweepResult, evaluate_pipeline, periodic_eval, run_sweep
 
 __all__ = [
     "KID",
@@ -55,4 +57,8 @@ __all__ = [
     "kid",
     "precision_recall",
     "to_uint8",
+    "SweepResult",
+    "evaluate_pipeline",
+    "periodic_eval",
+    "run_sweep",
 ]

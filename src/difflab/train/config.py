@@ -176,6 +176,13 @@ class LoopConfig:
     save_every: int = 500  # 0 = only at the end
     num_workers: int = 0
     tensorboard: bool = True
+    # Metrics of eval_n EMA samples every eval_every steps, logged to metrics.jsonl
+    # (difflab.eval.periodic_eval); FID/KID in the digits classifier's feature space unless
+    # eval_inception_weights names a local pytorch-fid Inception file.
+    eval_every: int = 0  # 0 = never
+    eval_metrics: str = "fid,accuracy"
+    eval_n: int = 500
+    eval_inception_weights: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -185,8 +192,14 @@ class LoopConfig:
             _check_range(f"train.{name}", getattr(self, name), 1)
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "max_steps"):
             _check_range(f"train.{name}", getattr(self, name), 0)
-        for name in ("sample_every", "save_every", "num_workers"):
+        for name in ("sample_every", "save_every", "num_workers", "eval_every"):
             _check_range(f"train.{name}", getattr(self, name), 0)
+        _check_range("train.eval_n", self.eval_n, 2)
+        if self.eval_every:
+            from ..eval.metrics import METRICS
+
+            for metric in self.eval_metrics.split(","):
+                check_choice("train.eval_metrics entry", metric.strip(), METRICS)
         _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
 
 
@@ -241,6 +254,23 @@ class TrainConfig:
             raise ValueError(
                 f"data.channels={self.data.channels} but model in_channels="
                 f"{self.model_config().in_channels}; they must match"
+            )
+        if self.train.eval_every:
+            self._check_eval()
+
+    def _check_eval(self) -> None:
+        metrics = {m.strip() for m in self.train.eval_metrics.split(",")}
+        if self.train.eval_inception_weights is None and self.data.channels != 1:
+            raise ValueError(
+                "train.eval_every without train.eval_inception_weights scores samples with the "
+                f"digits classifier, which needs 1-channel images (data.channels="
+                f"{self.data.channels}); set train.eval_inception_weights to a local "
+                "pytorch-fid Inception file or train.eval_every=0"
+            )
+        if "accuracy" in metrics and self.model_config().num_classes is None:
+            raise ValueError(
+                "train.eval_metrics has 'accuracy', which needs a class-conditional model "
+                "(model.num_classes); remove it or set model.num_classes"
             )
 
     @classmethod

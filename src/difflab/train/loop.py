@@ -17,6 +17,7 @@ restored on resume (and the caller's global RNG state is restored when :func:`tr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -59,6 +60,7 @@ class TrainResult:
     :param skipped_steps: steps skipped by ``on_nonfinite: skip`` in this call.
     :param ema_updates: EMA updates so far.
     :param grids: sample-grid PNGs written by this call.
+    :param evals: the periodic metric records (``train.eval_every``) written by this call.
     """
 
     run_dir: Path
@@ -68,6 +70,7 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)
     ema_updates: int = 0
     grids: list[Path] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class Trainer:
         self.last_loss = float("nan")
         self.show_progress = progress
         self.log: MetricsLog | None = None
+        self._eval_extractor: Any = None  # built on the first periodic eval
 
     # ------------------------------------------------------------------ setup helpers
     def _build_model(self, model: nn.Module | None) -> nn.Module:
@@ -437,6 +441,8 @@ class Trainer:
                 window, tick = [], time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 result.grids += self._grids()
+            if tc.eval_every and (step % tc.eval_every == 0 or step == last):
+                result.evals.append(self._periodic_eval())
             if (tc.save_every and step % tc.save_every == 0) or step == last:
                 self.save()
         result.step, result.final_loss = self.step, self.last_loss
@@ -482,6 +488,56 @@ class Trainer:
                 )
             )
         return out
+
+    def _periodic_eval(self) -> dict[str, Any]:
+        """Score ``train.eval_n`` EMA samples (``difflab.eval.periodic_eval``) and log them.
+
+        Rank 0 only; samples use the run's ``sample:`` defaults and the run seed, inside a
+        forked RNG so evaluating never changes the training run.
+        """
+        if not self.dist.is_main:
+            return {}
+        from ..eval.sweep import periodic_eval
+        from ..pipeline import Pipeline
+
+        tc, mcfg = self.cfg.train, self.cfg.model_config()
+        if self._eval_extractor is None and tc.eval_inception_weights is not None:
+            from ..eval.features import InceptionV3Features
+
+            self._eval_extractor = InceptionV3Features(
+                tc.eval_inception_weights, device=self.device
+            )
+        net = self.ema.model
+        was_training = net.training
+        pipe = Pipeline(
+            net,
+            self.schedule,
+            prediction=self.cfg.diffusion.prediction,
+            variance=self.cfg.diffusion.variance,
+            image_shape=(mcfg.in_channels, mcfg.image_size, mcfg.image_size),
+            num_classes=mcfg.num_classes,
+            context_dim=mcfg.context_dim,
+            sample_defaults=dataclasses.asdict(self.cfg.sample),
+            device=self.device,
+        )
+        try:
+            with torch.random.fork_rng(devices=[]):
+                scores = periodic_eval(
+                    pipe,
+                    [m.strip() for m in tc.eval_metrics.split(",")],
+                    tc.eval_n,
+                    seed=self.cfg.seed,
+                    reference=self.cfg.data,
+                    extractor=self._eval_extractor,
+                )
+        finally:
+            net.train(was_training)
+        record = {"step": self.step, "event": "eval"}
+        record.update(
+            {k: v for k, v in scores.items() if isinstance(v, (int, float, str)) and k != "step"}
+        )
+        self._log(record)
+        return record
 
     def close(self) -> None:
         """Close logs and the process group this trainer created."""
