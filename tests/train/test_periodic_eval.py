@@ -61,6 +61,4 @@ def test_eval_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="eval_metrics entry"):
         tiny_config(tmp_path, *DIGITS, "train.eval_every=1", "train.eval_metrics=fid,acc")
     with pytest.raises(ValueError, match="class-conditional"):
-        tiny_config(
-            tmp_path, "data.source=digits", "model.num_classes=null", "train.eval_every=5"
-        )
+        tiny_config(tmp_path, "data.source=digits", "model.num_classes=null", "train.eval_every=5")
