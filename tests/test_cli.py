@@ -19,8 +19,28 @@ def run(tmp_path_factory):
 def test_help_lists_subcommands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("demo", "train", "sample"):
+    for name in ("demo", "train", "sample", "eval", "sweep"):
         assert name in out
+
+
+def test_eval_through_main_writes_json_equal_to_the_library_call(
+    run, tmp_path, capsys, monkeypatch
+):
+    import json
+
+    from difflab.eval import evaluate_pipeline
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "e.json"
+    argv = ["eval", str(run), "--metrics", "accuracy", "--n", "20", "--sampler", "ddim",
+            "--steps", "2", "--cfg", "1", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    direct = evaluate_pipeline(
+        run, metrics=["accuracy"], n=20, sampler="ddim", steps=2, guidance_scale=1.0
+    )
+    assert written["accuracy[digits-cnn]"] == direct["accuracy[digits-cnn]"]
 
 
 def test_sample_writes_grid_with_params_and_separate_images(run, tmp_path, capsys):
