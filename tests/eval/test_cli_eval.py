@@ -102,3 +102,10 @@ def test_sweep_default_lists_and_bad_names(run_dir):
     missing = parse(["eval", str(run_dir), "--inception-weights", "/nonexistent.pth"])
     with pytest.raises(FileNotFoundError, match="never downloads"):
         missing.func(missing)
+
+
+def test_inception_weights_from_the_environment(run_dir, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_INCEPTION_WEIGHTS", "/nonexistent-from-env.pth")
+    args = parse(["eval", str(run_dir), "--metrics", "fid", "--n", "4"])
+    with pytest.raises(FileNotFoundError, match="nonexistent-from-env"):
+        args.func(args)

@@ -29,8 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--inception-weights",
         default=None,
         metavar="PATH",
-        help="FID Inception-v3 weights (pytorch-fid .pth or .safetensors): FID/KID/precision-"
-        "recall/IS in Inception space instead of the digits classifier's (never downloaded)",
+        help="FID Inception-v3 weights (pytorch-fid .pth or .safetensors; default "
+        "$DIFFLAB_INCEPTION_WEIGHTS): FID/KID/precision-recall/IS in Inception space instead "
+        "of the digits classifier's (never downloaded)",
     )
     p.add_argument(
         "--resize",
@@ -48,12 +49,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
-    if args.inception_weights is None:
-        return None  # the digits classifier
-    from difflab.eval.features import InceptionV3Features
+    """Inception from ``--inception-weights`` or ``$DIFFLAB_INCEPTION_WEIGHTS``; else None
+    (the digits classifier)."""
+    from difflab.eval.features import INCEPTION_WEIGHTS_ENV, InceptionV3Features
 
+    path = args.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if not path:
+        return None
     device = args.device or "cpu"
-    return InceptionV3Features(args.inception_weights, resize=args.resize, device=device)
+    return InceptionV3Features(path, resize=args.resize, device=device)
 
 
 # ---------------------------------------------------------------------------- eval
