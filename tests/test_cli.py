@@ -117,6 +117,19 @@ def test_demo_few_steps_end_to_end(tmp_path, capsys):
     assert cfg["model"]["model_channels"] == 16
     assert (out / "ema.safetensors").is_file()
 
+    # A second demo into the same folder is refused with the flags that resolve it ...
+    (out / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "already holds a trained run" in err and "--overwrite" in err and "--resume" in err
+    # ... and --overwrite replaces the run (2 steps now) but keeps the user's own files.
+    argv[argv.index("--steps") + 1] = "2"
+    assert main([*argv, "--overwrite"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["max_steps"] == 2 and (out / "notes.txt").read_text() == "mine"
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert sum('"event": "start"' in line for line in metrics) == 1  # the old log is gone
+
 
 def test_train_from_config_with_overrides(tmp_path, capsys):
     config = tmp_path / "c.yaml"

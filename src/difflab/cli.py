@@ -70,6 +70,38 @@ class UserError(Exception):
     """Bad command-line input (exit status 2)."""
 
 
+# Files a training run (and the demo) writes into its run directory; --overwrite removes
+# exactly these, never anything else a user keeps there.
+RUN_FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "metrics.jsonl",
+             "demo_grid.png")  # fmt: skip
+RUN_DIRS = ("train_state", "samples", "tensorboard")
+
+
+def prepare_run_dir(run_dir: str | Path, *, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to train over an existing run unless ``resume`` or ``overwrite`` says what to do.
+
+    With ``overwrite`` the run's own files (``RUN_FILES``, ``RUN_DIRS``, ``train_state.*``)
+    are deleted first; other files in the folder are left alone.
+    """
+    import shutil
+
+    from .train import find_checkpoint
+
+    run_dir = Path(run_dir)
+    if resume or find_checkpoint(run_dir) is None:
+        return
+    if not overwrite:
+        raise UserError(
+            f"{run_dir} already holds a trained run; pass --resume to continue it, "
+            "--overwrite to delete it and start again, or choose another directory"
+        )
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for path in [run_dir / d for d in RUN_DIRS] + list(run_dir.glob("train_state.*")):
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
 # ---------------------------------------------------------------------------- demo
 def run_demo(
     out: str | Path = "runs/demo",
@@ -158,6 +190,9 @@ def add_demo_parser(subparsers: Any) -> None:
         "digits reaches on the samples.",
     )
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier demo run in --out first"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 800)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
@@ -189,6 +224,7 @@ def _demo(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    prepare_run_dir(args.out, overwrite=args.overwrite)
     run_demo(
         args.out,
         steps=args.steps,
@@ -219,6 +255,9 @@ def add_train_parser(subparsers: Any) -> None:
         help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
     )
     p.add_argument("--resume", action="store_true", help="resume from the run's checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run in run_dir first"
+    )
     p.set_defaults(func=_train)
 
 
@@ -228,6 +267,9 @@ def _train(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"config file {args.config!r} does not exist")
     config = load_config(args.config, args.overrides)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
+    prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
     train(config, resume=args.resume)
     print(f"run written to {config.run_dir}")
     return 0
