@@ -72,7 +72,8 @@ def sample_grid(
     """Draw ``config.sample.num_images`` images with a fixed seed and save them as a grid.
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod the class count) with
-    classifier-free guidance against the null label.  The global RNG state is preserved,
+    classifier-free guidance against the null label; x̂0 is clipped to [-1, 1] as
+    ``Pipeline`` does by default (without it a cosine schedule's first step saturates).  The global RNG state is preserved,
     so drawing grids never changes the training run.
     """
     from ..samplers import sample
@@ -103,6 +104,7 @@ def sample_grid(
                 cond=cond,
                 uncond=uncond,
                 generator=torch.Generator().manual_seed(config.seed),
+                clip_x0=True,  # as Pipeline: x̂0 clipped to the data range [-1, 1]
                 progress=False,
             )
     finally:
@@ -112,5 +114,6 @@ def sample_grid(
         "steps": config.sample.steps,
         "guidance_scale": guidance,
         "seed": config.seed,
+        "clip_x0": True,
     }
     return save_grid(images, path, params=params)
