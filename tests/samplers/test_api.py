@@ -12,6 +12,7 @@ from difflab.samplers import (
     DEFAULT_OPTIONS,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
+    DEFAULT_SPACING_OPTIONS,
     SAMPLERS,
     resolve,
     sample,
@@ -222,7 +223,7 @@ def test_default_is_the_benchmarked_configuration_and_explicit_arguments_win():
     noise = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     seen = []
     a = sample(linear_model, noise=noise, schedule=SCHED, steps=8, callback=record(seen))
-    assert [t for _, t, _ in seen] == SCHED.timesteps(8, DEFAULT_SPACING)
+    assert [t for _, t, _ in seen] == SCHED.timesteps(8, DEFAULT_SPACING, **DEFAULT_SPACING_OPTIONS)
     b = sample(
         linear_model,
         noise=noise,
@@ -231,8 +232,13 @@ def test_default_is_the_benchmarked_configuration_and_explicit_arguments_win():
         sampler=DEFAULT_SAMPLER,
         spacing=DEFAULT_SPACING,
         **DEFAULT_OPTIONS,
+        **DEFAULT_SPACING_OPTIONS,
     )
     assert torch.equal(a, b)
+    seen.clear()  # an explicit spacing drops the default's spacing options (ρ = 7 here)
+    sample(linear_model, noise=noise, schedule=SCHED, steps=8, spacing="karras",
+           callback=record(seen))  # fmt: skip
+    assert [t for _, t, _ in seen] == SCHED.timesteps(8, "karras")
     seen.clear()
     sample(
         linear_model,
@@ -253,3 +259,22 @@ def test_default_is_the_benchmarked_configuration_and_explicit_arguments_win():
         callback=record(seen),
     )
     assert [t for _, t, _ in seen] == SCHED.timesteps(8, SAMPLERS[DEFAULT_SAMPLER].default_spacing)
+
+
+def test_default_grid_is_uniform_in_a_negative_power_of_sigma():
+    """The default spacing (Karras et al. 2022, eq. 5 with ρ = -10): σ^VE_i^(1/ρ) are
+    equally spaced from σ_max^(1/ρ) to σ_min^(1/ρ) (the table's ends), and as ρ -> -∞ the
+    grid tends to ``logsnr`` (uniform in log σ^VE), as O(1/ρ): at ρ = -1e5 within 1e-3 in λ."""
+    import numpy as np
+
+    sched = NoiseSchedule.linear(1000)
+    rho = DEFAULT_SPACING_OPTIONS["rho"]
+    sig = np.array(sched.noise_levels(sched.timesteps(10, DEFAULT_SPACING, rho=rho)).sigma_ve[:-1])
+    u = sig ** (1 / rho)
+    assert rho < 0 and np.allclose(np.diff(u), np.diff(u)[0], rtol=1e-9, atol=0)
+    table = sched.sigmas_ve
+    assert sig[0] == pytest.approx(float(table[-1]), rel=1e-9)
+    assert sig[-1] == pytest.approx(float(table[0]), rel=1e-9)
+    far = sched.noise_levels(sched.timesteps(10, "karras", rho=-1e5)).log_snr[:-1]
+    uni = sched.noise_levels(sched.timesteps(10, "logsnr")).log_snr[:-1]
+    assert max(abs(a - b) for a, b in zip(far, uni)) < 1e-3

@@ -29,13 +29,12 @@ STEPS = [10, 20, 40, 80]
 DETERMINISTIC = [
     SAMPLERS[n] for n in SAMPLERS if not SAMPLERS[n].stochastic and SAMPLERS[n].nfe(10) >= 0
 ]
-# Global orders measured over 10..80 steps where they differ from ``spec.order``:
-# - pndm / plms combine ε̂ with fixed Adams-Bashforth weights in the step index, which are
-#   4th order only on a grid uniform in σ/α; on a log-SNR-uniform grid the weights are
-#   O(h²) off and the global order is 2 (diffusers' PNDM/PLMS behave the same).
-# - lms: Lagrange weights on the true σ grid (local order 4), but its warm-up steps run at
-#   orders 1-3, so 10..80 steps are pre-asymptotic: slope ≈ 3.
-EFFECTIVE_ORDER = {"pndm": 2, "plms": 2, "lms": 3}
+# Every slope is compared with the declared ``spec.order`` (pndm / plms declare 2: their
+# Adams-Bashforth weights in the step index are 4th order only on a grid uniform in σ/α;
+# measured 2.0-2.1 on logsnr, karras and trailing grids from 10 to 320 steps).  LMS's
+# warm-up runs at orders 1-3, so 10..80 steps are pre-asymptotic for it (slope 3.0);
+# over 80..320 steps its local slopes are 3.76, 3.85 (logsnr): measured there.
+STEPS_FOR = {"lms": [80, 160, 320]}
 
 
 class ExactGaussianDenoiser64:
@@ -89,8 +88,9 @@ def ode_error(spec, schedule, steps: int, spacing: str) -> float:
 
 def measured_order(spec, spacing: str = "logsnr") -> tuple[float, list[float]]:
     sched = NoiseSchedule.linear(1000)
-    errs = [ode_error(spec, sched, n, spacing) for n in STEPS]
-    slope = -np.polyfit(np.log(STEPS), np.log(errs), 1)[0]
+    steps = STEPS_FOR.get(spec.name, STEPS)
+    errs = [ode_error(spec, sched, n, spacing) for n in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     return float(slope), errs
 
 
@@ -99,5 +99,5 @@ def test_deterministic_sampler_converges_at_its_order(spec):
     slope, errs = measured_order(spec)
     assert all(math.isfinite(e) for e in errs)
     assert errs[-1] < errs[0], f"{spec.name}: error does not decrease: {errs}"
-    order = EFFECTIVE_ORDER.get(spec.name, spec.order)
+    order = spec.order
     assert slope >= order - 0.3, f"{spec.name}: slope {slope:.2f} < order {order}: {errs}"

@@ -312,3 +312,33 @@ def test_specs():
     assert by["dpm_fast"].aliases["DPM fast"] is None
     assert by["dpm_solver"].nfe(10) == 19
     assert by["dpm_adaptive"].nfe(10) == -1
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_adaptive_callback_fires_once_per_accepted_step(eta):
+    """A rejected trial re-uses the evaluation at its start point and must not report it
+    again: the callback runs once per accepted step (at its start state) plus once for the
+    final x̂0 evaluation, numbered 0, 1, ... with strictly decreasing t.  h_init = 5 forces
+    rejections (4 with η = 0 on this setup), so a re-report would show up as an extra call
+    and a repeated t."""
+    schedule = NoiseSchedule.linear(T)
+    den = Denoiser(GaussianModel(schedule), schedule, "eps")
+    levels = schedule.noise_levels(schedule.timesteps(10, "trailing"))
+    seen: list[tuple[int, float, torch.Tensor]] = []
+    stats: dict = {}
+    out = sample_dpm_adaptive(
+        den,
+        _x_T(shape=(4, 3, 2, 2)),
+        levels,
+        h_init=5.0,
+        eta=eta,
+        generator=torch.Generator().manual_seed(0),
+        stats=stats,
+        callback=lambda i, t, x, x0: seen.append((i, t, x0)),
+    )
+    assert stats["n_reject"] >= 2
+    assert len(seen) == stats["n_accept"] + 1
+    assert [i for i, _, _ in seen] == list(range(len(seen)))
+    ts = [t for _, t, _ in seen]
+    assert all(a > b for a, b in zip(ts, ts[1:])) and ts[0] == levels.t[0] and ts[-1] == 0.0
+    assert torch.equal(seen[-1][2], out)  # the last report is the returned x̂0

@@ -95,6 +95,9 @@ CASES = [
 ]
 
 
+SECOND_ORDER = (sample_heun, sample_dpm_2, sample_dpm_2_ancestral)
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("fn,cls,stochastic,nfe", CASES, ids=[c[0].__name__ for c in CASES])
@@ -104,7 +107,9 @@ def test_matches_diffusers(fn, cls, stochastic, nfe, spacing, prediction):
     Integer timesteps (leading / trailing) so both use the exact table σ's; DPM-2's
     midpoint time is linear in log σ in both (= linear in log-SNR).  diffusers draws noise on
     every ancestral step including the last (where it is multiplied by 0), difflab skips that
-    draw, so same-seeded generators agree on every draw that matters.
+    draw, so same-seeded generators agree on every draw that matters.  Heun / DPM-2 run with
+    ``max_ratio=inf`` (every step second order, as diffusers does): the leading grid's last
+    finite step has σ_i/σ_{i+1} = 10.5 > the default 8 (see test_large_ratio_steps_*).
     """
     steps = 12
     sch = cls(
@@ -120,7 +125,8 @@ def test_matches_diffusers(fn, cls, stochastic, nfe, spacing, prediction):
     g = (lambda: torch.Generator().manual_seed(11)) if stochastic else (lambda: None)
     ref, calls = run_diffusers(sch, model, x_ve, g())
     den = Denoiser(model, sched, prediction=prediction)
-    got = fn(den, x, levels, generator=g())
+    opts = {"max_ratio": math.inf} if fn in SECOND_ORDER else {}
+    got = fn(den, x, levels, generator=g(), **opts)
     assert den.nfe == calls == nfe(steps)
     assert rel(got, ref) < 1e-5
 
@@ -346,3 +352,70 @@ def test_batch_of_generators_equals_single_runs():
 
 def test_module_exports():
     assert set(karras.__all__) >= {"sample_euler", "sample_lms", "SPECS"}
+
+
+# ------------------------------------------------------------------ large σ-ratio steps
+def _gaussian_moments_error(fn, steps: int, **opts) -> tuple[bool, float, float]:
+    """(finite, max |mean - m|, max |std - s|) of 2000 samples of N(m, diag s²) drawn with the
+    exact eps denoiser on the cosine schedule (T = 1000), trailing spacing."""
+    from test_all_samplers import MEAN, STD, GaussianModel
+
+    sched = NoiseSchedule.cosine(1000)
+    levels = sched.noise_levels(sched.timesteps(steps, "trailing"))
+    x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0))
+    out = fn(Denoiser(GaussianModel(sched), sched), x, levels, **opts)
+    mean_err = float((out.mean(0) - MEAN).abs().max())
+    std_err = float((out.std(0) - STD).abs().max())
+    return bool(torch.isfinite(out).all()), mean_err, std_err
+
+
+@pytest.mark.parametrize("fn", [sample_heun, sample_dpm_2])
+def test_cosine_trailing_five_steps_gives_the_data_moments(fn):
+    """Cosine schedule, trailing spacing: the first step goes from σ^VE = 20291 (α = 4.9e-5)
+    to 3.07, a ratio of 6600.  Heun's trapezoid weights the change of ε̂ over the step by
+    (σ_i - σ_{i+1})/2 ≈ 1e4, so with every step second order (``max_ratio=inf``, diffusers'
+    HeunDiscreteScheduler) the std comes out ~300 instead of ~0.7.  With the default
+    (steps with σ_i/σ_{i+1} > 8 taken as two Euler substeps) 5 steps (NFE 9) must be at
+    least as close to the data's std as Euler with the same NFE (9 steps: 0.131; measured
+    Heun 0.077, DPM-2 0.091), and the mean within 0.05 (the 2000 noise draws alone put the
+    exact ODE map's sample mean 0.026 off)."""
+    ok, mean_err, std_err = _gaussian_moments_error(fn, 5)
+    ok_e, _, std_err_euler = _gaussian_moments_error(sample_euler, 9)
+    assert ok and ok_e
+    assert std_err_euler == pytest.approx(0.131, abs=0.01)
+    assert std_err < std_err_euler, (std_err, std_err_euler)
+    assert mean_err < 0.05
+
+
+def test_heun_without_ratio_limit_blows_up_like_diffusers():
+    """Deliberate difference from diffusers: its HeunDiscreteScheduler is ``max_ratio=inf``,
+    which on the cosine/trailing grid above returns stds in the hundreds (the first step's
+    trapezoid amplifies ε̂_0 - ε̂_1 by ~1e4)."""
+    ok, _, std_err = _gaussian_moments_error(sample_heun, 5, max_ratio=math.inf)
+    assert ok and std_err > 50
+
+
+@pytest.mark.parametrize("fn", [sample_heun, sample_dpm_2])
+def test_large_ratio_steps_are_two_euler_substeps(fn):
+    """A step with σ_i/σ_{i+1} > max_ratio is Euler (DDIM) to √(σ_i·σ_{i+1}), a model call
+    there, Euler on: exactly ``sample_euler`` on the grid with the geometric midpoints
+    inserted, at the same 2N - 1 model calls.  (Worst-case local error of one step over
+    the data's scale s, Gaussian data, in units of the target std: Euler < 1 for any
+    ratio, two Euler substeps 0.19 at ratio 8, Heun 0.89 at 8 and ~r/5 beyond, DPM-2
+    0.34 at 8 and ~√r/2 beyond; docs/samplers.md.)"""
+    sched = NoiseSchedule.linear(1000)
+    levels = sched.noise_levels(sched.timesteps(5, "trailing"))
+    lam = levels.log_snr
+    fine_lam = [v for a, b in zip(lam[:-2], lam[1:-1]) for v in (a, (a + b) / 2)]
+    fine_lam += [lam[-2], math.inf]
+    fine = NoiseLevels(
+        t=[levels.t[0]] + [sched.t_from_log_snr(v) for v in fine_lam[1:-2]] + [levels.t[-1]],
+        log_snr=fine_lam,
+    )
+    model, x = LinearModel(), start_noise()
+    den = Denoiser(model, sched)
+    got = fn(den, x, levels, max_ratio=1.0)
+    assert den.nfe == 2 * 5 - 1
+    expect = sample_euler(Denoiser(model, sched), x, fine)
+    assert rel(got, expect) < 1e-6
+    assert rel(fn(Denoiser(model, sched), x, levels), got) > 1e-3  # default: some 2nd order

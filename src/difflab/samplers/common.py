@@ -85,7 +85,9 @@ class SamplerSpec:
 
     :param name: canonical name (``dpmpp_2m``).
     :param fn: ``fn(denoiser, x, levels, *, cond=None, callback=None, generator=None, **opts)``.
-    :param order: convergence order of the deterministic solver (1 for DDIM/Euler, 2 for Heun).
+    :param order: global convergence order of the deterministic solver on the PF-ODE, as
+        tests/samplers/test_convergence.py measures it (1 for DDIM/Euler, 2 for Heun, 2 for
+        PNDM/PLMS whose 4th-order weights assume a grid uniform in σ/α).
     :param stochastic: True when it injects fresh noise (ancestral/SDE): needs ``generator``.
     :param nfe: model evaluations for N steps (``lambda n: 2 * n - 1`` for Heun).
     :param default_spacing: the spacing ``dl.sample`` uses when none is given.
