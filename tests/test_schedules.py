@@ -142,7 +142,7 @@ def test_every_spacing_gives_n_strictly_decreasing_timesteps(spacing, zero_snr, 
     assert len(levels) == N and levels.log_snr[-1] == math.inf
 
 
-@pytest.mark.parametrize("rho", [7.0, 3.0])
+@pytest.mark.parametrize("rho", [7.0, 3.0, -10.0])
 def test_karras_spacing_equals_karras_formula(rho):
     s = NoiseSchedule.linear(1000)
     sig = s.sigmas_ve
@@ -158,6 +158,13 @@ def test_karras_spacing_equals_karras_formula(rho):
     ts2 = s.timesteps(N, "karras", rho=rho, sigma_min=0.1, sigma_max=10.0)
     got2 = s.noise_levels(ts2).sigma_ve[:-1]
     assert got2[0] == pytest.approx(10.0, rel=1e-9) and got2[-1] == pytest.approx(0.1, rel=1e-9)
+
+
+def test_karras_rho_must_be_finite_and_nonzero():
+    s = NoiseSchedule.linear(1000)
+    for rho in (0.0, math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="rho"):
+            s.timesteps(10, "karras", rho=rho)
 
 
 def test_logsnr_and_exponential_spacings_are_uniform_in_log_snr():

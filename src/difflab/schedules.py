@@ -337,6 +337,9 @@ class NoiseSchedule:
         - ``linspace``: round(linspace(0, T-1, N)) (reversed).
         - ``karras``: σ^VE_i = (σ_max^{1/ρ} + i/(N-1)·(σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ
           (Karras et al. 2022, eq. 5), mapped to fractional t through λ = -2 log σ^VE.
+          ρ > 0 crowds the steps at low noise (EDM: ρ = 7); ρ < 0 makes the grid uniform in
+          SNR^{1/(2|ρ|)}, slightly longer steps at high noise than ``logsnr`` (its limit as
+          ρ → ±∞); ρ = 0 is not allowed (use ``logsnr``).
         - ``logsnr``: uniform in λ (DPM-Solver's "logSNR" order, Lu et al. 2022).
         - ``exponential``: uniform in log σ^VE (k-diffusion's name for the same grid as
           ``logsnr``: λ = -2 log σ^VE).
@@ -380,6 +383,11 @@ class NoiseSchedule:
     def _sigma_spacing(
         self, spacing: str, steps: int, rho: float, sigma_min: float | None, sigma_max: float | None
     ) -> list[float]:
+        if spacing == "karras" and (not math.isfinite(rho) or rho == 0):
+            raise ValueError(
+                f"karras spacing needs a finite rho != 0 (EDM uses 7; negative values are "
+                f"allowed, 'logsnr' is the limit rho -> ±inf), got rho={rho}"
+            )
         sig = self.sigmas_ve.tolist()
         finite = [s for s in sig if math.isfinite(s)]
         smin = float(sigma_min) if sigma_min is not None else finite[0]

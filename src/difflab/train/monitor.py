@@ -73,8 +73,8 @@ def sample_grid(
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod the class count) with
     classifier-free guidance against the null label; x̂0 is clipped to [-1, 1] as
-    ``Pipeline`` does by default (without it a cosine schedule's first step saturates).  The global RNG state is preserved,
-    so drawing grids never changes the training run.
+    ``Pipeline`` does by default (without it a cosine schedule's first step saturates).
+    The global RNG state is preserved, so drawing grids never changes the training run.
     """
     from ..samplers import sample
 
