@@ -13,7 +13,11 @@ already built before).
 Usage::
 
     python bench/train_throughput.py --preset cifar10 --batch-size 8 --iters 10
-    python bench/train_throughput.py --preset digits --channels-last --compile
+    python bench/train_throughput.py --preset digits --channels-last
+    python bench/train_throughput.py --preset digits --compile --no-memory  # ~2 min/compile
+
+With ``--compile`` the warm-up column holds the compilation time, which the images/s
+exclude.
 """
 
 from __future__ import annotations
@@ -125,9 +129,12 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
     steps = {name: make_step(name, precision, args) for name in names}
-    for step, _ in steps.values():
+    warmup_s = {}
+    for name, (step, _) in steps.items():
+        start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        warmup_s[name] = time.perf_counter() - start  # includes compilation with --compile
     best = dict.fromkeys(names, float("inf"))
     for _ in range(args.repeats):
         for name, (step, _) in steps.items():
@@ -137,7 +144,7 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
             best[name] = min(best[name], time.perf_counter() - start)
     queue.put([
         dict(model=name, precision=precision, params=steps[name][1],
-             images_per_s=args.iters * args.batch_size / best[name])
+             images_per_s=args.iters * args.batch_size / best[name], warmup_s=warmup_s[name])
         for name in names
     ])  # fmt: skip
 
@@ -184,13 +191,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--channels-last", action="store_true", help="channels_last for both models")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure peak memory (one more fresh process, and compile, per row)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
     rows = []
     for precision in args.precisions.split(","):
         for row in in_subprocess(speed_worker, precision, args):
-            row["peak_mib"] = in_subprocess(memory_worker, row["model"], precision, args)
+            row["peak_mib"] = (
+                in_subprocess(memory_worker, row["model"], precision, args)
+                if args.memory
+                else float("nan")
+            )
             rows.append(row)
         print(f"done: {precision}", file=sys.stderr)
 
@@ -200,17 +217,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.iters} steps after {args.warmup} warm-up, compile={args.compile}, "
         f"channels_last={args.channels_last}, {args.threads} CPU threads, "
         f"torch {torch.__version__}, {platform.processor() or 'cpu'}.",
-        "Images/s: best window, models timed in alternation in one process. Peak memory: "
-        "growth of max RSS (getrusage) over the warm-up steps plus one, in a fresh process.",
+        "Images/s: best window, models timed in alternation in one process (after the "
+        "warm-up steps, so compilation is excluded; the warm-up column shows its cost). "
+        "Peak memory: growth of max RSS (getrusage) over the warm-up steps plus one, in a "
+        "fresh process.",
         "",
-        "| model | precision | params (M) | images/s | vs diffusers | peak memory (MiB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | precision | params (M) | images/s | vs diffusers | peak memory (MiB) "
+        "| warm-up (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = r["images_per_s"] / base[r["precision"]] if r["precision"] in base else float("nan")
         lines.append(
             f"| {r['model']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
-            f"{r['images_per_s']:.1f} | {ratio:.2f}x | {r['peak_mib']:.0f} |"
+            f"{r['images_per_s']:.1f} | {ratio:.2f}x | {r['peak_mib']:.0f} | "
+            f"{r['warmup_s']:.1f} |"
         )
     if len({r["params"] for r in rows}) > 1:
         note = "Parameter counts differ: diffusers' `DownBlock2D` ignores `downsample_type`,"

@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from difflab.models import UNet, UNetConfig
-from difflab.models.layers import group_norm, timestep_embedding
+from difflab.models.layers import (
+    attention,
+    group_norm,
+    timestep_embedding,
+    upsample_conv3x3,
+    upsample_then_conv,
+)
 from difflab.models.unet import PRESETS, ResBlock
 
 
@@ -150,6 +157,102 @@ def test_config_errors_are_clear():
 def test_group_norm_clamps_tiny_widths():
     assert group_norm(8, 32).num_groups == 8
     assert group_norm(64, 32).num_groups == 32
+
+
+# --- fast paths equal the textbook form -----------------------------------------------------
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv3x3_equals_nearest_upsample_then_conv(memory_format):
+    """The folded stride-2 transposed conv is the same linear map as DDPM's upsample + conv,
+    forward and backward (input, weight and bias gradients)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=memory_format)
+    w, b = torch.randn(7, 5, 3, 3, generator=g), torch.randn(7, generator=g)
+    grad_out = torch.randn(2, 7, 6, 8, generator=g)
+    results = []
+    for fast in (False, True):
+        xi, wi, bi = (v.clone().requires_grad_() for v in (x, w, b))
+        if fast:
+            y = upsample_conv3x3(xi, wi, bi)
+        else:
+            y = F.conv2d(F.interpolate(xi, scale_factor=2.0, mode="nearest"), wi, bi, padding=1)
+        y.backward(grad_out)
+        results.append((y.detach(), xi.grad, wi.grad, bi.grad))
+    for fast, ref in zip(results[1], results[0]):
+        assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5), (fast - ref).abs().max()
+    # known answer: a one-hot pixel becomes a 2x2 block; an all-ones 3x3 kernel counts overlaps
+    onehot = torch.zeros(1, 1, 3, 3)
+    onehot[0, 0, 1, 1] = 1.0
+    ones = upsample_conv3x3(onehot, torch.ones(1, 1, 3, 3), None)[0, 0]
+    expected = torch.zeros(6, 6)
+    expected[1:5, 1:5] = torch.tensor([[1.0, 2, 2, 1], [2, 4, 4, 2], [2, 4, 4, 2], [1, 2, 2, 1]])
+    assert torch.equal(ones, expected)
+
+
+def test_upsample_then_conv_respects_hooks_and_wrappers():
+    """A hooked (or wrapped, e.g. LoRA) conv still sees the upsampled input; a plain one is
+    folded; both give conv(upsample(x))."""
+    g = torch.Generator().manual_seed(2)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    seen = []
+    assert torch.allclose(upsample_then_conv(conv, x), ref, atol=1e-6)
+    conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+    assert torch.allclose(upsample_then_conv(conv, x), ref, atol=1e-6)
+    assert seen == [(2, 3, 8, 8)]
+
+    class Doubled(torch.nn.Conv2d):  # stands in for a LoRA-style replacement module
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(inp)
+
+    doubled = Doubled(3, 4, 3, padding=1)
+    doubled.load_state_dict(conv.state_dict())
+    assert torch.allclose(upsample_then_conv(doubled, x), 2 * ref, atol=1e-6)
+
+
+def test_upsample_conv3x3_reduced_precision_path_matches():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(2, 4, 4, 4, generator=g), torch.randn(4, 4, 3, 3, generator=g), None
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    out = upsample_conv3x3(x.bfloat16(), w.bfloat16(), b)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.03 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_channels_last_equals_contiguous(dtype):
+    """The channels_last detour through the contiguous layout changes nothing but speed."""
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 16, 5, 3, generator=g) + 1).to(dtype)
+    grad_out = torch.randn(2, 16, 5, 3, generator=g).to(dtype)
+    norm = group_norm(16, 4)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        norm.zero_grad()
+        xi = x.clone(memory_format=fmt).requires_grad_()
+        y = norm(xi)
+        assert y.is_contiguous(memory_format=fmt)
+        y.backward(grad_out)
+        results.append([y.float(), xi.grad.float(), norm.weight.grad.clone()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    ref = torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias)
+    assert torch.allclose(results[0][0], ref, atol=0.05 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_attention_runs_in_float32_under_autocast():
+    """ADM's float32 attention: bf16 autocast must not lower SDPA (it is on autocast's list)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 20, 8, generator=g)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()  # bf16 would be ~1e-2
 
 
 # --- initialisation -----------------------------------------------------------------------
@@ -359,8 +462,9 @@ def test_cifar10_preset_is_ddpm_architecture():
 # --- side by side with diffusers' UNet2DModel ---------------------------------------------------
 
 
-def _port_from_diffusers(model: UNet, ref) -> None:
-    """Copy a ``UNet2DModel``'s weights into ``model`` (same architecture)."""
+def _port_from_diffusers(model: UNet, ref) -> dict[str, list[str]]:
+    """Copy a ``UNet2DModel``'s weights into ``model`` (same architecture); return which
+    diffusers parameters (concatenated) make up each difflab parameter."""
     src = ref.state_dict()
     res_keys = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2": "norm2",
                 "conv2": "conv2", "conv_shortcut": "skip"}  # fmt: skip
@@ -396,21 +500,21 @@ def _port_from_diffusers(model: UNet, ref) -> None:
     renamed = {"conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out",
                "time_embed.0": "time_embedding.linear_1",
                "time_embed.2": "time_embedding.linear_2"}  # fmt: skip
-    out = {f"{k}.{p}": src[f"{v}.{p}"] for k, v in renamed.items() for p in ("weight", "bias")}
+    keys = {f"{k}.{p}": [f"{v}.{p}"] for k, v in renamed.items() for p in ("weight", "bias")}
     for mine, theirs, kind in pairs:
         for p in ("weight", "bias"):
             if kind == "conv":
-                out[f"{mine}.conv.{p}"] = src[f"{theirs}.conv.{p}"]
+                keys[f"{mine}.conv.{p}"] = [f"{theirs}.conv.{p}"]
             elif kind == "res":
                 for a, b in res_keys.items():
                     if f"{theirs}.{a}.{p}" in src:
-                        out[f"{mine}.{b}.{p}"] = src[f"{theirs}.{a}.{p}"]
+                        keys[f"{mine}.{b}.{p}"] = [f"{theirs}.{a}.{p}"]
             else:
-                out[f"{mine}.norm.{p}"] = src[f"{theirs}.group_norm.{p}"]
-                qkv = [src[f"{theirs}.to_{c}.{p}"] for c in "qkv"]
-                out[f"{mine}.qkv.{p}"] = torch.cat(qkv)
-                out[f"{mine}.proj_out.{p}"] = src[f"{theirs}.to_out.0.{p}"]
-    model.load_state_dict(out, strict=True)
+                keys[f"{mine}.norm.{p}"] = [f"{theirs}.group_norm.{p}"]
+                keys[f"{mine}.qkv.{p}"] = [f"{theirs}.to_{c}.{p}" for c in "qkv"]
+                keys[f"{mine}.proj_out.{p}"] = [f"{theirs}.to_out.0.{p}"]
+    model.load_state_dict({k: torch.cat([src[n] for n in v]) for k, v in keys.items()}, strict=True)
+    return keys
 
 
 @pytest.mark.parametrize(
@@ -441,9 +545,18 @@ def test_matches_diffusers_unet2d_with_same_weights(overrides):
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model = UNet(cfg).eval()
-    _port_from_diffusers(model, ref)
+    keys = _port_from_diffusers(model, ref)
     x, t, _ = inputs(cfg, batch=3)
-    with torch.no_grad():
-        expected = ref(x, t).sample
-        out = model(x, t)
+    x_ref, x_mine = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = ref(x_ref, t).sample
+    out = model(x_mine, t)
     assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4), (out - expected).abs().max()
+    # the backward passes agree too (difflab's fused/folded fast paths included)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (expected * weight).sum().backward()
+    (out * weight).sum().backward()
+    assert torch.allclose(x_mine.grad, x_ref.grad, atol=1e-4, rtol=1e-3)
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        grad = torch.cat([ref_params[n].grad for n in keys[name]])
+        assert torch.allclose(param.grad, grad, atol=1e-4, rtol=1e-3), name

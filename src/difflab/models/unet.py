@@ -23,6 +23,7 @@ from difflab.models.layers import (
     SpatialTransformer,
     group_norm,
     timestep_embedding,
+    upsample_then_conv,
     zero_init,
 )
 
@@ -203,7 +204,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_then_conv(self.conv, x)
 
 
 class ResBlock(nn.Module):
@@ -246,9 +247,10 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb_act: Tensor) -> Tensor:
         """``x [B, C_in, H, W]``, ``emb_act = SiLU(emb) [B, D]`` -> ``[B, C_out, H', W']``."""
         h = F.silu(self.norm1(x))
-        if self.resample is not None:
-            h, x = self._resample(h), self._resample(x)
-        h = self.conv1(h)
+        if self.resample == "up":  # conv1(upsample(h)), folded into one op
+            h, x = upsample_then_conv(self.conv1, h), self._resample(x)
+        else:
+            h, x = self.conv1(self._resample(h)), self._resample(x)
         emb = self.emb_proj(emb_act)[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
         if self.scale_shift:
             scale, shift = emb.chunk(2, dim=1)
