@@ -109,3 +109,47 @@ def test_inception_weights_from_the_environment(run_dir, monkeypatch):
     args = parse(["eval", str(run_dir), "--metrics", "fid", "--n", "4"])
     with pytest.raises(FileNotFoundError, match="nonexistent-from-env"):
         args.func(args)
+
+
+def test_likelihood_through_eval_equals_the_library_bounds(tmp_path, capsys):
+    import torch
+    import yaml
+
+    from difflab.diffusion import bits_per_dim
+    from difflab.eval.likelihood import ode_likelihood
+    from difflab.eval.metrics import to_uint8
+    from difflab.eval.sweep import reference_images
+    from difflab.pipeline import Pipeline
+
+    run_dir = make_tiny_run(tmp_path / "run", num_classes=10)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["diffusion"]["schedule"]["T"] = 50  # 50 VLB terms instead of 1000: a fast test
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "nll.json"
+    argv = ["eval", str(run_dir), "--metrics", "none", "--likelihood", "vlb,ode",
+            "--likelihood-n", "3", "--seed", "4", "-o", str(out)]  # fmt: skip
+    args = parse(argv)
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "vlb" in printed and "ode" in printed
+    got = json.loads(out.read_text())
+    assert got["likelihood_n"] == 3 and "null label" in got["likelihood_condition"]
+
+    # The same 3 real digits, scored by hand through the library with the null label.
+    pipe = Pipeline.from_run(run_dir)
+    real = to_uint8(reference_images({"source": "digits", "image_size": 8, "channels": 1}))
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(4))[:3]
+    null = {"class_labels": torch.full((3,), 10)}
+    vlb = bits_per_dim(pipe.model, real[pick].float() / 127.5 - 1, pipe.schedule, cond=null,
+                       generator=torch.Generator().manual_seed(4), progress=False)  # fmt: skip
+    assert got["bpd[vlb]"] == pytest.approx(float(vlb.total.mean()), rel=1e-6)
+    ode = ode_likelihood(pipe.model, real[pick], pipe.schedule, cond=null,
+                         generator=torch.Generator().manual_seed(4))  # fmt: skip
+    assert got["bpd[ode]"] == pytest.approx(float(ode.bpd.mean()), rel=1e-6)
+
+    nothing = parse(["eval", str(run_dir), "--metrics", "none"])
+    with pytest.raises(ValueError, match="nothing to compute"):
+        nothing.func(nothing)
+    bad = parse(["eval", str(run_dir), "--metrics", "none", "--likelihood", "elbo"])
+    with pytest.raises(ValueError, match="did you mean 'vlb'|choices"):
+        bad.func(bad)

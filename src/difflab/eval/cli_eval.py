@@ -74,8 +74,21 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument(
         "--metrics",
         default=None,
-        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy "
+        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy, or none "
         "(default: fid,kid plus accuracy for a class-conditional model)",
+    )
+    p.add_argument(
+        "--likelihood",
+        default=None,
+        metavar="METHODS",
+        help="also report bits/dim of real images of the run's data: vlb (the full variational "
+        "bound, T model calls per image), ode (probability-flow ODE), or vlb,ode",
+    )
+    p.add_argument(
+        "--likelihood-n",
+        type=int,
+        default=256,
+        help="real images scored by --likelihood (a seeded random subset; default 256)",
     )
     p.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
     p.add_argument("--sampler", default=None, help="sampler name (default: the run's)")
@@ -116,33 +129,50 @@ def format_results(results: dict[str, Any]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``difflab eval``."""
-    from difflab.eval.sweep import evaluate_pipeline, load_pipeline
+    from difflab.eval.sweep import evaluate_likelihood, evaluate_pipeline, load_pipeline
 
     pipe = load_pipeline(args.run, weights=args.weights, device=args.device)
     metrics = args.metrics
     if metrics is None:
         metrics = "fid,kid" + (",accuracy" if pipe.num_classes is not None else "")
-    results = evaluate_pipeline(
-        pipe,
-        metrics=metrics,
-        n=args.n,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance_scale=args.cfg,
-        seed=args.seed,
-        extractor=_extractor(args),
-        reference_cache=args.reference_cache,
-        batch_size=args.batch_size,
-    )
-    results = {"run": str(args.run), "weights": args.weights, **results}
+    if metrics.strip() == "none" and args.likelihood is None:
+        raise ValueError("--metrics none leaves nothing to compute: add --likelihood vlb|ode")
+    results: dict[str, Any] = {"run": str(args.run), "weights": args.weights}
+    if metrics.strip() != "none":
+        results.update(
+            evaluate_pipeline(
+                pipe,
+                metrics=metrics,
+                n=args.n,
+                sampler=args.sampler,
+                steps=args.steps,
+                guidance_scale=args.cfg,
+                seed=args.seed,
+                extractor=_extractor(args),
+                reference_cache=args.reference_cache,
+                batch_size=args.batch_size,
+            )
+        )
+    if args.likelihood is not None:
+        results.update(
+            evaluate_likelihood(
+                pipe,
+                args.likelihood,
+                n=args.likelihood_n,
+                seed=args.seed,
+                batch_size=min(args.batch_size, 64),
+            )
+        )
     if args.out is not None:
         out = Path(args.out)
-    else:
+    elif "sampler" in results:
         name = (
             f"{results['sampler']}-{results['steps']}steps-cfg{results['guidance_scale']:g}"
             f"-n{args.n}-seed{args.seed}.json"
         )
         out = Path(args.run) / "eval" / name
+    else:
+        out = Path(args.run) / "eval" / f"likelihood-n{args.likelihood_n}-seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
