@@ -153,3 +153,37 @@ def test_likelihood_through_eval_equals_the_library_bounds(tmp_path, capsys):
     bad = parse(["eval", str(run_dir), "--metrics", "none", "--likelihood", "elbo"])
     with pytest.raises(ValueError, match="did you mean 'vlb'|choices"):
         bad.func(bad)
+
+
+def test_clip_score_of_each_sample_against_its_class_prompt(run_dir, tmp_path):
+    pytest.importorskip("transformers")
+    from test_clip_score import tiny_clip
+
+    from difflab.eval.clip_score import CLIPScorer
+    from difflab.eval.sweep import class_prompts, sample_images
+    from difflab.pipeline import Pipeline
+
+    folder = tmp_path / "clip"
+    tiny_clip(folder)
+    out = tmp_path / "clip.json"
+    argv = ["eval", str(run_dir), "--metrics", "clip_score", "--clip-model", str(folder),
+            "--clip-scale", "2.5", "--n", "6", "--sampler", "ddim", "--steps", "2",
+            "--cfg", "1", "-o", str(out)]  # fmt: skip
+    args = parse(argv)
+    assert args.func(args) == 0
+    got = json.loads(out.read_text())
+    key = "clip_score[clip:clip]"
+    assert got["clip_scale"] == 2.5 and got["clip_model"] == str(folder)
+
+    prompts = class_prompts({"source": "digits", "image_size": 8, "channels": 1})
+    assert prompts[7] == "a handwritten digit seven"
+    images, labels, _ = sample_images(
+        Pipeline.from_run(run_dir), 6, sampler="ddim", steps=2, guidance_scale=1.0, seed=0
+    )
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5]
+    want = CLIPScorer(folder, scale=2.5)(images, [prompts[k] for k in labels.tolist()])
+    assert got[key] == pytest.approx(want[key], rel=1e-6)
+
+    missing = parse(["eval", str(run_dir), "--metrics", "clip_score", "--n", "2"])
+    with pytest.raises(ValueError, match="clip-model"):
+        missing.func(missing)

@@ -40,12 +40,34 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="Inception resize: clean (PIL bicubic, clean-fid) or legacy (torch bilinear)",
     )
     p.add_argument(
+        "--clip-model",
+        default=None,
+        metavar="DIR",
+        help="local Hugging Face CLIP folder for --metrics clip_score (each sample against its "
+        "class prompt; never downloaded)",
+    )
+    p.add_argument(
+        "--clip-scale",
+        type=float,
+        default=1.0,
+        help="CLIP score weight w in w*max(100*cos, 0) (1.0 as torchmetrics; Hessel et al. 2.5)",
+    )
+    p.add_argument(
         "--reference-cache",
         default=None,
         metavar="NPZ",
         help="reference features file (default: keyed by extractor and image content "
         "under $DIFFLAB_CACHE/reference)",
     )
+
+
+def _clip(args: argparse.Namespace) -> Any:
+    """A `CLIPScorer` from ``--clip-model`` (None without it)."""
+    if args.clip_model is None:
+        return None
+    from difflab.eval.clip_score import CLIPScorer
+
+    return CLIPScorer(args.clip_model, scale=args.clip_scale, device=args.device or "cpu")
 
 
 def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
@@ -74,7 +96,8 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument(
         "--metrics",
         default=None,
-        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy, or none "
+        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy, "
+        "clip_score (needs --clip-model), or none "
         "(default: fid,kid plus accuracy for a class-conditional model)",
     )
     p.add_argument(
@@ -149,6 +172,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 guidance_scale=args.cfg,
                 seed=args.seed,
                 extractor=_extractor(args),
+                clip_model=_clip(args) if "clip_score" in metrics else None,
                 reference_cache=args.reference_cache,
                 batch_size=args.batch_size,
             )
@@ -200,7 +224,8 @@ def add_sweep_parser(subparsers: Any) -> None:
     p.add_argument(
         "--metrics",
         default="fid,accuracy",
-        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy",
+        help="comma-separated: fid, kid, precision_recall, inception_score, accuracy, "
+        "clip_score (needs --clip-model)",
     )
     p.add_argument("--n", type=int, default=2000, help="samples per cell (default 2000)")
     p.add_argument("--out", default=None, help="output folder (default RUN/sweep)")
@@ -224,6 +249,7 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         extractor=_extractor(args),
+        clip_model=_clip(args) if "clip_score" in args.metrics else None,
         reference_cache=args.reference_cache,
         plots=args.plots,
         weights=args.weights,

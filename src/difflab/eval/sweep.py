@@ -38,6 +38,7 @@ __all__ = [
     "LIKELIHOOD_METHODS",
     "SweepResult",
     "evaluate_likelihood",
+    "class_prompts",
     "evaluate_pipeline",
     "load_pipeline",
     "metric_columns",
@@ -49,6 +50,9 @@ __all__ = [
     "write_tables",
 ]
 
+# Metrics of a run's samples: those of `evaluate` plus the CLIP score of each sample against
+# its class prompt (`class_prompts`).
+RUN_METRICS: tuple[str, ...] = (*METRICS, "clip_score")
 LIKELIHOOD_METHODS = ("vlb", "ode")  # difflab.diffusion.bits_per_dim / eval.ode_likelihood
 REFERENCE_METRICS = frozenset({"fid", "kid", "precision_recall"})  # need real-data features
 SWEEP_FILES = {
@@ -190,10 +194,37 @@ def reference_cache_path(extractor: FeatureExtractor, images: Tensor) -> Path:
 def _check_metrics(metrics: Iterable[str] | str) -> list[str]:
     if isinstance(metrics, str):
         metrics = [m for m in metrics.split(",") if m.strip()]
-    out = [check_choice("metric", m.strip(), METRICS) for m in metrics]
+    out = [check_choice("metric", m.strip(), RUN_METRICS) for m in metrics]
     if not out:
-        raise ValueError(f"no metric given (choices: {', '.join(METRICS)})")
+        raise ValueError(f"no metric given (choices: {', '.join(RUN_METRICS)})")
     return list(dict.fromkeys(out))  # drop repeats, keep order
+
+
+def class_prompts(data: Mapping[str, Any] | Any) -> list[str]:
+    """The prompt of each class of a data config, for the CLIP score of class-conditional runs.
+
+    Class ``k``'s prompt is the caption of its first captioned image (the digits: ``"a
+    handwritten digit seven"``), else its class name (an image folder's subfolder name).
+    """
+    import dataclasses
+
+    from difflab.data import build_dataset
+
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    dataset, _ = build_dataset({**data, "random_flip": False})
+    labels = getattr(dataset, "labels", None)
+    names = list(getattr(dataset, "class_names", []) or [])
+    if labels is None or not names:
+        raise ValueError("clip_score of a class-conditional run needs data with class labels")
+    texts = getattr(dataset, "texts", None) or [""] * len(labels)
+    prompts = list(names)
+    found: set[int] = set()
+    for label, text in zip(labels, texts):
+        if text and label not in found:
+            prompts[label] = text
+            found.add(label)
+    return prompts
 
 
 @dataclass
@@ -207,6 +238,8 @@ class _Evaluator:
     reference_cache: str | os.PathLike | None
     batch_size: int
     options: dict[str, Any] = field(default_factory=dict)
+    clip: Any = None  # a CLIPScorer when "clip_score" is asked for
+    prompts: list[str] | None = None  # class k's prompt, for the CLIP score
     _ref: Tensor | None = None
 
     @classmethod
@@ -221,8 +254,12 @@ class _Evaluator:
         reference_cache: str | os.PathLike | None,
         batch_size: int,
         metric_options: Mapping[str, Any] | None,
+        clip_model: Any = None,
     ) -> _Evaluator:
         metrics = _check_metrics(metrics)
+        clip, prompts = None, None
+        if "clip_score" in metrics:
+            clip, prompts = _clip_setup(pipe, clip_model)
         if "accuracy" in metrics:
             num_classes = getattr(pipe, "num_classes", None)
             if num_classes is None:
@@ -247,6 +284,8 @@ class _Evaluator:
             reference_cache,
             batch_size,
             dict(metric_options or {}),
+            clip,
+            prompts,
         )
 
     def reference_args(self) -> tuple[Tensor | None, str | os.PathLike | None]:
@@ -261,17 +300,44 @@ class _Evaluator:
 
     def __call__(self, images: Tensor, labels: Tensor | None) -> dict[str, Any]:
         reference, cache = self.reference_args()
-        return evaluate(
+        out = evaluate(
             images,
             reference,
             extractor=self.extractor,
-            metrics=self.metrics,
+            metrics=[m for m in self.metrics if m != "clip_score"],
             labels=labels,
             classifier=self.classifier,
             reference_cache=cache,
             batch_size=self.batch_size,
             **self.options,
         )
+        if self.clip is not None and self.prompts is not None and labels is not None:
+            scores = self.clip(images, [self.prompts[int(k)] for k in labels])
+            out.update({k: v for k, v in scores.items() if k.startswith("clip_score")})
+            out["clip_model"], out["clip_scale"] = scores["model"], scores["scale"]
+        return out
+
+
+def _clip_setup(pipe: PipeLike, clip_model: Any) -> tuple[Any, list[str]]:
+    """The CLIP scorer (a `CLIPScorer` or a local model folder) and the class prompts."""
+    if clip_model is None:
+        raise ValueError(
+            "metric 'clip_score' needs a local CLIP model folder (clip_model= / --clip-model)"
+        )
+    if getattr(pipe, "num_classes", None) is None:
+        raise ValueError(
+            "metric 'clip_score' needs prompts: a class-conditional run (each sample is scored "
+            "against its class prompt)"
+        )
+    from difflab.eval.clip_score import CLIPScorer
+
+    clip = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model)
+    prompts = class_prompts(_data_section(pipe))
+    if len(prompts) != pipe.num_classes:
+        raise ValueError(
+            f"the run's data has {len(prompts)} classes but the model {pipe.num_classes}"
+        )
+    return clip, prompts
 
 
 def evaluate_pipeline(
@@ -291,6 +357,7 @@ def evaluate_pipeline(
     metric_options: Mapping[str, Any] | None = None,
     weights: str = "ema",
     device: torch.device | str | None = None,
+    clip_model: Any = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from a run and score them with `difflab.eval.metrics.evaluate`.
 
@@ -301,6 +368,8 @@ def evaluate_pipeline(
 
     :param metric_options: extra keyword arguments of ``evaluate`` (``kid_subsets``,
         ``kid_subset_size``, ``pr_k``, ``is_splits``).
+    :param clip_model: for ``"clip_score"``: a `CLIPScorer` or a local CLIP model folder; each
+        sample is scored against its class's prompt (`class_prompts`).
     :return: the resolved sampling settings (``sampler``, ``steps``, ``guidance_scale``,
         ``seed``, ``nfe``, ``sample_seconds``, ``eval_seconds``) and everything ``evaluate``
         returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...). JSON-able.
@@ -315,6 +384,7 @@ def evaluate_pipeline(
         reference_cache=reference_cache,
         batch_size=batch_size,
         metric_options=metric_options,
+        clip_model=clip_model,
     )
     return _evaluate_cell(pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size)
 
@@ -577,6 +647,7 @@ def run_sweep(
     plots: bool = True,
     weights: str = "ema",
     device: torch.device | str | None = None,
+    clip_model: Any = None,
 ) -> SweepResult:
     """Evaluate every sampler × steps × guidance-scale cell and tabulate and plot the results.
 
@@ -616,6 +687,7 @@ def run_sweep(
         reference_cache=reference_cache,
         batch_size=batch_size,
         metric_options=metric_options,
+        clip_model=clip_model,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -625,7 +697,11 @@ def run_sweep(
         "n": n,
         "seed": seed,
         "metrics": sorted(ev.metrics),
-        "scorers": sorted({ev.extractor.id} | ({ev.classifier.id} if ev.classifier else set())),
+        "scorers": sorted(
+            {ev.extractor.id}
+            | ({ev.classifier.id} if ev.classifier else set())
+            | ({ev.clip.id} if ev.clip is not None else set())
+        ),
         "options": dict(sorted(ev.options.items())),
     }
     cells = list(itertools.product(sampler_list, step_list, scale_list))
