@@ -271,7 +271,8 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite contradict each other; pass one")
     prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
     train(config, resume=args.resume)
-    print(f"run written to {config.run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        print(f"run written to {config.run_dir}")
     return 0
 
 
