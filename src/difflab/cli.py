@@ -98,8 +98,8 @@ def prepare_run_dir(run_dir: str | Path, *, overwrite: bool, resume: bool = Fals
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for path in [run_dir / d for d in RUN_DIRS] + list(run_dir.glob("train_state.*")):
-        if path.is_dir():
-            shutil.rmtree(path)
+        if path.is_dir():  # other torchrun ranks may be deleting the same tree
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- demo
