@@ -183,6 +183,11 @@ class LoopConfig:
     eval_metrics: str = "fid,accuracy"
     eval_n: int = 500
     eval_inception_weights: str | None = None
+    # Validation loss (difflab.train.validation): val_fraction of the data is held out of
+    # training and scored every val_every steps (and at the last) at val_timesteps timesteps.
+    val_fraction: float = 0.0
+    val_every: int = 0  # 0 = never
+    val_timesteps: int = 10
 
     def __post_init__(self) -> None:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -195,6 +200,16 @@ class LoopConfig:
         for name in ("sample_every", "save_every", "num_workers", "eval_every"):
             _check_range(f"train.{name}", getattr(self, name), 0)
         _check_range("train.eval_n", self.eval_n, 2)
+        _check_range("train.val_every", self.val_every, 0)
+        _check_range("train.val_timesteps", self.val_timesteps, 1)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(
+                f"config key 'train.val_fraction' must be in [0, 1), got {self.val_fraction!r}"
+            )
+        if self.val_every and self.val_fraction == 0:
+            raise ValueError(
+                "train.val_every needs held-out data: set train.val_fraction > 0 (e.g. 0.05)"
+            )
         if self.eval_every:
             from ..eval.metrics import METRICS
 

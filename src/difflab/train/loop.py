@@ -45,6 +45,7 @@ from .monitor import MetricsLog, sample_grid
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
+from .validation import split_dataset, validation_loss
 
 __all__ = ["TrainResult", "Trainer", "train"]
 
@@ -61,6 +62,7 @@ class TrainResult:
     :param ema_updates: EMA updates so far.
     :param grids: sample-grid PNGs written by this call.
     :param evals: the periodic metric records (``train.eval_every``) written by this call.
+    :param validation: the validation-loss records (``train.val_every``) of this call.
     """
 
     run_dir: Path
@@ -71,6 +73,7 @@ class TrainResult:
     ema_updates: int = 0
     grids: list[Path] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +130,10 @@ class Trainer:
         else:
             gen = getattr(dataset, "generator", None)
             self.data_gen = gen if isinstance(gen, torch.Generator) else self.data_gen
+        # Held-out validation data: the same split on every rank and after a resume.
+        dataset, self.val_set = split_dataset(dataset, tc.val_fraction, _subseed(cfg.seed, 50))
+        if self.val_set is not None and self.dist.is_main:
+            print(f"validation: {len(self.val_set)} held-out samples, {len(dataset)} for training")
         self.stream = BatchStream(
             dataset,
             tc.batch_size,
@@ -441,6 +448,8 @@ class Trainer:
                 window, tick = [], time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 result.grids += self._grids()
+            if tc.val_every and (step % tc.val_every == 0 or step == last):
+                result.validation.append(self._validation())
             if tc.eval_every and (step % tc.eval_every == 0 or step == last):
                 result.evals.append(self._periodic_eval())
             if (tc.save_every and step % tc.save_every == 0) or step == last:
@@ -488,6 +497,28 @@ class Trainer:
                 )
             )
         return out
+
+    def _validation(self) -> dict[str, Any]:
+        """Validation loss of the raw and EMA weights (rank 0), logged to metrics.jsonl."""
+        if not self.dist.is_main or self.val_set is None:
+            return {}
+        tc = self.cfg.train
+        record: dict[str, Any] = {"step": self.step, "event": "validation"}
+        with torch.random.fork_rng(devices=[]):
+            for key, net in (("val_loss", self.model), ("val_loss_ema", self.ema.model)):
+                record[key] = validation_loss(
+                    net,
+                    self.val_set,
+                    self.schedule,
+                    self.cfg.diffusion,
+                    timesteps=tc.val_timesteps,
+                    seed=_subseed(self.cfg.seed, 51),
+                    batch_size=tc.batch_size,
+                    null_label=self.null_label,
+                    device=self.device,
+                )
+        self._log(record)
+        return record
 
     def _periodic_eval(self) -> dict[str, Any]:
         """Score ``train.eval_n`` EMA samples (``difflab.eval.periodic_eval``) and log them.
