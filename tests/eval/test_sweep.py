@@ -255,3 +255,14 @@ def test_bad_input_raises_clear_errors(run_dir, tmp_path, digits):
     with pytest.raises(ValueError, match="class-conditional"):
         _sweep(uncond, tmp_path, digits, cfg_scales=[1])
     assert not (tmp_path / "sweep.jsonl").exists()  # nothing computed before the checks
+
+
+def test_sample_count_warning_is_given_once_per_sweep(run_dir, digits, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_sweep(run_dir, samplers="ddim", steps=[1, 2], cfg_scales=[1.0, 2.0],
+                        metrics=["fid"], n=8, out_dir=tmp_path, plots=False)  # fmt: skip
+    few = [w for w in caught if "not comparable with numbers in papers" in str(w.message)]
+    assert len(res.computed) == 4 and len(few) == 1  # FID for the first cell only

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ SWEEP_FILES = {
     "guidance_plot": "sweep_guidance.png",
     "tradeoff_plot": "sweep_tradeoff.png",
 }
+_FEW_SAMPLES_WARNING = r".*not comparable with numbers in papers"  # eval.metrics, n < 10k
 _METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)\[(?P<extractor>[^\]]+)\]$")
 
 PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num_classes`, `model`
@@ -714,7 +716,10 @@ def run_sweep(
             )
             bar.set_postfix_str(f"{sampler} steps={n_steps} cfg={scale:g}")
             if key not in done:
-                row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed, batch_size)
+                with warnings.catch_warnings():
+                    if computed:  # the sample-count warning was given for the first cell
+                        warnings.filterwarnings("ignore", message=_FEW_SAMPLES_WARNING)
+                    row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed, batch_size)
                 row.update(shared, sampler=sampler, steps=n_steps, guidance_scale=scale)
                 _append_jsonl(log_path, row)
                 done[key] = row
