@@ -81,3 +81,27 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(8, schedule="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
     assert lr_factor(12, schedule="cosine", **kw) == pytest.approx(0.0)
     assert lr_factor(11, schedule="constant", **kw) == 1.0
+
+
+def test_optimizer_is_fused_adamw_with_the_plain_adamw_update(tmp_path):
+    import torch
+
+    from difflab.train.optim import build_optimizer
+
+    overrides = ["train.lr=1e-2", "train.weight_decay=0.1", "train.warmup_steps=0"]
+    cfg = load_config(None, [f"run_dir={tmp_path}", *overrides])
+    gen = torch.Generator().manual_seed(0)
+    ours = torch.nn.Linear(6, 4)
+    plain = torch.nn.Linear(6, 4)
+    plain.load_state_dict(ours.state_dict())
+    opt, _ = build_optimizer(ours, cfg.train)
+    assert opt.param_groups[0]["fused"]  # this torch has the CPU kernel (>= 2.4)
+    ref = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        x = torch.randn(5, 6, generator=gen)
+        for net, o in ((ours, opt), (plain, ref)):
+            o.zero_grad()
+            net(x).square().sum().backward()
+            o.step()
+    for a, b in zip(ours.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -35,10 +35,19 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
 def build_optimizer(
     model: nn.Module, config: LoopConfig
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with ``config.lr`` / ``weight_decay`` and its warm-up + cosine/constant schedule."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    """AdamW with ``config.lr`` / ``weight_decay`` and its warm-up + cosine/constant schedule.
+
+    The fused AdamW kernel is used where this PyTorch has it for the parameters' device (CPU
+    from torch 2.4; CUDA): the same update to float rounding, 2-4x faster (cifar10 preset on
+    one CPU thread: 265 -> 64 ms per step); otherwise the default implementation.
+    """
+    params = list(model.parameters())
+    try:
+        optimizer = torch.optim.AdamW(
+            params, lr=config.lr, weight_decay=config.weight_decay, fused=True
+        )
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / torch
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stays JSON
         return lr_factor(
