@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
+from difflab.data import ArrayDataset
 from difflab.models import UNet
 from difflab.schedules import NoiseSchedule
-from difflab.train import Trainer, train
+from difflab.train import DiffusionConfig, Trainer, train
 from difflab.train.loop import _subseed
-from difflab.train.validation import split_dataset, validation_timesteps
+from difflab.train.validation import split_dataset, validation_loss, validation_timesteps
 
-VAL = ["train.val_fraction=0.25", "train.val_every=2", "train.val_timesteps=3"]
+VAL = ["train.val_fraction=0.25", "train.val_every=3", "train.val_timesteps=3"]
 
 
 class IndexedData(ToyData):
@@ -47,13 +49,24 @@ def test_training_stream_never_yields_a_held_out_sample(tmp_path):
     assert seen == set(range(32)) - held
 
 
-def test_logged_validation_loss_equals_an_independent_computation(tmp_path):
-    cfg = tiny_config(tmp_path, *VAL, "model.dropout=0")
+def test_validation_timesteps_are_evenly_spaced():
+    assert validation_timesteps(1000, 10) == [111 * i for i in range(10)]
+    assert validation_timesteps(100, 3) == [0, 50, 99]
+    assert validation_timesteps(100, 1) == [50]
+    assert validation_timesteps(5, 8) == [0, 1, 2, 3, 4]  # more than T: every timestep
+
+
+@pytest.mark.parametrize(
+    "prediction,weighting", [("eps", "none"), ("v", "min_snr")], ids=["eps", "v-min_snr"]
+)
+def test_logged_validation_loss_equals_an_independent_computation(tmp_path, prediction, weighting):
+    opts = [f"diffusion.prediction={prediction}", f"diffusion.weighting={weighting}"]
+    cfg = tiny_config(tmp_path, *VAL, *opts, "diffusion.snr_gamma=2.0", "model.dropout=0")
     data = ToyData(32)
     result = train(cfg, dataset=data, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r.get("event") == "validation"]
-    assert [r["step"] for r in logged] == [2, 4] and result.validation == logged
+    assert [r["step"] for r in logged] == [3, 4] and result.validation == logged
 
     # Recompute the last record from the saved weights, by hand.
     trainer = Trainer(cfg, dataset=data, progress=False)
@@ -71,12 +84,15 @@ def test_logged_validation_loss_equals_an_independent_computation(tmp_path):
         with torch.no_grad():
             for t in validation_timesteps(schedule.num_timesteps, 3):
                 eps = torch.randn(x0.shape, generator=gen)
-                x_t = (
-                    schedule.alpha(torch.tensor(float(t))) * x0
-                    + schedule.sigma(torch.tensor(float(t))) * eps
-                )
-                pred = net(x_t, torch.full((len(x0),), float(t)), class_labels=labels)
-                losses.append(((pred - eps) ** 2).mean(dim=(1, 2, 3)))
+                a = schedule.alpha(torch.tensor(float(t)))
+                s = schedule.sigma(torch.tensor(float(t)))
+                pred = net(a * x0 + s * eps, torch.full((len(x0),), float(t)), class_labels=labels)
+                if prediction == "eps":  # L_simple of Ho et al. 2020, weight 1
+                    target, weight = eps, 1.0
+                else:  # v = α·ε − σ·x0 (Salimans & Ho 2022), weight min(SNR, γ)/(SNR + 1)
+                    snr = a**2 / s**2
+                    target, weight = a * eps - s * x0, min(float(snr), 2.0) / float(snr + 1)
+                losses.append(weight * ((pred - target) ** 2).mean(dim=(1, 2, 3)))
         want = float(torch.cat(losses).double().mean())
         assert logged[-1][key] == pytest.approx(want, rel=1e-5), key
     assert logged[-1]["val_loss"] != logged[-1]["val_loss_ema"]
@@ -89,9 +105,41 @@ def test_validation_does_not_change_training(tmp_path):
     assert with_val.losses == without.losses and not without.validation
 
 
+def test_resumed_run_holds_out_the_same_data_and_logs_the_same_validation(tmp_path):
+    data = ToyData(32)
+    full = train(tiny_config(tmp_path / "full", *VAL), dataset=data, progress=False)
+    cfg = tiny_config(tmp_path / "split", *VAL)
+    first = Trainer(cfg, dataset=data, progress=False)
+    try:
+        first.run(stop_at=2)
+    finally:
+        first.close()
+    rest = train(cfg, dataset=data, resume=True, progress=False)
+    assert rest.losses == full.losses[2:]
+    assert rest.validation == full.validation  # steps 3 and 4, bit for bit
+
+
+def test_validation_sees_the_same_flips_and_leaves_the_data_generator_alone():
+    gen = torch.Generator().manual_seed(5)
+    data = ArrayDataset(ToyData(12).images, random_flip=True, generator=gen)
+    _, val_set = split_dataset(data, 0.5, seed=0)
+    net = UNet(tiny_config(Path("unused"), "model.num_classes=null").resolve().model_config())
+    schedule = NoiseSchedule.from_config({"name": "cosine", "T": 100})
+    before = gen.get_state()
+    kw = dict(timesteps=2, seed=1, batch_size=4, device="cpu")
+    first = validation_loss(net, val_set, schedule, DiffusionConfig(), **kw)
+    assert validation_loss(net, val_set, schedule, DiffusionConfig(), **kw) == first
+    assert torch.equal(gen.get_state(), before) and net.training
+    other = validation_loss(net, val_set, schedule, DiffusionConfig(), **{**kw, "seed": 2})
+    assert other != first  # the seed fixes the noise (and the flips)
+
+
 def test_bad_validation_settings_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match="val_fraction"):
-        tiny_config(tmp_path, "train.val_fraction=1.0")
+    for value in ("1.0", "-0.1"):
+        with pytest.raises(ValueError, match="val_fraction"):
+            tiny_config(tmp_path, f"train.val_fraction={value}")
+    with pytest.raises(ValueError, match="val_every"):
+        tiny_config(tmp_path, "train.val_fraction=0.1", "train.val_every=-1")
     with pytest.raises(ValueError, match="val_fraction > 0"):
         tiny_config(tmp_path, "train.val_every=5")
     with pytest.raises(ValueError, match="val_timesteps"):

@@ -62,7 +62,8 @@ class TrainResult:
     :param ema_updates: EMA updates so far.
     :param grids: sample-grid PNGs written by this call.
     :param evals: the periodic metric records (``train.eval_every``) written by this call.
-    :param validation: the validation-loss records (``train.val_every``) of this call.
+    :param validation: the validation-loss records (``train.val_every``) of this call
+        (rank 0 only; empty on the other ranks).
     """
 
     run_dir: Path
@@ -449,9 +450,11 @@ class Trainer:
             if tc.sample_every and step % tc.sample_every == 0:
                 result.grids += self._grids()
             if tc.val_every and (step % tc.val_every == 0 or step == last):
-                result.validation.append(self._validation())
+                if record := self._validation():  # {} on ranks other than 0
+                    result.validation.append(record)
             if tc.eval_every and (step % tc.eval_every == 0 or step == last):
-                result.evals.append(self._periodic_eval())
+                if record := self._periodic_eval():  # {} on ranks other than 0
+                    result.evals.append(record)
             if (tc.save_every and step % tc.save_every == 0) or step == last:
                 self.save()
         result.step, result.final_loss = self.step, self.last_loss

@@ -61,7 +61,11 @@ def _item(val_set: Dataset, i: int, seed: int) -> dict[str, Any]:
 
 
 def validation_timesteps(T: int, k: int) -> list[int]:
-    """``k`` evenly spaced integer timesteps from 0 to T-1 (distinct, ascending)."""
+    """``k`` evenly spaced integer timesteps from 0 to T-1 (distinct, ascending).
+
+    ``round(i·(T-1)/(k-1))`` for i = 0..k-1; ``k == 1`` gives the middle step T//2 and
+    ``k >= T`` every timestep once.
+    """
     if k == 1:
         return [T // 2]
     return sorted({round(i * (T - 1) / (k - 1)) for i in range(k)})
