@@ -265,3 +265,12 @@ def test_zero_snr_last_interval_has_finite_log_snr_and_exact_inverse():
         as_tensor = sched.log_snr(torch.tensor([t], dtype=torch.float32)).item()
         assert math.isclose(as_tensor, lam, rel_tol=1e-4)
     assert sched.log_snr(99.0) == -math.inf
+
+
+def test_unknown_schedule_options_name_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"did you mean 'zero_terminal_snr'"):
+        NoiseSchedule.from_config({"name": "linear", "rescale_zero_terminal_snr": True})
+    with pytest.raises(ValueError, match=r"option of the 'cosine' schedule 'beta_start'"):
+        NoiseSchedule.from_name("cosine", 100, beta_start=1e-4)
+    sched = NoiseSchedule.from_config({"name": "linear", "T": 50, "zero_terminal_snr": True})
+    assert sched.zero_terminal_snr and sched.num_timesteps == 50

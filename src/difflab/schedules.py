@@ -20,6 +20,7 @@ in β.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._validate import check_choice
+from ._validate import check_choice, unknown_message
 
 ScheduleName = Literal["linear", "scaled_linear", "cosine", "sigmoid", "custom"]
 Spacing = Literal["leading", "trailing", "linspace", "karras", "logsnr", "exponential"]
@@ -146,6 +147,12 @@ class NoiseSchedule:
             "sigmoid": cls.sigmoid,
         }
         check_choice("noise schedule", name, builders)
+        allowed = _option_names(builders[name])
+        for key in kwargs:
+            if key not in allowed:
+                raise ValueError(
+                    unknown_message(f"option of the {name!r} schedule", key, [*allowed, "T"])
+                )
         return builders[name](T, **kwargs)
 
     def rescale_zero_terminal_snr(self) -> NoiseSchedule:
@@ -178,6 +185,11 @@ class NoiseSchedule:
             return cls.from_betas(cfg["betas"])
         zero_snr = cfg.pop("zero_terminal_snr", False)
         T = cfg.pop("T", 1000)
+        builder = getattr(cls, str(name), None) if name in SCHEDULE_NAMES else None
+        for key in cfg if builder is not None else ():
+            if key not in _option_names(builder):
+                allowed = [*_option_names(builder), "T", "zero_terminal_snr"]
+                raise ValueError(unknown_message(f"key of a {name!r} schedule", key, allowed))
         sched = cls.from_name(name, T, **cfg)
         return sched.rescale_zero_terminal_snr() if zero_snr else sched
 
@@ -479,3 +491,11 @@ def _check_custom(ts: list[float], T: int) -> None:
                 f"timesteps must be strictly decreasing (distinct); got {a} then {b}. "
                 "Fewer steps or another spacing avoids duplicates."
             )
+
+
+SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
+
+
+def _option_names(builder: Any) -> list[str]:
+    """Keyword options of a named-schedule constructor (``T`` excluded)."""
+    return [p for p in inspect.signature(builder).parameters if p != "T"]

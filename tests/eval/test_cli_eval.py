@@ -157,9 +157,9 @@ def test_likelihood_through_eval_equals_the_library_bounds(tmp_path, capsys):
 
 def test_clip_score_of_each_sample_against_its_class_prompt(run_dir, tmp_path):
     pytest.importorskip("transformers")
-    from test_clip_score import tiny_clip
+    from test_clip import tiny_clip
 
-    from difflab.eval.clip_score import CLIPScorer
+    from difflab.eval.clip import CLIPScorer
     from difflab.eval.sweep import class_prompts, sample_images
     from difflab.pipeline import Pipeline
 

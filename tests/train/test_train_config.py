@@ -17,6 +17,12 @@ def test_unknown_keys_raise_with_a_suggestion():
         TrainConfig.from_dict({"difusion": {}})
     with pytest.raises(ValueError, match=r"did you mean 'dropout'"):
         load_config(None, ["model.dropot=0.1"])
+    # schedule options are checked when the config loads, not at the first training step
+    schedule = "diffusion.schedule={name: linear, T: 1000, rescale_zero_terminal_snr: true}"
+    with pytest.raises(ValueError, match=r"diffusion.schedule.*did you mean 'zero_terminal_snr'"):
+        load_config(None, [schedule])
+    with pytest.raises(ValueError, match=r"'cosine' schedule 'beta_end'.*choices: T, max_beta"):
+        TrainConfig.from_dict({"diffusion": {"schedule": {"name": "cosine", "beta_end": 0.02}}})
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ Owns metrics and the feature extractors they are computed with; knows nothing of
 images were made. Every number is reported under the id of the extractor that produced it.
 """
 
-from difflab.eval.clip_score import CLIPScorer, clip_score
+from difflab.eval.clip import CLIPScorer, clip_score
 from difflab.eval.features import (
     DigitsClassifier,
     FeatureExtractor,

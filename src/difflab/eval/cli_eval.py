@@ -65,7 +65,7 @@ def _clip(args: argparse.Namespace) -> Any:
     """A `CLIPScorer` from ``--clip-model`` (None without it)."""
     if args.clip_model is None:
         return None
-    from difflab.eval.clip_score import CLIPScorer
+    from difflab.eval.clip import CLIPScorer
 
     return CLIPScorer(args.clip_model, scale=args.clip_scale, device=args.device or "cpu")
 

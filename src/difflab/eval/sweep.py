@@ -331,7 +331,7 @@ def _clip_setup(pipe: PipeLike, clip_model: Any) -> tuple[Any, list[str]]:
             "metric 'clip_score' needs prompts: a class-conditional run (each sample is scored "
             "against its class prompt)"
         )
-    from difflab.eval.clip_score import CLIPScorer
+    from difflab.eval.clip import CLIPScorer
 
     clip = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model)
     prompts = class_prompts(_data_section(pipe))

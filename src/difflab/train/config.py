@@ -140,6 +140,12 @@ class DiffusionConfig:
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
         _check_range("diffusion.cond_drop_prob", self.cond_drop_prob, 0.0, 1.0)
+        from ..schedules import NoiseSchedule
+
+        try:  # a wrong schedule key fails here, with a suggestion, not at the first step
+            NoiseSchedule.from_config(self.schedule)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"config key 'diffusion.schedule': {err}") from None
         for name in ("snr_gamma", "vlb_weight", "offset_noise", "input_perturbation"):
             _check_range(f"diffusion.{name}", getattr(self, name), 0.0)
 

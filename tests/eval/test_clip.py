@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from difflab.eval.clip_score import CLIPScorer, clip_score  # noqa: E402
+from difflab.eval.clip import CLIPScorer, clip_score  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["a cat", "the dog", "red box", "blue sky", "a tree", "green apple"]
