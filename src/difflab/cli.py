@@ -181,6 +181,13 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, as ``difflab.train.load_config``."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def add_demo_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -206,14 +213,7 @@ def add_demo_parser(subparsers: Any) -> None:
         help="torch CPU threads (default 1: this tiny model gains little from more, and two "
         "threads on two busy cores run many times slower; 0 = torch's default)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the demo config, e.g. --set model.model_channels=64",
-    )
+    _add_overrides(p, "override a key of the demo config, e.g. --set model.model_channels=64")
     p.set_defaults(func=_demo)
 
 
@@ -246,14 +246,7 @@ def add_train_parser(subparsers: Any) -> None:
         description="Train from CONFIG.yaml; the resolved config is written to the run.",
     )
     p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
-    )
+    _add_overrides(p, "override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="resume from the run's checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="delete an earlier run in run_dir first"

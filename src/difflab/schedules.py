@@ -140,20 +140,9 @@ class NoiseSchedule:
     @classmethod
     def from_name(cls, name: str, T: int = 1000, **kwargs: Any) -> NoiseSchedule:
         """Build a named schedule: ``linear``, ``scaled_linear``, ``cosine`` or ``sigmoid``."""
-        builders = {
-            "linear": cls.linear,
-            "scaled_linear": cls.scaled_linear,
-            "cosine": cls.cosine,
-            "sigmoid": cls.sigmoid,
-        }
-        check_choice("noise schedule", name, builders)
-        allowed = _option_names(builders[name])
-        for key in kwargs:
-            if key not in allowed:
-                raise ValueError(
-                    unknown_message(f"option of the {name!r} schedule", key, [*allowed, "T"])
-                )
-        return builders[name](T, **kwargs)
+        check_choice("noise schedule", name, SCHEDULE_NAMES)
+        _check_options(name, kwargs)
+        return getattr(cls, name)(T, **kwargs)
 
     def rescale_zero_terminal_snr(self) -> NoiseSchedule:
         """Lin et al. 2023, Alg. 1: shift and scale √ᾱ so that ᾱ_T = 0 exactly, ᾱ_0 kept."""
@@ -185,11 +174,8 @@ class NoiseSchedule:
             return cls.from_betas(cfg["betas"])
         zero_snr = cfg.pop("zero_terminal_snr", False)
         T = cfg.pop("T", 1000)
-        builder = getattr(cls, str(name), None) if name in SCHEDULE_NAMES else None
-        for key in cfg if builder is not None else ():
-            if key not in _option_names(builder):
-                allowed = [*_option_names(builder), "T", "zero_terminal_snr"]
-                raise ValueError(unknown_message(f"key of a {name!r} schedule", key, allowed))
+        if name in SCHEDULE_NAMES:  # zero_terminal_snr is a key of the config, not of a builder
+            _check_options(name, cfg, extra=("zero_terminal_snr",))
         sched = cls.from_name(name, T, **cfg)
         return sched.rescale_zero_terminal_snr() if zero_snr else sched
 
@@ -496,6 +482,10 @@ def _check_custom(ts: list[float], T: int) -> None:
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 
 
-def _option_names(builder: Any) -> list[str]:
-    """Keyword options of a named-schedule constructor (``T`` excluded)."""
-    return [p for p in inspect.signature(builder).parameters if p != "T"]
+def _check_options(name: str, keys: Any, extra: Sequence[str] = ()) -> None:
+    """Raise for a key that the named schedule's constructor does not take (with a hint)."""
+    params = inspect.signature(getattr(NoiseSchedule, name)).parameters
+    allowed = [*params, *extra]
+    for key in keys:
+        if key not in allowed:
+            raise ValueError(unknown_message(f"option of the {name!r} schedule", key, allowed))

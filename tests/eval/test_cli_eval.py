@@ -18,14 +18,6 @@ from difflab.eval.sweep import SWEEP_FILES, evaluate_pipeline  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:.*not comparable with numbers in papers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        cache = tmp_path_factory.getbasetemp() / "difflab_cache"  # shared by the eval tests
-        mp.setenv("DIFFLAB_CACHE", str(cache))
-        yield
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return make_tiny_run(tmp_path_factory.mktemp("cli_eval") / "run", num_classes=10)

@@ -42,14 +42,6 @@ DATA = {"source": "digits", "image_size": 8, "channels": 1}
 pytestmark = pytest.mark.filterwarnings("ignore:.*not comparable with numbers in papers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        cache = tmp_path_factory.getbasetemp() / "difflab_cache"  # shared by the eval tests
-        mp.setenv("DIFFLAB_CACHE", str(cache))
-        yield
-
-
 @pytest.fixture(scope="module")
 def digits(_cache):
     return DigitsClassifier()
