@@ -91,6 +91,6 @@ def test_bf16_autocast_on_cpu_trains_with_finite_loss(tmp_path):
 
 
 def test_fp16_on_cpu_falls_back_to_bf16_with_a_warning():
-    with pytest.warns(UserWarning, match="needs CUDA"):
+    with pytest.warns(UserWarning, match="needs CUDA.*using bf16"):
         prec = resolve_precision("fp16", torch.device("cpu"))
     assert prec.dtype == torch.bfloat16 and not prec.needs_scaler

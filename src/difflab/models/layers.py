@@ -160,22 +160,46 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``softmax(q k^T / sqrt(D)) v`` over ``[B, H, N, D]`` heads, computed in float32.
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype autocast lowers to on ``device_type`` (``torch.get_autocast_dtype`` is
+    torch >= 2.4)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()
 
-    ADM (Dhariwal & Nichol 2021) runs the softmax in float32 for stability under mixed
-    precision. On CPU the bfloat16 SDPA backward is also up to ~10x slower than the float32
-    one for small heads (e.g. 4 heads of 32 channels over 64 tokens). SDPA is on autocast's
-    lower-precision list, so autocast is switched off around it (else it would run in bf16).
-    ``mask``: boolean, broadcastable to ``[B, H, N, L]``, True = attend. Returns the dtype
-    of ``q``.
+
+def _float32_attention_is_faster(q: Tensor, k: Tensor) -> bool:
+    """Whether float32 beats bfloat16/float16 SDPA (forward + backward) on CPU for these
+    heads. Measured with one thread on AVX-512/AMX (``bench/results/train_throughput.md``):
+    reduced precision wins only for long, wide heads (2x at 256 tokens x 256 channels, 1.1x
+    at 256 x 64, 1.2x at 1024 x 32) and loses up to 8x on short or narrow ones (64 tokens,
+    or 256 tokens x 32 channels)."""
+    tokens, width = k.shape[-2], q.shape[-1]
+    return q.device.type == "cpu" and (tokens < 256 or tokens * width < 16384)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` over ``[B, H, N, D]`` heads, with a float32 softmax.
+
+    ADM (Dhariwal & Nichol 2021) keeps the softmax in float32 under mixed precision. PyTorch's
+    SDPA kernels accumulate the softmax in float32 for bf16/fp16 inputs too, so the compute
+    precision is chosen for speed: the autocast (or input) dtype, except on CPU for short or
+    narrow heads, where the reduced-precision SDPA backward is up to ~10x slower than the
+    float32 one (:func:`_float32_attention_is_faster`); there it runs in float32. SDPA is on
+    autocast's lower-precision list, so autocast is switched off around it. ``mask``:
+    boolean, broadcastable to ``[B, H, N, L]``, True = attend. Returns the dtype of ``q``.
     """
     dtype, device_type = q.dtype, q.device.type
-    q, k, v = q.float(), k.float(), v.float()
+    compute = dtype
     if _autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
+        compute = _autocast_dtype(device_type)
+    if compute != torch.float64 and _float32_attention_is_faster(q, k):
+        compute = torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    with torch.autocast(device_type, enabled=False):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
 
 
 def _check_heads(channels: int, heads: int) -> int:
