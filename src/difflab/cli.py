@@ -62,6 +62,16 @@ DEMO_CONFIG: dict[str, Any] = {
     "sample": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0},
 }
 DEMO_PER_CLASS = 10  # samples per digit: a 10 x 10 grid, 100 images scored by the SVM
+# `difflab demo --text`: the same U-Net conditioned on the captions ("a handwritten digit
+# seven") through a small transformer trained with it, instead of on class labels.
+DEMO_TEXT_OVERRIDES = (
+    "model.num_classes=null",
+    "text.encoder=transformer",
+    "text.width=64",
+    "text.layers=2",
+    "text.heads=4",
+    "text.max_length=8",
+)
 
 AddParser = Callable[[Any], None]
 
@@ -73,7 +83,7 @@ class UserError(Exception):
 # Files a training run (and the demo) writes into its run directory; --overwrite removes
 # exactly these, never anything else a user keeps there.
 RUN_FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "metrics.jsonl",
-             "demo_grid.png")  # fmt: skip
+             "demo_grid.png", "tokenizer.json")  # fmt: skip
 RUN_DIRS = ("train_state", "samples", "tensorboard")
 
 
@@ -113,18 +123,22 @@ def run_demo(
     sample_steps: int | None = None,
     per_class: int = DEMO_PER_CLASS,
     overrides: Sequence[str] = (),
+    text: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the digits demo, sample every class, score the samples with an SVM.
 
     :param overrides: ``key.sub=value`` changes to ``DEMO_CONFIG`` (as ``difflab train --set``).
+    :param text: condition on the captions through a text encoder trained with the U-Net
+        (``DEMO_TEXT_OVERRIDES``) and sample each class from its caption, e.g. "a
+        handwritten digit seven", instead of from its label.
     :return: ``{"run_dir", "grid", "accuracy", "train_seconds", "sample_seconds",
         "elapsed_seconds", "steps", "guidance_scale", "sampler", "sample_steps"}``.
     """
     import torch
 
-    from .data import digits_accuracy
+    from .data import digits_accuracy, digits_caption
     from .images import save_grid
     from .pipeline import Pipeline
     from .train import TrainConfig, apply_overrides, train
@@ -136,16 +150,19 @@ def run_demo(
     if steps is not None:
         cfg_dict["train"]["max_steps"] = steps
         cfg_dict["train"]["warmup_steps"] = min(cfg_dict["train"]["warmup_steps"], steps)
+    if text:
+        overrides = [*DEMO_TEXT_OVERRIDES, *overrides]
     config = TrainConfig.from_dict(apply_overrides(cfg_dict, overrides))
     train(config, progress=progress)
     trained = time.perf_counter()
 
     pipe = Pipeline.from_run(out)
     labels = torch.arange(10).repeat_interleave(per_class)  # one row per class
-    params = pipe.resolve_params(
-        len(labels), labels, None, sampler, sample_steps, guidance_scale, seed
-    )
-    images = pipe(len(labels), labels, None, sampler, sample_steps, guidance_scale, seed, progress)
+    cond: tuple[Any, Any] = (labels, None)
+    if text:
+        cond = (None, [digits_caption(k) for k in labels.tolist()])
+    params = pipe.resolve_params(len(labels), *cond, sampler, sample_steps, guidance_scale, seed)
+    images = pipe(len(labels), *cond, sampler, sample_steps, guidance_scale, seed, progress)
     grid = save_grid(images, Path(out) / "demo_grid.png", nrow=per_class, params=params)
     accuracy = digits_accuracy(images, labels)
     done = time.perf_counter()
@@ -162,8 +179,9 @@ def run_demo(
         "sample_steps": params["steps"],
     }
     log(f"wrote {grid} (10 classes x {per_class}) and the run in {out}")
+    what = "caption-conditioned" if text else "class-conditional"
     log(
-        f"SVM accuracy on class-conditional samples: {100 * accuracy:.1f}% "
+        f"SVM accuracy on {what} samples: {100 * accuracy:.1f}% "
         f"({params['sampler']}, {params['steps']} steps, CFG {params['guidance_scale']})"
     )
     log(
@@ -207,6 +225,12 @@ def add_demo_parser(subparsers: Any) -> None:
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps")
     p.add_argument("--per-class", type=int, default=DEMO_PER_CLASS, help="samples per class")
     p.add_argument(
+        "--text",
+        action="store_true",
+        help="condition on the captions ('a handwritten digit seven') through a text encoder "
+        "trained with the U-Net, and sample from captions instead of labels",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -234,6 +258,7 @@ def _demo(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps,
         per_class=args.per_class,
         overrides=args.overrides,
+        text=args.text,
     )
     return 0
 

@@ -9,6 +9,7 @@ the null label for classifier-free guidance, prompts).  The sampling itself is
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,13 +78,25 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     return metadata
 
 
-def _build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]:
+    """The run's network (a ``TextConditionedUNet`` for a text run) and its tokenizer."""
     from .models import UNet, UNetConfig
+    from .models.text import (
+        TOKENIZER_FILE,
+        TextConditionedUNet,
+        TextConfig,
+        TextTransformer,
+        WordTokenizer,
+    )
 
-    spec = dict(model_cfg)
+    spec = dict(cfg["model"])
     preset = spec.pop("preset", None)
-    cfg = UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec)
-    return UNet(cfg)
+    unet = UNet(UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec))
+    text = TextConfig(**(cfg.get("text") or {}))
+    if not text.enabled:
+        return unet, None
+    tokenizer = WordTokenizer.load(run_dir / TOKENIZER_FILE)
+    return TextConditionedUNet(unet, TextTransformer(len(tokenizer), text)), tokenizer
 
 
 class Pipeline:
@@ -145,6 +158,8 @@ class Pipeline:
 
         :param weights: ``"ema"`` (``ema.safetensors``, default) or ``"raw"``
             (``model.safetensors``).
+        :param text_encoder: for a text run, defaults to the run's own encoder and
+            ``tokenizer.json`` (``difflab.models.PromptEncoder``).
         :raises FileNotFoundError: no such run directory, config or weights file.
         :raises ValueError: the checkpoint does not fit the configured architecture.
         """
@@ -152,8 +167,12 @@ class Pipeline:
 
         check_choice("weights", weights, WEIGHTS)
         cfg = read_run_config(run_dir)
-        model = _build_model(cfg["model"])
+        model, tokenizer = _build_model(cfg, Path(run_dir))
         load_weights(model, Path(run_dir) / WEIGHTS[weights])
+        if text_encoder is None and tokenizer is not None:
+            from .models.text import PromptEncoder
+
+            text_encoder = PromptEncoder(model, tokenizer)  # type: ignore[arg-type]
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
         mc = model.config  # type: ignore[attr-defined]
@@ -229,6 +248,13 @@ class Pipeline:
             prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
             if len(prompts) != n:
                 raise ValueError(f"got {len(prompts)} prompts for n={n} images")
+            unknown = getattr(getattr(self.text_encoder, "tokenizer", None), "unknown_words", None)
+            if unknown is not None and unknown(prompts):
+                warnings.warn(
+                    f"words never seen in the training captions: {', '.join(unknown(prompts))} "
+                    "(each is encoded as <unk>)",
+                    stacklevel=3,
+                )
             ctx, mask = self.text_encoder(prompts)
             empty, empty_mask = self.text_encoder([""] * n)
             cond["context"], uncond["context"] = ctx.to(self.device), empty.to(self.device)

@@ -21,6 +21,7 @@ import yaml
 from .._validate import check_choice, unknown_message
 from ..data import DataConfig
 from ..losses import WEIGHTINGS
+from ..models.text import TextConfig
 from ..parametrization import PREDICTIONS, VARIANCES
 
 __all__ = [
@@ -248,6 +249,7 @@ def _default_model() -> dict[str, Any]:
 _SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "data": DataConfig,
+    "text": TextConfig,
     "train": LoopConfig,
     "sample": SampleConfig,
 }
@@ -259,6 +261,8 @@ class TrainConfig:
 
     ``model`` is a ``UNetConfig`` dict, optionally with ``preset: <name>`` plus overrides;
     :meth:`resolve` expands it to the full field list that is written to ``config.yaml``.
+    ``text`` (``difflab.models.TextConfig``) adds a text encoder trained with the U-Net on
+    the data's captions; the U-Net's ``context_dim`` then follows ``text.width``.
     """
 
     seed: int = 0
@@ -266,11 +270,14 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=_default_model)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
         self.model_config()  # validates the model section (unknown keys, preset names)
+        if self.text.enabled:
+            self._check_text()
         if self.data.channels != self.model_config().in_channels:
             raise ValueError(
                 f"data.channels={self.data.channels} but model in_channels="
@@ -278,6 +285,18 @@ class TrainConfig:
             )
         if self.train.eval_every:
             self._check_eval()
+
+    def _check_text(self) -> None:
+        if self.data.source not in ("digits", "captions"):
+            raise ValueError(
+                f"text.encoder={self.text.encoder!r} trains on captions, but data.source="
+                f"{self.data.source!r} has none; use data.source digits or captions"
+            )
+        busy = [k for k in ("val_every", "eval_every") if getattr(self.train, k)]
+        if busy:
+            raise ValueError(
+                f"train.{busy[0]} is not supported with text conditioning yet; set it to 0"
+            )
 
     def _check_eval(self) -> None:
         metrics = {m.strip() for m in self.train.eval_metrics.split(",")}
@@ -328,6 +347,15 @@ class TrainConfig:
 
         spec = dict(self.model)
         preset = spec.pop("preset", None)
+        if self.text.enabled:
+            width = self.text.width
+            if spec.get("context_dim") is None:
+                spec["context_dim"] = width
+            if spec["context_dim"] != width:
+                raise ValueError(
+                    f"model.context_dim={spec['context_dim']} contradicts text.width={width} "
+                    "(the U-Net attends to the text encoder's tokens)"
+                )
         learned = self.diffusion.learned_variance
         if spec.setdefault("learn_sigma", learned) != learned:
             raise ValueError(

@@ -34,10 +34,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..losses import LossSecondMomentSampler, training_loss
+from ..models.text import TOKENIZER_FILE, TextConditionedUNet, TextTransformer, WordTokenizer, words
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
 from .amp import resolve_precision
-from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    atomic_write_bytes,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .ema import EMA
@@ -144,6 +151,10 @@ class Trainer:
             num_workers=tc.num_workers,
         )
 
+        self.tokenizer: WordTokenizer | None = None
+        self.grid_prompts: list[str] | None = None
+        if cfg.text.enabled:
+            self.tokenizer, self.grid_prompts = self._build_tokenizer(dataset)
         self.model = self._build_model(model).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
@@ -164,18 +175,48 @@ class Trainer:
         self._eval_extractor: Any = None  # built on the first periodic eval
 
     # ------------------------------------------------------------------ setup helpers
+    def _build_tokenizer(self, dataset: Any) -> tuple[WordTokenizer, list[str]]:
+        """The caption vocabulary (the same on every rank) and the grid's prompts: the
+        first ``sample.num_images`` distinct captions, cycled."""
+        texts = getattr(dataset, "texts", None)
+        if texts is None:
+            texts = [dataset[i].get("text") for i in range(len(dataset))]
+        missing = sum(t is None for t in texts)
+        if missing or not texts:
+            raise ValueError(
+                f"text.encoder={self.cfg.text.encoder!r} needs a caption for every image; "
+                f"{missing} of {len(texts)} have none (see the data report)"
+            )
+        tc = self.cfg.text
+        tokenizer = WordTokenizer.from_texts(texts, tc.max_length, min_count=tc.min_count)
+        longest = max(len(words(t)) for t in texts)
+        if longest > tc.max_length - 1:
+            warnings.warn(
+                f"the longest caption has {longest} words, but text.max_length="
+                f"{tc.max_length} keeps {tc.max_length - 1}; raise text.max_length to use "
+                "whole captions",
+                stacklevel=3,
+            )
+        distinct = list(dict.fromkeys(texts))
+        n = self.cfg.sample.num_images
+        return tokenizer, [distinct[i % len(distinct)] for i in range(n)]
+
     def _build_model(self, model: nn.Module | None) -> nn.Module:
         tc = self.cfg.train
         if model is None:
             from ..models import UNet
 
             mcfg = self.cfg.model_config()
-            if mcfg.context_dim is not None:
+            if mcfg.context_dim is not None and self.tokenizer is None:
                 raise ValueError(
-                    "text-conditional training (model.context_dim) needs a text encoder, "
-                    "which the trainer does not provide yet; use class labels or none"
+                    "model.context_dim is set, but there is no text encoder to feed it; set "
+                    "text.encoder: transformer (trained on the data's captions)"
                 )
             model = UNet(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
+            if self.tokenizer is not None:
+                gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 4))
+                text = TextTransformer(len(self.tokenizer), self.cfg.text, generator=gen)
+                model = TextConditionedUNet(model, text)
         if tc.grad_checkpointing:
             if not hasattr(model, "set_gradient_checkpointing"):
                 raise ValueError(f"{type(model).__name__} has no set_gradient_checkpointing()")
@@ -204,6 +245,14 @@ class Trainer:
             cond["class_labels"] = torch.where(
                 drop < self.cfg.diffusion.cond_drop_prob, null, labels
             )
+        if self.tokenizer is not None:
+            drop = torch.rand(B, generator=self.gen)[rows]
+            texts = [
+                "" if d < self.cfg.diffusion.cond_drop_prob else text
+                for d, text in zip(drop.tolist(), batch["text"])
+            ]
+            ids, mask = self.tokenizer.encode(texts)
+            cond["input_ids"], cond["attention_mask"] = ids.to(dev), mask.to(dev)
         importance = None
         if self.timestep_sampler is not None:
             t, w = self.timestep_sampler.sample(B)
@@ -368,6 +417,16 @@ class Trainer:
         """Load the run directory's checkpoint if there is one; returns whether it did."""
         if find_checkpoint(self.run_dir) is None:
             return False
+        saved = self.run_dir / TOKENIZER_FILE
+        if self.tokenizer is not None and saved.is_file():
+            old = WordTokenizer.load(saved)
+            if (old.vocab, old.max_length) != (self.tokenizer.vocab, self.tokenizer.max_length):
+                new_words = sorted(set(self.tokenizer.vocab) ^ set(old.vocab))[:5]
+                raise ValueError(
+                    f"the captions' vocabulary differs from the run's {saved} "
+                    f"(e.g. {new_words}, max_length {old.max_length} -> "
+                    f"{self.tokenizer.max_length}); resume with the data the run started with"
+                )
         ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
         meta = ck.meta
         self.model.load_state_dict(ck.model)
@@ -418,6 +477,9 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+            if self.tokenizer is not None:
+                text = self.tokenizer.to_json().encode("utf-8")
+                atomic_write_bytes(self.run_dir / TOKENIZER_FILE, text)
             self.log = MetricsLog(self.run_dir, tensorboard=tc.tensorboard)
             self.log.log({"event": "resume" if resumed else "start", "step": self.step})
         disable = (not main) or (None if self.show_progress is None else not self.show_progress)
@@ -497,6 +559,8 @@ class Trainer:
                     path,
                     device=self.device,
                     null_label=self.null_label,
+                    prompts=self.grid_prompts,
+                    tokenizer=self.tokenizer,
                 )
             )
         return out

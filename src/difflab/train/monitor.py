@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..images import save_grid
+from ..models.text import PromptEncoder
 from ..schedules import NoiseSchedule
 from .config import TrainConfig
 
@@ -68,12 +69,16 @@ def sample_grid(
     *,
     device: torch.device,
     null_label: int | None,
+    prompts: list[str] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Draw ``config.sample.num_images`` images with a fixed seed and save them as a grid.
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod the class count) with
-    classifier-free guidance against the null label; x̂0 is clipped to [-1, 1] as
-    ``Pipeline`` does by default (without it a cosine schedule's first step saturates).
+    classifier-free guidance against the null label; text-conditional ones (a
+    ``TextConditionedUNet`` with its ``tokenizer``) get ``prompts`` against the empty
+    prompt. x̂0 is clipped to [-1, 1] as ``Pipeline`` does by default (without it a cosine
+    schedule's first step saturates).
     The global RNG state is preserved, so drawing grids never changes the training run.
     """
     from ..samplers import sample
@@ -91,6 +96,12 @@ def sample_grid(
     was_training = model.training
     model.eval()
     try:
+        if prompts is not None:
+            encode = PromptEncoder(model, tokenizer)
+            (ctx, ctx_mask), (empty, empty_mask) = encode(prompts), encode([""] * n)
+            cond = {**(cond or {}), "context": ctx, "context_mask": ctx_mask}
+            uncond = {**(uncond or {}), "context": empty, "context_mask": empty_mask}
+            guidance = config.sample.guidance_scale
         with torch.random.fork_rng(devices=[]):
             images = sample(
                 model,
@@ -116,4 +127,6 @@ def sample_grid(
         "seed": config.seed,
         "clip_x0": True,
     }
+    if prompts is not None:
+        params["prompts"] = prompts
     return save_grid(images, path, params=params)

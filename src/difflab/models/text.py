@@ -1,0 +1,266 @@
+"""Text conditioning: a word-level tokenizer, a transformer text encoder trained from scratch,
+and the U-Net wrapper that feeds the encoder's tokens to cross-attention.
+
+Latent Diffusion (Rombach et al. 2022, sec. 3.3 and 4.3) conditions the U-Net on the token
+sequence ``τ_θ(y)`` of a transformer trained jointly with it; for small captioned data sets
+(the embedded digits' "a handwritten digit seven", a folder of captioned images) that is
+the model this module builds. The tokenizer's vocabulary is the caption words of the
+training data, saved beside the run as ``tokenizer.json``; nothing is downloaded.
+
+The wrapper keeps the one model contract: ``model(x_t, t, input_ids=, attention_mask=)``
+encodes the tokens on every call (training), and ``model(x_t, t, context=, context_mask=)``
+takes tokens encoded once (sampling; :meth:`TextConditionedUNet.encode`). Classifier-free
+guidance uses the empty prompt, which encodes to the start token alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PromptEncoder", "TextConfig", "TextConditionedUNet", "TextTransformer", "WordTokenizer"]
+
+TOKENIZER_FILE = "tokenizer.json"  # beside a text-conditional run's weights
+PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
+SPECIALS = (PAD, UNK, BOS)
+TEXT_ENCODERS = ("none", "transformer")
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, numbers and single punctuation marks of ``text``."""
+    return _WORD.findall(text.lower())
+
+
+class WordTokenizer:
+    """Word-level tokenizer over a fixed vocabulary; every sequence starts with ``<bos>``
+    and is padded to ``max_length`` (so the empty prompt is one real token, never an
+    all-masked row).
+
+    :param vocab: the token list; the first three must be ``<pad>``, ``<unk>``, ``<bos>``.
+    :param max_length: tokens per sequence, ``<bos>`` included.
+    """
+
+    def __init__(self, vocab: Sequence[str], max_length: int) -> None:
+        if tuple(vocab[:3]) != SPECIALS:
+            raise ValueError(f"a vocabulary must start with {SPECIALS}, got {tuple(vocab[:3])}")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("the vocabulary has duplicate tokens")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (<bos> plus a word), got {max_length}")
+        self.vocab = list(vocab)
+        self.max_length = int(max_length)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def from_texts(
+        cls, texts: Iterable[str], max_length: int, *, min_count: int = 1
+    ) -> WordTokenizer:
+        """The vocabulary of ``texts``: words seen at least ``min_count`` times, most frequent
+        first (ties alphabetical), so every process building it gets the same ids."""
+        counts = Counter(w for text in texts for w in words(text))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
+        return cls([*SPECIALS, *kept], max_length)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(input_ids [B, max_length] long, attention_mask [B, max_length] bool)``.
+
+        Unknown words become ``<unk>``; a prompt longer than ``max_length - 1`` words is cut
+        with a warning that names it.
+        """
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not one string")
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        unk, bos = self.index[UNK], self.index[BOS]
+        for row, prompt in enumerate(prompts):
+            toks = [bos] + [self.index.get(w, unk) for w in words(prompt)]
+            if len(toks) > self.max_length:
+                warnings.warn(
+                    f"prompt {prompt!r} has {len(toks) - 1} words; only the first "
+                    f"{self.max_length - 1} are used (text max_length={self.max_length})",
+                    stacklevel=2,
+                )
+                toks = toks[: self.max_length]
+            ids[row, : len(toks)] = torch.tensor(toks)
+            mask[row, : len(toks)] = True
+        return ids, mask
+
+    def unknown_words(self, prompts: Iterable[str]) -> list[str]:
+        """The words of ``prompts`` outside the vocabulary (they encode as ``<unk>``)."""
+        seen = {w for p in prompts for w in words(p) if w not in self.index}
+        return sorted(seen)
+
+    def to_json(self) -> str:
+        """``{"max_length": ..., "vocab": [...]}``, the content of a run's ``tokenizer.json``."""
+        return json.dumps({"max_length": self.max_length, "vocab": self.vocab}, indent=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> WordTokenizer:
+        """Read a ``tokenizer.json`` (:meth:`to_json`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(data["vocab"], data["max_length"])
+
+
+@dataclass
+class TextConfig:
+    """The ``text:`` section of a run config.
+
+    :param encoder: ``none`` (no text conditioning) or ``transformer`` (trained from scratch
+        with the U-Net, LDM sec. 4.3).
+    :param width: token embedding width; the U-Net's ``context_dim``.
+    :param layers: transformer layers.
+    :param heads: attention heads per layer.
+    :param max_length: tokens per prompt including ``<bos>``.
+    :param min_count: words rarer than this in the captions map to ``<unk>``.
+    """
+
+    encoder: str = "none"
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 16
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.encoder not in TEXT_ENCODERS:
+            raise ValueError(
+                f"text.encoder must be one of {', '.join(TEXT_ENCODERS)}, got {self.encoder!r}"
+            )
+        for name in ("width", "layers", "heads", "min_count"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"text.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"text.max_length must be >= 2, got {self.max_length}")
+        if self.width % self.heads:
+            raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.encoder != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TextTransformer(nn.Module):
+    """Token + learned position embeddings, pre-LN transformer layers (GELU, no dropout) and
+    a final LayerNorm: ``(input_ids [B, L], attention_mask [B, L]) -> [B, L, width]``.
+    Padded positions attend nowhere and are attended by nobody; their outputs are zeroed."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        cfg: TextConfig,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, cfg.width)
+        self.position = nn.Parameter(torch.zeros(cfg.max_length, cfg.width))
+        layer = nn.TransformerEncoderLayer(
+            cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu",
+            batch_first=True, norm_first=True,
+        )  # fmt: skip
+        self.layers = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.width)
+        with torch.no_grad():  # GPT-2-style small normal init, from the given generator
+            for p in self.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            self.position.copy_(torch.randn(self.position.shape, generator=generator) * 0.01)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        length = input_ids.shape[1]
+        if length > self.position.shape[0]:
+            raise ValueError(
+                f"{length} tokens, but the encoder has {self.position.shape[0]} positions"
+            )
+        h = self.token(input_ids) + self.position[:length].to(self.token.weight.dtype)
+        h = self.layers(h, src_key_padding_mask=~attention_mask.bool())
+        return self.norm(h) * attention_mask[..., None].to(h.dtype)
+
+
+class TextConditionedUNet(nn.Module):
+    """A U-Net with cross-attention plus the text encoder it is trained with.
+
+    ``forward(x_t, t, class_labels=None, input_ids=None, attention_mask=None, context=None,
+    context_mask=None)``: token ids are encoded here; ready ``context`` passes straight to
+    the U-Net. Attributes the trainer and Pipeline read (``config``, ``null_class_label``,
+    ``set_gradient_checkpointing``) are the U-Net's.
+    """
+
+    def __init__(self, unet: nn.Module, text: TextTransformer) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text = text
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    @property
+    def null_class_label(self) -> int | None:
+        return getattr(self.unet, "null_class_label", None)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.unet.set_gradient_checkpointing(enabled)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(context [B, L, width], context_mask [B, L])`` for the U-Net's cross-attention."""
+        mask = attention_mask.bool()
+        return self.text(input_ids, mask), mask
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        class_labels: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        if input_ids is not None:
+            if context is not None:
+                raise ValueError("pass input_ids or context, not both")
+            if attention_mask is None:
+                attention_mask = input_ids != 0
+            context, context_mask = self.encode(input_ids, attention_mask)
+        return self.unet(
+            x, t, class_labels=class_labels, context=context, context_mask=context_mask
+        )
+
+
+class PromptEncoder:
+    """``prompts -> (context [B, L, width], context_mask [B, L])`` through a
+    :class:`TextConditionedUNet`'s encoder, on the model's device: a ``Pipeline``'s
+    ``text_encoder``. Words outside the vocabulary encode as ``<unk>`` (see
+    :meth:`WordTokenizer.unknown_words`)."""
+
+    def __init__(self, model: TextConditionedUNet, tokenizer: WordTokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenizer.encode(list(prompts))
+        device = next(self.model.parameters()).device
+        return self.model.encode(ids.to(device), mask.to(device))
