@@ -3,12 +3,14 @@
 Both networks are built from one :class:`difflab.models.UNetConfig` (same widths, depths,
 attention resolutions, heads, GroupNorm groups, scale-shift conditioning, dropout) and
 trained with the DDPM objective (Ho et al. 2020): MSE between the predicted and the true
-noise, one AdamW step per batch. Throughput is timed in one fresh process per precision,
-the models taking turns window by window so that load from other processes on a shared
-machine hits them alike; the best window counts. Peak memory is read in a fresh process
-per (model, precision) from ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the growth of
-the peak resident set size over the warm-up steps plus one (model, optimiser and data
-already built before).
+noise, one AdamW step per batch (``--optimizer same``: torch's default AdamW for both, so
+only the networks differ; ``native``: each library's training step as its users run it,
+difflab's trainer optimiser against the default AdamW of diffusers' examples). Throughput
+is timed in one fresh process per precision, the models taking turns window by window so
+that load from other processes on a shared machine hits them alike; the best window
+counts. Peak memory is read in a fresh process per (model, precision) from
+``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the growth of the peak resident set size
+over the warm-up steps plus one (model, optimiser and data already built before).
 
 Usage::
 
@@ -102,7 +104,13 @@ def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any,
     model.train().to(memory_format=fmt)  # in place: ``forward`` still calls this model
     if args.compile:
         forward = torch.compile(forward)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if args.optimizer == "native" and name == "difflab":
+        from difflab.train.config import LoopConfig
+        from difflab.train.optim import build_optimizer
+
+        opt, _ = build_optimizer(model, LoopConfig(lr=1e-4))  # what `difflab train` steps with
+    else:  # diffusers' training examples: torch.optim.AdamW's default implementation
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
     x0 = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
@@ -190,6 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="difflab,diffusers")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--channels-last", action="store_true", help="channels_last for both models")
+    p.add_argument(
+        "--optimizer",
+        choices=("same", "native"),
+        default="same",
+        help="same: torch.optim.AdamW's default for both (compares the networks alone); "
+        "native: each library's own training step, difflab's trainer optimiser (fused AdamW) "
+        "against the default AdamW of diffusers' training examples",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument(
         "--memory",
@@ -215,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"Preset `{args.preset}`, batch {args.batch_size}, best of {args.repeats} windows of "
         f"{args.iters} steps after {args.warmup} warm-up, compile={args.compile}, "
-        f"channels_last={args.channels_last}, {args.threads} CPU threads, "
+        f"channels_last={args.channels_last}, optimizer={args.optimizer}, "
+        f"{args.threads} CPU threads, "
         f"torch {torch.__version__}, {platform.processor() or 'cpu'}.",
         "Images/s: best window, models timed in alternation in one process (after the "
         "warm-up steps, so compilation is excluded; the warm-up column shows its cost). "

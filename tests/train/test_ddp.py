@@ -31,7 +31,8 @@ import torch
 torch.set_num_threads(1)
 from train_helpers import ToyData, tiny_config
 from difflab.train import train
-result = train(tiny_config(sys.argv[1], *sys.argv[2:]), dataset=ToyData())
+dataset = ToyData() if sys.argv[2] == "toy" else None  # None: the config's (digits)
+result = train(tiny_config(sys.argv[1], *sys.argv[3:]), dataset=dataset)
 print("FINAL", result.final_loss, flush=True)
 """
 
@@ -42,8 +43,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TEXT = [
+    "model.num_classes=null",
+    "data.source=digits",
+    "text.encoder=transformer",
+    "text.width=16",
+    "text.heads=2",
+    "text.layers=1",
+    "text.max_length=8",
+]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_two_gloo_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["toy", "text"])
+def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
+    """Class labels on toy data, or captions through the text encoder (every rank builds
+    the same vocabulary from the digits' captions)."""
+    opts = OPTS if kind == "toy" else [*OPTS, *TEXT]
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(SCRIPT))
     env = {
@@ -53,11 +69,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(script), str(tmp_path / "ddp"), *OPTS]  # fmt: skip
+           str(script), str(tmp_path / "ddp"), kind, *opts]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    single = train(tiny_config(tmp_path / "single", *OPTS), dataset=ToyData())
+    data = ToyData() if kind == "toy" else None
+    single = train(tiny_config(tmp_path / "single", *opts), dataset=data)
     ddp_loss = float(proc.stdout.split("FINAL")[-1].split()[0])
     assert ddp_loss == pytest.approx(single.final_loss, rel=1e-5)
     for name in ("model.safetensors", "ema.safetensors"):
