@@ -1,4 +1,4 @@
-"""The ``difflab`` command: ``demo``, ``train``, ``sample``, ``eval`` and ``sweep``.
+"""The ``difflab`` command: ``demo``, ``train``, ``finetune``, ``sample``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_CONFIG", "build_parser", "main", "run_demo"]
+__all__ = ["DEMO_CONFIG", "build_parser", "finetune_config", "main", "run_demo"]
 
 # The digits demo: a class-conditional U-Net on the embedded 8x8 digits, sized to train in
 # a few minutes on 2 CPU cores (see docs/demo.md for measured time and accuracy).  The same
@@ -83,7 +83,7 @@ class UserError(Exception):
 # Files a training run (and the demo) writes into its run directory; --overwrite removes
 # exactly these, never anything else a user keeps there.
 RUN_FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "metrics.jsonl",
-             "demo_grid.png", "tokenizer.json")  # fmt: skip
+             "demo_grid.png", "tokenizer.json", "lora.safetensors")  # fmt: skip
 RUN_DIRS = ("train_state", "samples", "tensorboard")
 
 
@@ -294,6 +294,81 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- finetune
+def add_finetune_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "finetune",
+        help="train a LoRA adapter on top of a finished run",
+        description="LoRA fine-tuning (Hu et al. 2021): the base run's config and weights, "
+        "new data through --set data.*, only the adapters train. Writes a run directory "
+        "with lora.safetensors (EMA adapter weights) beside the usual checkpoint.",
+    )
+    p.add_argument("base", help="the run to adapt (a run directory)")
+    p.add_argument("--out", required=True, help="run directory of the fine-tuning run")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument(
+        "--targets",
+        default="attention",
+        help="attention, conv, attention+conv, or comma-separated module-name patterns "
+        "(e.g. '*.qkv,*.proj_out')",
+    )
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: base's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: base's)")
+    _add_overrides(p, "override a config key, e.g. --set data.source=npz (repeatable)")
+    p.add_argument("--resume", action="store_true", help="resume the fine-tuning run")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
+    p.set_defaults(func=_finetune)
+
+
+def finetune_config(
+    base: str | Path,
+    out: str | Path,
+    *,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: str | list[str] = "attention",
+    rslora: bool = False,
+    overrides: Sequence[str] = (),
+) -> Any:
+    """The config of a LoRA run on ``base``: its config with ``finetune`` set, ``run_dir``
+    = ``out``, its train/sample/text sections kept, then ``overrides``."""
+    from .pipeline import read_run_config
+    from .train import TrainConfig, apply_overrides
+
+    cfg = read_run_config(base)
+    cfg["run_dir"] = str(out)
+    cfg["finetune"] = dict(
+        base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora
+    )
+    return TrainConfig.from_dict(apply_overrides(cfg, overrides))
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .train import train
+
+    targets: str | list[str] = args.targets
+    if "," in targets or "*" in targets or "." in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.max_steps={args.steps}")
+    if args.lr is not None:
+        overrides.append(f"train.lr={args.lr}")
+    config = finetune_config(
+        args.base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
+        rslora=args.rslora, overrides=overrides,
+    )  # fmt: skip
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
+    prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
+    train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"LoRA run written to {config.run_dir} (adapter: {config.run_dir}/lora.safetensors)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- sample
 def add_sample_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -326,6 +401,16 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("-o", "--out", default=None, help="output PNG (default RUN/samples/...)")
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="apply a LoRA adapter file (repeatable; see difflab finetune)",
+    )
+    p.add_argument(
+        "--lora-scale", type=float, default=1.0, help="strength of --lora (0 = the base model)"
+    )
     p.set_defaults(func=_sample)
 
 
@@ -348,6 +433,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     labels, n = _expand_classes(args.classes, args.n)
     pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
+    for path in args.lora:
+        print(pipe.load_lora(path, scale=args.lora_scale))
     kwargs = dict(
         class_labels=labels,
         prompt=args.prompt,
@@ -377,7 +464,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- main
-SUBCOMMANDS: list[AddParser] = [add_demo_parser, add_train_parser, add_sample_parser]
+SUBCOMMANDS: list[AddParser] = [
+    add_demo_parser,
+    add_train_parser,
+    add_finetune_parser,
+    add_sample_parser,
+]
 
 
 def _eval_adders() -> list[AddParser]:

@@ -93,10 +93,17 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
     preset = spec.pop("preset", None)
     unet = UNet(UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec))
     text = TextConfig(**(cfg.get("text") or {}))
-    if not text.enabled:
-        return unet, None
-    tokenizer = WordTokenizer.load(run_dir / TOKENIZER_FILE)
-    return TextConditionedUNet(unet, TextTransformer(len(tokenizer), text)), tokenizer
+    model: nn.Module = unet
+    tokenizer = None
+    if text.enabled:
+        tokenizer = WordTokenizer.load(run_dir / TOKENIZER_FILE)
+        model = TextConditionedUNet(unet, TextTransformer(len(tokenizer), text))
+    ft = cfg.get("finetune") or {}
+    if ft.get("base_run") is not None:  # a LoRA fine-tuning run: its weights hold adapters
+        from .finetune import add_lora
+
+        add_lora(model, ft["rank"], ft.get("alpha"), ft["targets"], rslora=ft.get("rslora", False))
+    return model, tokenizer
 
 
 class Pipeline:
@@ -144,6 +151,7 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.run_dir = run_dir
         self.weights = weights
+        self.loras: list[dict[str, Any]] = []  # adapters applied by load_lora (PNG params)
 
     @classmethod
     def from_run(
@@ -190,6 +198,18 @@ class Pipeline:
             weights=weights,
             device=device,
         )
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, *, strict: bool = True) -> Any:
+        """Apply a LoRA adapter file (``difflab.finetune.load_lora``) at strength ``scale``.
+
+        Loud by default: every adapted module must exist with matching shapes, or nothing
+        is applied and the ValueError lists what did not fit. Returns the load report.
+        """
+        from .finetune import load_lora
+
+        report = load_lora(self.model, path, scale=scale, strict=strict)
+        self.loras.append({"path": str(path), "scale": float(scale), "layers": len(report.applied)})
+        return report
 
     # ------------------------------------------------------------------ conditioning
     def _labels(self, class_labels: int | Sequence[int] | Tensor | None, n: int) -> Tensor | None:
@@ -301,6 +321,7 @@ class Pipeline:
             "class_labels": None if labels is None else labels.tolist(),
             "prompt": prompt if prompt is None or isinstance(prompt, str) else list(prompt),
             "prediction": self.prediction,
+            **({"lora": self.loras} if self.loras else {}),
             "schedule": self.schedule.to_config(),
             "difflab_version": __version__,
         }

@@ -4,6 +4,7 @@ Knows nothing of samplers; the trainer and the Pipeline call into it.
 """
 
 from difflab.finetune.lora import (
+    LORA_FILE,
     LORA_FORMAT,
     LoRALayer,
     LoRAReport,
@@ -19,6 +20,7 @@ from difflab.finetune.lora import (
 )
 
 __all__ = [
+    "LORA_FILE",
     "LORA_FORMAT",
     "LoRALayer",
     "LoRAReport",

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "LORA_FILE",
     "LORA_FORMAT",
     "LoRALayer",
     "LoRAReport",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 LORA_FORMAT = "difflab-lora/1"
+LORA_FILE = "lora.safetensors"  # the adapter a `difflab finetune` run writes (EMA weights)
 # Named target sets: "attention" = every linear layer of the attention blocks (ADM
 # self-attention and LDM transformer blocks); "conv" = the residual blocks' convolutions.
 TARGET_SETS = ("attention", "conv", "attention+conv")

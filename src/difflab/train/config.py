@@ -226,6 +226,41 @@ class LoopConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of a finished run (``difflab finetune``; ``difflab.finetune``).
+
+    :param base_run: the run whose weights are adapted (``None`` = ordinary training). The
+        network is rebuilt from this config's ``model`` / ``text`` sections, which
+        ``difflab finetune`` copies from the base run.
+    :param weights: ``ema`` or ``raw`` weights of the base run.
+    :param rank: LoRA rank ``r``. :param alpha: ``α`` (``None`` = ``rank``, i.e. scale 1).
+    :param targets: ``attention``, ``conv``, ``attention+conv`` or a list of module-name
+        patterns. :param rslora: scale by ``α/√r`` (rank-stabilised LoRA).
+    """
+
+    base_run: str | None = None
+    weights: str = "ema"
+    rank: int = 4
+    alpha: float | None = None
+    targets: Any = "attention"
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        from ..finetune.lora import TARGET_SETS
+
+        check_choice("finetune.weights", self.weights, ("ema", "raw"))
+        _check_range("finetune.rank", self.rank, 1)
+        if self.alpha is not None:
+            _check_range("finetune.alpha", self.alpha, 0.0)
+        patterns = isinstance(self.targets, list) and all(isinstance(p, str) for p in self.targets)
+        if not patterns and self.targets not in TARGET_SETS:
+            raise ValueError(
+                f"finetune.targets must be one of {', '.join(TARGET_SETS)} or a list of "
+                f"module-name patterns, got {self.targets!r}"
+            )
+
+
+@dataclass
 class SampleConfig:
     """Defaults for the training-time sample grids and for ``difflab sample``."""
 
@@ -250,6 +285,7 @@ _SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "data": DataConfig,
     "text": TextConfig,
+    "finetune": FinetuneConfig,
     "train": LoopConfig,
     "sample": SampleConfig,
 }
@@ -271,6 +307,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

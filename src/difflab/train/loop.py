@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from ..finetune.lora import LORA_FILE
 from ..losses import LossSecondMomentSampler, training_loss
 from ..models.text import TOKENIZER_FILE, TextConditionedUNet, TextTransformer, WordTokenizer, words
 from ..samplers.common import progress as progress_bar
@@ -188,7 +189,17 @@ class Trainer:
                 f"{missing} of {len(texts)} have none (see the data report)"
             )
         tc = self.cfg.text
-        tokenizer = WordTokenizer.from_texts(texts, tc.max_length, min_count=tc.min_count)
+        if self.cfg.finetune.base_run is not None:  # the base run's vocabulary and weights
+            tokenizer = WordTokenizer.load(Path(self.cfg.finetune.base_run) / TOKENIZER_FILE)
+            unknown = tokenizer.unknown_words(texts)
+            if unknown:
+                warnings.warn(
+                    f"caption words the base run never saw encode as <unk>: "
+                    f"{', '.join(unknown[:10])}",
+                    stacklevel=3,
+                )
+        else:
+            tokenizer = WordTokenizer.from_texts(texts, tc.max_length, min_count=tc.min_count)
         longest = max(len(words(t)) for t in texts)
         if longest > tc.max_length - 1:
             warnings.warn(
@@ -200,6 +211,24 @@ class Trainer:
         distinct = list(dict.fromkeys(texts))
         n = self.cfg.sample.num_images
         return tokenizer, [distinct[i % len(distinct)] for i in range(n)]
+
+    def _adapt(self, model: nn.Module) -> None:
+        """Load the base run's weights into ``model`` and wrap its target layers in LoRA
+        adapters; only the adapters train (``finetune`` config section)."""
+        from ..finetune import add_lora
+        from ..pipeline import WEIGHTS, load_weights
+
+        ft = self.cfg.finetune
+        load_weights(model, Path(str(ft.base_run)) / WEIGHTS[ft.weights])
+        gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 5))
+        names = add_lora(model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, generator=gen)
+        if self.dist.is_main:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            print(
+                f"LoRA rank {ft.rank} on {len(names)} layers of {ft.base_run}: "
+                f"{trainable:,} of {total:,} parameters train"
+            )
 
     def _build_model(self, model: nn.Module | None) -> nn.Module:
         tc = self.cfg.train
@@ -217,6 +246,8 @@ class Trainer:
                 gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 4))
                 text = TextTransformer(len(self.tokenizer), self.cfg.text, generator=gen)
                 model = TextConditionedUNet(model, text)
+            if self.cfg.finetune.base_run is not None:
+                self._adapt(model)
         if tc.grad_checkpointing:
             if not hasattr(model, "set_gradient_checkpointing"):
                 raise ValueError(f"{type(model).__name__} has no set_gradient_checkpointing()")
@@ -238,6 +269,13 @@ class Trainer:
         if self.null_label is not None:
             if "class_label" in batch:
                 labels = batch["class_label"].to(dev).long()
+                bad = labels[(labels < 0) | (labels >= self.null_label)]
+                if bad.numel():
+                    raise ValueError(
+                        f"the data has class label {int(bad[0])}, but the model has "
+                        f"model.num_classes={self.null_label} (labels 0..{self.null_label - 1}"
+                        "); set model.num_classes to the data's class count"
+                    )
             else:  # no labels in the data: train the unconditional (null-label) model
                 labels = torch.full((b,), self.null_label, device=dev, dtype=torch.long)
             drop = torch.rand(B, generator=self.gen)[rows].to(dev)
@@ -410,6 +448,12 @@ class Trainer:
                 meta=meta,
             )
             save_checkpoint(self.run_dir, ckpt)
+            if self.cfg.finetune.base_run is not None:
+                from ..finetune import save_lora
+
+                meta = {"base_run": str(self.cfg.finetune.base_run), "step": str(self.step),
+                        "weights": "ema"}  # fmt: skip
+                save_lora(self.ema.model, self.run_dir / LORA_FILE, metadata=meta)
         if self.dist.distributed:
             dist.barrier()
 

@@ -41,7 +41,9 @@ def build_optimizer(
     from torch 2.4; CUDA): the same update to float rounding, 2-4x faster (cifar10 preset on
     one CPU thread: 265 -> 64 ms per step); otherwise the default implementation.
     """
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen bases stay out
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
     try:
         optimizer = torch.optim.AdamW(
             params, lr=config.lr, weight_decay=config.weight_decay, fused=True
