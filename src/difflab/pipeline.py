@@ -95,7 +95,7 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
     text = TextConfig(**(cfg.get("text") or {}))
     model: nn.Module = unet
     tokenizer = None
-    if text.enabled:
+    if text.encoder == "transformer":
         tokenizer = WordTokenizer.load(run_dir / TOKENIZER_FILE)
         model = TextConditionedUNet(unet, TextTransformer(len(tokenizer), text))
     ft = cfg.get("finetune") or {}
@@ -177,10 +177,17 @@ class Pipeline:
         cfg = read_run_config(run_dir)
         model, tokenizer = _build_model(cfg, Path(run_dir))
         load_weights(model, Path(run_dir) / WEIGHTS[weights])
+        text_cfg = cfg.get("text") or {}
         if text_encoder is None and tokenizer is not None:
             from .models.text import PromptEncoder
 
             text_encoder = PromptEncoder(model, tokenizer)  # type: ignore[arg-type]
+        elif text_encoder is None and text_cfg.get("encoder") == "clip":
+            from .models.text import PretrainedTextEncoder
+
+            text_encoder = PretrainedTextEncoder(
+                text_cfg["path"], text_cfg.get("max_length", 77), device
+            )
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
         mc = model.config  # type: ignore[attr-defined]

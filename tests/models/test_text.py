@@ -71,8 +71,8 @@ def test_tokenizer_json_round_trip(tokenizer, tmp_path):
 
 
 def test_text_config_checks():
-    with pytest.raises(ValueError, match="none, transformer"):
-        TextConfig(encoder="clip")
+    with pytest.raises(ValueError, match="none, transformer, clip"):
+        TextConfig(encoder="bert")
     with pytest.raises(ValueError, match="divisible"):
         TextConfig(encoder="transformer", width=30, heads=4)
     assert not TextConfig().enabled and TextConfig(encoder="transformer").enabled

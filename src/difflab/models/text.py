@@ -27,12 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PromptEncoder", "TextConfig", "TextConditionedUNet", "TextTransformer", "WordTokenizer"]
+__all__ = [
+    "PretrainedTextEncoder",
+    "PromptEncoder",
+    "TextConditionedUNet",
+    "TextConfig",
+    "TextTransformer",
+    "WordTokenizer",
+]
 
 TOKENIZER_FILE = "tokenizer.json"  # beside a text-conditional run's weights
 PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
 SPECIALS = (PAD, UNK, BOS)
-TEXT_ENCODERS = ("none", "transformer")
+TEXT_ENCODERS = ("none", "transformer", "clip")
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -123,13 +130,18 @@ class WordTokenizer:
 class TextConfig:
     """The ``text:`` section of a run config.
 
-    :param encoder: ``none`` (no text conditioning) or ``transformer`` (trained from scratch
-        with the U-Net, LDM sec. 4.3).
-    :param width: token embedding width; the U-Net's ``context_dim``.
-    :param layers: transformer layers.
-    :param heads: attention heads per layer.
-    :param max_length: tokens per prompt including ``<bos>``.
-    :param min_count: words rarer than this in the captions map to ``<unk>``.
+    :param encoder: ``none`` (no text conditioning), ``transformer`` (trained from scratch
+        with the U-Net, LDM sec. 4.3) or ``clip`` (a frozen pretrained CLIP text model
+        read from ``path``, as Stable Diffusion conditions on CLIP ViT-L/14's tokens).
+    :param width: ``transformer``: token width, the U-Net's ``context_dim`` (``clip``: the
+        model's hidden size is used).
+    :param layers: ``transformer`` layers.
+    :param heads: ``transformer`` attention heads per layer.
+    :param max_length: tokens per prompt, start token included (``clip``: at most the
+        model's positions, 77 for OpenAI's CLIP).
+    :param min_count: ``transformer``: words rarer than this in the captions map to ``<unk>``.
+    :param path: ``clip``: a local folder with the tokenizer and the (text or full) CLIP
+        model, as ``save_pretrained`` writes it; nothing is downloaded.
     """
 
     encoder: str = "none"
@@ -138,6 +150,7 @@ class TextConfig:
     heads: int = 4
     max_length: int = 16
     min_count: int = 1
+    path: str | None = None
 
     def __post_init__(self) -> None:
         if self.encoder not in TEXT_ENCODERS:
@@ -151,6 +164,23 @@ class TextConfig:
             raise ValueError(f"text.max_length must be >= 2, got {self.max_length}")
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
+        if self.encoder == "clip":
+            if not self.path:
+                raise ValueError("text.encoder: clip needs text.path, a local CLIP folder")
+            if not (Path(self.path) / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"text.path {self.path!r} is not a saved model folder (no config.json); "
+                    "save one with CLIPTextModel/CLIPModel.save_pretrained(folder) and the "
+                    "tokenizer's save_pretrained(folder)"
+                )
+
+    @property
+    def context_dim(self) -> int:
+        """The width of the tokens the U-Net attends to."""
+        if self.encoder != "clip":
+            return self.width
+        config = json.loads((Path(str(self.path)) / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("text_config", config)["hidden_size"])
 
     @property
     def enabled(self) -> bool:
@@ -264,3 +294,57 @@ class PromptEncoder:
         ids, mask = self.tokenizer.encode(list(prompts))
         device = next(self.model.parameters()).device
         return self.model.encode(ids.to(device), mask.to(device))
+
+
+class PretrainedTextEncoder:
+    """A frozen CLIP text model from a local folder: ``prompts -> (last_hidden_state
+    [B, max_length, D], attention_mask [B, max_length])`` (Stable Diffusion's conditioning,
+    Rombach et al. 2022 sec. 4.3.2, with the padding masked out of cross-attention).
+
+    Prompts are padded to ``max_length`` tokens; longer ones are cut with a warning. The
+    model runs in eval mode without gradients and is never part of a checkpoint: a run
+    records its folder in ``text.path``.
+    """
+
+    def __init__(
+        self, path: str | Path, max_length: int = 77, device: torch.device | str | None = None
+    ) -> None:
+        try:
+            from transformers import AutoTokenizer, CLIPTextModel
+        except ImportError as err:  # pragma: no cover - transformers is a test dependency
+            raise ImportError(
+                "text.encoder: clip needs the transformers package: pip install transformers"
+            ) from err
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{str(folder)!r} holds no saved CLIP model (config.json)")
+        self.path = str(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = CLIPTextModel.from_pretrained(folder, local_files_only=True)
+        self.model.eval().requires_grad_(False).to(device or "cpu")
+        positions = self.model.config.max_position_embeddings
+        self.max_length = min(int(max_length), positions)
+
+    @property
+    def width(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        prompts = list(prompts)
+        full = self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+        for prompt, ids in zip(prompts, full):
+            if len(ids) > self.max_length:
+                warnings.warn(
+                    f"prompt {prompt!r} has {len(ids)} tokens; only the first "
+                    f"{self.max_length} are used (text max_length)",
+                    stacklevel=2,
+                )
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length,
+            return_tensors="pt",
+        )  # fmt: skip
+        device = next(self.model.parameters()).device
+        mask = batch["attention_mask"].to(device)
+        hidden = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        return hidden.last_hidden_state, mask.bool()

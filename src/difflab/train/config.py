@@ -297,8 +297,9 @@ class TrainConfig:
 
     ``model`` is a ``UNetConfig`` dict, optionally with ``preset: <name>`` plus overrides;
     :meth:`resolve` expands it to the full field list that is written to ``config.yaml``.
-    ``text`` (``difflab.models.TextConfig``) adds a text encoder trained with the U-Net on
-    the data's captions; the U-Net's ``context_dim`` then follows ``text.width``.
+    ``text`` (``difflab.models.TextConfig``) conditions on the data's captions through a
+    text encoder trained with the U-Net or a frozen CLIP; the U-Net's ``context_dim`` then
+    follows the encoder's width.
     """
 
     seed: int = 0
@@ -385,13 +386,13 @@ class TrainConfig:
         spec = dict(self.model)
         preset = spec.pop("preset", None)
         if self.text.enabled:
-            width = self.text.width
+            width = self.text.context_dim
             if spec.get("context_dim") is None:
                 spec["context_dim"] = width
             if spec["context_dim"] != width:
                 raise ValueError(
-                    f"model.context_dim={spec['context_dim']} contradicts text.width={width} "
-                    "(the U-Net attends to the text encoder's tokens)"
+                    f"model.context_dim={spec['context_dim']} contradicts the text encoder's "
+                    f"width {width} (the U-Net attends to its tokens)"
                 )
         learned = self.diffusion.learned_variance
         if spec.setdefault("learn_sigma", learned) != learned:

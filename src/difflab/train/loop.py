@@ -35,7 +35,15 @@ from torch.utils.data import Dataset
 
 from ..finetune.lora import LORA_FILE
 from ..losses import LossSecondMomentSampler, training_loss
-from ..models.text import TOKENIZER_FILE, TextConditionedUNet, TextTransformer, WordTokenizer, words
+from ..models.text import (
+    TOKENIZER_FILE,
+    PretrainedTextEncoder,
+    PromptEncoder,
+    TextConditionedUNet,
+    TextTransformer,
+    WordTokenizer,
+    words,
+)
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
 from .amp import resolve_precision
@@ -152,10 +160,20 @@ class Trainer:
             num_workers=tc.num_workers,
         )
 
-        self.tokenizer: WordTokenizer | None = None
+        self.tokenizer: WordTokenizer | None = None  # text.encoder: transformer
+        self.frozen_text: PretrainedTextEncoder | None = None  # text.encoder: clip
         self.grid_prompts: list[str] | None = None
         if cfg.text.enabled:
-            self.tokenizer, self.grid_prompts = self._build_tokenizer(dataset)
+            texts = self._captions(dataset)
+            n = cfg.sample.num_images
+            distinct = list(dict.fromkeys(texts))
+            self.grid_prompts = [distinct[i % len(distinct)] for i in range(n)]
+            if cfg.text.encoder == "clip":
+                self.frozen_text = PretrainedTextEncoder(
+                    str(cfg.text.path), cfg.text.max_length, self.device
+                )
+            else:
+                self.tokenizer = self._build_tokenizer(texts)
         self.model = self._build_model(model).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
@@ -176,9 +194,8 @@ class Trainer:
         self._eval_extractor: Any = None  # built on the first periodic eval
 
     # ------------------------------------------------------------------ setup helpers
-    def _build_tokenizer(self, dataset: Any) -> tuple[WordTokenizer, list[str]]:
-        """The caption vocabulary (the same on every rank) and the grid's prompts: the
-        first ``sample.num_images`` distinct captions, cycled."""
+    def _captions(self, dataset: Any) -> list[str]:
+        """Every training caption; an error when any image has none."""
         texts = getattr(dataset, "texts", None)
         if texts is None:
             texts = [dataset[i].get("text") for i in range(len(dataset))]
@@ -188,6 +205,11 @@ class Trainer:
                 f"text.encoder={self.cfg.text.encoder!r} needs a caption for every image; "
                 f"{missing} of {len(texts)} have none (see the data report)"
             )
+        return list(texts)
+
+    def _build_tokenizer(self, texts: list[str]) -> WordTokenizer:
+        """The caption vocabulary (the same on every rank), or the base run's when
+        fine-tuning."""
         tc = self.cfg.text
         if self.cfg.finetune.base_run is not None:  # the base run's vocabulary and weights
             tokenizer = WordTokenizer.load(Path(self.cfg.finetune.base_run) / TOKENIZER_FILE)
@@ -208,9 +230,7 @@ class Trainer:
                 "whole captions",
                 stacklevel=3,
             )
-        distinct = list(dict.fromkeys(texts))
-        n = self.cfg.sample.num_images
-        return tokenizer, [distinct[i % len(distinct)] for i in range(n)]
+        return tokenizer
 
     def _adapt(self, model: nn.Module) -> None:
         """Load the base run's weights into ``model`` and wrap its target layers in LoRA
@@ -236,10 +256,10 @@ class Trainer:
             from ..models import UNet
 
             mcfg = self.cfg.model_config()
-            if mcfg.context_dim is not None and self.tokenizer is None:
+            if mcfg.context_dim is not None and not self.cfg.text.enabled:
                 raise ValueError(
                     "model.context_dim is set, but there is no text encoder to feed it; set "
-                    "text.encoder: transformer (trained on the data's captions)"
+                    "text.encoder: transformer (trained on the data's captions) or clip"
                 )
             model = UNet(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
             if self.tokenizer is not None:
@@ -283,14 +303,18 @@ class Trainer:
             cond["class_labels"] = torch.where(
                 drop < self.cfg.diffusion.cond_drop_prob, null, labels
             )
-        if self.tokenizer is not None:
+        if self.cfg.text.enabled:
             drop = torch.rand(B, generator=self.gen)[rows]
             texts = [
                 "" if d < self.cfg.diffusion.cond_drop_prob else text
                 for d, text in zip(drop.tolist(), batch["text"])
             ]
-            ids, mask = self.tokenizer.encode(texts)
-            cond["input_ids"], cond["attention_mask"] = ids.to(dev), mask.to(dev)
+            if self.tokenizer is not None:  # encoded inside the model (it trains)
+                ids, mask = self.tokenizer.encode(texts)
+                cond["input_ids"], cond["attention_mask"] = ids.to(dev), mask.to(dev)
+            elif self.frozen_text is not None:  # frozen: encoded here, without gradients
+                context, mask = self.frozen_text(texts)
+                cond["context"], cond["context_mask"] = context.to(dev), mask.to(dev)
         importance = None
         if self.timestep_sampler is not None:
             t, w = self.timestep_sampler.sample(B)
@@ -589,6 +613,14 @@ class Trainer:
         if self.log is not None:
             self.log.log(record)
 
+    def _prompt_encoder(self, net: nn.Module) -> Any:
+        """``prompts -> (context, mask)`` for sampling ``net`` (None without text)."""
+        if self.frozen_text is not None:
+            return self.frozen_text
+        if self.tokenizer is not None:
+            return PromptEncoder(net, self.tokenizer)  # type: ignore[arg-type]
+        return None
+
     def _grids(self) -> list[Path]:
         if not self.dist.is_main:
             return []
@@ -604,7 +636,7 @@ class Trainer:
                     device=self.device,
                     null_label=self.null_label,
                     prompts=self.grid_prompts,
-                    tokenizer=self.tokenizer,
+                    text_encoder=self._prompt_encoder(net),
                 )
             )
         return out

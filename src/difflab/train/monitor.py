@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..images import save_grid
-from ..models.text import PromptEncoder
 from ..schedules import NoiseSchedule
 from .config import TrainConfig
 
@@ -70,16 +69,16 @@ def sample_grid(
     device: torch.device,
     null_label: int | None,
     prompts: list[str] | None = None,
-    tokenizer: Any = None,
+    text_encoder: Any = None,
 ) -> Path:
     """Draw ``config.sample.num_images`` images with a fixed seed and save them as a grid.
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod the class count) with
-    classifier-free guidance against the null label; text-conditional ones (a
-    ``TextConditionedUNet`` with its ``tokenizer``) get ``prompts`` against the empty
-    prompt. x̂0 is clipped to [-1, 1] as ``Pipeline`` does by default (without it a cosine
-    schedule's first step saturates).
-    The global RNG state is preserved, so drawing grids never changes the training run.
+    classifier-free guidance against the null label; text-conditional ones get ``prompts``
+    (encoded by ``text_encoder``: ``prompts -> (context, mask)``) against the empty prompt.
+    x̂0 is clipped to [-1, 1] as ``Pipeline`` does by default (without it a cosine schedule's
+    first step saturates). The global RNG state is preserved, so drawing grids never
+    changes the training run.
     """
     from ..samplers import sample
 
@@ -97,8 +96,7 @@ def sample_grid(
     model.eval()
     try:
         if prompts is not None:
-            encode = PromptEncoder(model, tokenizer)
-            (ctx, ctx_mask), (empty, empty_mask) = encode(prompts), encode([""] * n)
+            (ctx, ctx_mask), (empty, empty_mask) = text_encoder(prompts), text_encoder([""] * n)
             cond = {**(cond or {}), "context": ctx, "context_mask": ctx_mask}
             uncond = {**(uncond or {}), "context": empty, "context_mask": empty_mask}
             guidance = config.sample.guidance_scale

@@ -1,0 +1,117 @@
+"""A frozen pretrained CLIP text encoder (Stable Diffusion-style conditioning), with a tiny
+random CLIP text model and a letters-only tokenizer saved to a local folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import one_thread, tiny_config  # noqa: F401
+
+transformers = pytest.importorskip("transformers")
+
+import difflab as dl  # noqa: E402
+from difflab.models import TextConfig  # noqa: E402
+from difflab.models.text import PretrainedTextEncoder  # noqa: E402
+from difflab.samplers import sample  # noqa: E402
+from difflab.train import Trainer, load_checkpoint, load_config, train  # noqa: E402
+
+PROMPTS = ["a handwritten digit seven", "a handwritten digit one", ""]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[])
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.CLIPTextModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def clip_opts(folder):
+    return [
+        "model.num_classes=null",
+        "data.source=digits",
+        "text.encoder=clip",
+        f"text.path={folder}",
+        "text.max_length=32",
+        "train.max_steps=4",
+    ]
+
+
+def test_encoder_equals_the_clip_text_models_own_output(clip_dir):
+    enc = PretrainedTextEncoder(clip_dir, max_length=32)
+    context, mask = enc(PROMPTS)
+    tok = transformers.CLIPTokenizer.from_pretrained(clip_dir)
+    ref_model = transformers.CLIPTextModel.from_pretrained(clip_dir).eval()
+    batch = tok(PROMPTS, padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        ref = ref_model(**batch).last_hidden_state
+    assert torch.equal(mask, batch["attention_mask"].bool())
+    torch.testing.assert_close(context, ref, rtol=0, atol=0)
+    assert context.shape == (3, 32, 24) and enc.width == 24
+    assert mask[2].sum() == 2  # the empty prompt: start and end tokens
+    assert not any(p.requires_grad for p in enc.model.parameters())
+    with pytest.warns(UserWarning, match="only the first 32 are used"):
+        enc(["a handwritten digit seven and one more"])
+
+
+def test_config_takes_the_width_from_the_folder(clip_dir, tmp_path):
+    cfg = load_config(None, clip_opts(clip_dir))
+    assert cfg.model_config().context_dim == 24
+    assert TextConfig(encoder="clip", path=str(clip_dir)).context_dim == 24
+    with pytest.raises(ValueError, match="needs text.path"):
+        TextConfig(encoder="clip")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        TextConfig(encoder="clip", path=str(tmp_path))
+
+
+def test_clip_run_resumes_bit_for_bit_and_keeps_clip_out_of_the_checkpoint(clip_dir, tmp_path):
+    opts = [*clip_opts(clip_dir), "train.max_steps=4", "diffusion.cond_drop_prob=0.5"]
+    full = train(tiny_config(tmp_path / "full", *opts))
+    cfg = tiny_config(tmp_path / "split", *opts)
+    first = Trainer(cfg)
+    try:
+        first.run(stop_at=2)
+    finally:
+        first.close()
+    rest = train(cfg, resume=True)
+    assert rest.losses == full.losses[2:]
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    for k in a.ema:
+        assert torch.equal(a.ema[k], b.ema[k]), k
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    assert not any(k.startswith(("text.", "text_model.")) for k in weights)  # frozen CLIP
+    assert any("cross_attn.to_kv" in k for k in weights)  # the U-Net attends to its tokens
+
+
+def test_pipeline_encodes_prompts_with_the_runs_clip(clip_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, *clip_opts(clip_dir), "train.max_steps=2"), progress=False)
+    pipe = dl.Pipeline.from_run(run)
+    prompts = PROMPTS[:2]
+    kw = dict(sampler="ddim", steps=3, guidance_scale=2.0, seed=1, clip_x0=False)
+    images = pipe(n=2, prompt=prompts, **kw)
+    enc = PretrainedTextEncoder(clip_dir, max_length=32)
+    (ctx, mask), (empty, empty_mask) = enc(prompts), enc(["", ""])
+    with torch.no_grad():
+        expected = sample(
+            pipe.model, (2, 1, 8, 8), schedule=pipe.schedule, sampler="ddim", steps=3,
+            guidance_scale=2.0, cond={"context": ctx, "context_mask": mask},
+            uncond={"context": empty, "context_mask": empty_mask},
+            generator=[torch.Generator().manual_seed(1 + i) for i in range(2)],
+            prediction=pipe.prediction, variance=pipe.variance, progress=False,
+        )  # fmt: skip
+    torch.testing.assert_close(images, expected.clamp(-1, 1), rtol=0, atol=1e-6)
