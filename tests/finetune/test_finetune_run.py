@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-from train_helpers import ToyData, tiny_config  # noqa: E402
+from train_helpers import ToyData, tiny_config, train_with_a_cut  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import finetune_config  # noqa: E402
@@ -21,14 +21,6 @@ from difflab.images import read_png_params  # noqa: E402
 from difflab.train import Trainer, load_checkpoint, train  # noqa: E402
 
 FT = ["train.max_steps=4", "train.log_every=1", "train.lr=1e-2"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +71,7 @@ def test_only_adapters_train_and_the_file_reproduces_the_run(base_run, tmp_path)
 def test_finetune_resumes_bit_for_bit(base_run, tmp_path):
     full = train(_finetune(base_run, tmp_path / "full"), dataset=ToyData(seed=1))
     cfg = _finetune(base_run, tmp_path / "split")
-    first = Trainer(cfg, dataset=ToyData(seed=1))
-    try:
-        first.run(stop_at=2)
-    finally:
-        first.close()
-    rest = train(cfg, dataset=ToyData(seed=1), resume=True)
+    rest = train_with_a_cut(cfg, 2, ToyData(seed=1))
     assert rest.losses == full.losses[2:]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
     for k in a.ema:

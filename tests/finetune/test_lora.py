@@ -25,14 +25,6 @@ from difflab.finetune import (
 from difflab.models import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _randomise_up(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import one_thread, tiny_config  # noqa: F401
+from train_helpers import one_thread, tiny_config, train_with_a_cut  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,7 +14,7 @@ import difflab as dl  # noqa: E402
 from difflab.models import TextConfig  # noqa: E402
 from difflab.models.text import PretrainedTextEncoder  # noqa: E402
 from difflab.samplers import sample  # noqa: E402
-from difflab.train import Trainer, load_checkpoint, load_config, train  # noqa: E402
+from difflab.train import load_checkpoint, load_config, train  # noqa: E402
 
 PROMPTS = ["a handwritten digit seven", "a handwritten digit one", ""]
 
@@ -82,12 +82,7 @@ def test_clip_run_resumes_bit_for_bit_and_keeps_clip_out_of_the_checkpoint(clip_
     opts = [*clip_opts(clip_dir), "train.max_steps=4", "diffusion.cond_drop_prob=0.5"]
     full = train(tiny_config(tmp_path / "full", *opts))
     cfg = tiny_config(tmp_path / "split", *opts)
-    first = Trainer(cfg)
-    try:
-        first.run(stop_at=2)
-    finally:
-        first.close()
-    rest = train(cfg, resume=True)
+    rest = train_with_a_cut(cfg, 2)
     assert rest.losses == full.losses[2:]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
     for k in a.ema:

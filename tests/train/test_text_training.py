@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from train_helpers import one_thread, tiny_config  # noqa: F401
+from train_helpers import one_thread, tiny_config, train_with_a_cut  # noqa: F401
 
 import difflab as dl
 from difflab.cli import main as cli_main
@@ -74,12 +74,7 @@ def test_text_run_resumes_bit_for_bit_and_trains_the_encoder(tmp_path):
     opts = [*TEXT, "train.max_steps=6", "diffusion.cond_drop_prob=0.3"]
     full = train(tiny_config(tmp_path / "full", *opts))
     cfg = tiny_config(tmp_path / "split", *opts)
-    first = Trainer(cfg)
-    try:
-        first.run(stop_at=3)
-    finally:
-        first.close()
-    rest = train(cfg, resume=True)
+    rest = train_with_a_cut(cfg, 3)
     assert rest.losses == full.losses[3:]
     a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
     _same(a.model, b.model)

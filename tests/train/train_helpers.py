@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from difflab.train import TrainConfig, load_config
+from difflab.train import TrainConfig, Trainer, TrainResult, load_config, train
 
 TINY_MODEL = [
     "model.preset=tiny",
@@ -58,3 +58,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def train_with_a_cut(
+    cfg: TrainConfig, cut: int, dataset: Dataset | None = None, **kwargs: Any
+) -> TrainResult:
+    """The run of ``cfg`` cut off after step ``cut`` (checkpoint saved), then resumed to the
+    end: what "2N steps equal N + resume + N" compares with the uncut run."""
+    first = Trainer(cfg, dataset=dataset, **kwargs)
+    try:
+        first.run(stop_at=cut)
+    finally:
+        first.close()
+    return train(cfg, dataset=dataset, resume=True)
