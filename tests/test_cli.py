@@ -91,7 +91,7 @@ def test_error_paths_exit_2_with_a_message(run, tmp_path, capsys):
     assert "did you mean 'batch_size'" in _err(capsys)
 
     shape = tmp_path / "shape.yaml"
-    shape.write_text(yaml.safe_dump({"data": {"channels": 3}}))
+    shape.write_text(yaml.safe_dump({"data": {"channels": 3}, "model": {"in_channels": 1}}))
     assert main(["train", str(shape)]) == 2
     assert "channels" in _err(capsys)
 

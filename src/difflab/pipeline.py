@@ -118,6 +118,8 @@ class Pipeline:
     :param sample_defaults: ``sampler``, ``steps``, ``guidance_scale`` used when a call omits them.
     :param text_encoder: ``prompts -> (context [B, L, D], mask [B, L] | None)`` for a
         text-conditional model.
+    :param vae: for latent diffusion, the autoencoder whose latents the model samples
+        (``image_shape`` is then the latent's); calls return its decoded images.
     """
 
     def __init__(
@@ -135,9 +137,11 @@ class Pipeline:
         run_dir: str | None = None,
         weights: str | None = None,
         device: torch.device | str | None = None,
+        vae: nn.Module | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.to(self.device).eval()
+        self.vae = None if vae is None else vae.to(self.device).eval()
         self.schedule = schedule
         self.prediction = prediction
         self.variance = variance
@@ -178,6 +182,12 @@ class Pipeline:
         model, tokenizer = _build_model(cfg, Path(run_dir))
         load_weights(model, Path(run_dir) / WEIGHTS[weights])
         text_cfg = cfg.get("text") or {}
+        vae = None
+        vae_path = (cfg.get("latent") or {}).get("vae")
+        if vae_path is not None:
+            from .models.vae import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(vae_path)
         if text_encoder is None and tokenizer is not None:
             from .models.text import PromptEncoder
 
@@ -204,6 +214,7 @@ class Pipeline:
             run_dir=str(run_dir),
             weights=weights,
             device=device,
+            vae=vae,
         )
 
     def load_lora(self, path: str | Path, scale: float = 1.0, *, strict: bool = True) -> Any:
@@ -303,7 +314,7 @@ class Pipeline:
         guidance_scale: float | None = None,
         seed: int = 0,
         spacing: str | None = None,
-        clip_x0: bool = True,
+        clip_x0: bool | None = None,
     ) -> dict[str, Any]:
         """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
         from . import __version__
@@ -322,12 +333,13 @@ class Pipeline:
             "steps": int(steps if steps is not None else self.sample_defaults["steps"]),
             "spacing": spacing or implied or spec.default_spacing,
             "guidance_scale": scale,
-            "clip_x0": bool(clip_x0),
+            "clip_x0": self._clip_x0(clip_x0),
             "seed": int(seed),
             "n": n,
             "class_labels": None if labels is None else labels.tolist(),
             "prompt": prompt if prompt is None or isinstance(prompt, str) else list(prompt),
             "prediction": self.prediction,
+            **({"latent": True} if self.vae is not None else {}),
             **({"lora": self.loras} if self.loras else {}),
             "schedule": self.schedule.to_config(),
             "difflab_version": __version__,
@@ -346,7 +358,7 @@ class Pipeline:
         progress: bool | None = None,
         *,
         spacing: str | None = None,
-        clip_x0: bool = True,
+        clip_x0: bool | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
@@ -360,7 +372,9 @@ class Pipeline:
         [-1, 1], the data range, as DDPM's sampler does (Ho et al. 2020, Alg. 2 with
         ``clip_denoised``); without it, ε̂ → x̂0 = (x_t - σ ε̂)/α amplifies the model's error
         by 1/α at the first step (1/α ≈ 2·10⁴ at t = T-1 of the cosine schedule) and the
-        samples saturate.
+        samples saturate. ``None`` (default) clips pixel models and leaves latent models
+        alone (latents have no fixed range); a latent model's samples are then decoded by
+        its autoencoder.
         """
         from .samplers import sample
         from .samplers.common import randn
@@ -388,10 +402,22 @@ class Pipeline:
             noise=noise,
             generator=gens,
             progress=progress,
-            clip_x0=clip_x0 or None,
+            clip_x0=p["clip_x0"] or None,
             **sampler_options,
         )
+        if self.vae is not None:
+            x = self.vae.images(x.to(next(self.vae.parameters()).dtype))
         return x.clamp(-1.0, 1.0)
+
+    def _clip_x0(self, clip_x0: bool | None) -> bool:
+        if clip_x0 is None:
+            return self.vae is None
+        if clip_x0 and self.vae is not None:
+            raise ValueError(
+                "clip_x0 clips x̂0 to the pixel range [-1, 1], but this model samples "
+                "autoencoder latents; leave clip_x0 unset (or False) for latent diffusion"
+            )
+        return bool(clip_x0)
 
     def __repr__(self) -> str:
         cond = f"num_classes={self.num_classes}" if self.num_classes else "unconditional"

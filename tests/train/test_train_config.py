@@ -34,7 +34,7 @@ def test_unknown_keys_raise_with_a_suggestion():
         ("train.max_steps=lots", "must be int"),
         ("diffusion.cond_drop_prob=1.5", r"must be in \[0.0, 1.0\]"),
         ("model.learn_sigma=true", "contradicts diffusion.variance"),
-        ("data.channels=3", "must match"),
+        ("model.in_channels=3", "must match"),
     ],
 )
 def test_closed_choices_and_types_are_checked_at_load(override, message):

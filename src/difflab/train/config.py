@@ -226,6 +226,39 @@ class LoopConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2022): the U-Net learns the latents of a frozen KL
+    autoencoder instead of pixels.
+
+    :param vae: folder of an ``AutoencoderKL`` (``difflab train-vae`` output or a Stable
+        Diffusion VAE folder); ``None`` = pixel-space diffusion. The U-Net's ``in_channels``
+        and ``image_size`` follow the autoencoder's latent.
+    :param sample_posterior: train on posterior samples (LDM) rather than posterior means.
+    """
+
+    vae: str | None = None
+    sample_posterior: bool = True
+
+    def __post_init__(self) -> None:
+        if self.vae is not None and not (Path(self.vae) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"latent.vae {self.vae!r} holds no autoencoder (config.json); train one with "
+                "difflab train-vae or point it at a saved AutoencoderKL folder"
+            )
+
+    def vae_config(self) -> Any:
+        """The autoencoder's ``VAEConfig`` (``None`` without ``vae``)."""
+        if self.vae is None:
+            return None
+        import json
+
+        from ..models.vae import VAEConfig
+
+        data = json.loads((Path(self.vae) / "config.json").read_text(encoding="utf-8"))
+        return VAEConfig.from_diffusers(data)
+
+
+@dataclass
 class FinetuneConfig:
     """LoRA fine-tuning of a finished run (``difflab finetune``; ``difflab.finetune``).
 
@@ -278,13 +311,15 @@ class SampleConfig:
 
 
 def _default_model() -> dict[str, Any]:
-    return {"preset": "digits", "image_size": 16, "in_channels": 1, "num_classes": 10}
+    # image_size and in_channels follow the data (or the latent) unless set.
+    return {"preset": "digits", "num_classes": 10}
 
 
 _SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "data": DataConfig,
     "text": TextConfig,
+    "latent": LatentConfig,
     "finetune": FinetuneConfig,
     "train": LoopConfig,
     "sample": SampleConfig,
@@ -308,6 +343,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -316,13 +352,31 @@ class TrainConfig:
         self.model_config()  # validates the model section (unknown keys, preset names)
         if self.text.enabled:
             self._check_text()
-        if self.data.channels != self.model_config().in_channels:
+        vae = self.latent.vae_config()
+        if vae is not None:
+            self._check_latent(vae)
+        elif self.data.channels != self.model_config().in_channels:
             raise ValueError(
                 f"data.channels={self.data.channels} but model in_channels="
                 f"{self.model_config().in_channels}; they must match"
             )
         if self.train.eval_every:
             self._check_eval()
+
+    def _check_latent(self, vae: Any) -> None:
+        if self.data.channels != vae.in_channels:
+            raise ValueError(
+                f"data.channels={self.data.channels} but the autoencoder {self.latent.vae} "
+                f"encodes {vae.in_channels}-channel images"
+            )
+        if self.data.image_size % vae.downsample_factor:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} is not a multiple of the "
+                f"autoencoder's downsampling factor {vae.downsample_factor}"
+            )
+        busy = [k for k in ("val_every", "eval_every") if getattr(self.train, k)]
+        if busy:
+            raise ValueError(f"train.{busy[0]} is not supported for latent diffusion yet; set 0")
 
     def _check_text(self) -> None:
         if self.data.source not in ("digits", "captions"):
@@ -394,6 +448,21 @@ class TrainConfig:
                     f"model.context_dim={spec['context_dim']} contradicts the text encoder's "
                     f"width {width} (the U-Net attends to its tokens)"
                 )
+        vae = self.latent.vae_config()
+        if vae is not None:  # the U-Net models the autoencoder's latents
+            latent = {
+                "in_channels": vae.latent_channels,
+                "image_size": self.data.image_size // vae.downsample_factor,
+            }
+            for key, value in latent.items():
+                if spec.get(key, value) != value:
+                    raise ValueError(
+                        f"model.{key}={spec[key]} contradicts the autoencoder's latent "
+                        f"({key} {value}); leave it out for latent diffusion"
+                    )
+                spec[key] = value
+        spec.setdefault("image_size", self.data.image_size)
+        spec.setdefault("in_channels", self.data.channels)
         learned = self.diffusion.learned_variance
         if spec.setdefault("learn_sigma", learned) != learned:
             raise ValueError(

@@ -44,6 +44,7 @@ from ..models.text import (
     WordTokenizer,
     words,
 )
+from ..models.vae import AutoencoderKL
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
 from .amp import resolve_precision
@@ -174,6 +175,11 @@ class Trainer:
                 )
             else:
                 self.tokenizer = self._build_tokenizer(texts)
+        self.vae: AutoencoderKL | None = None  # latent diffusion: the frozen autoencoder
+        if cfg.latent.vae is not None:
+            self.vae = AutoencoderKL.from_pretrained(cfg.latent.vae).to(self.device)
+            self.vae.requires_grad_(False)
+        self._latents_checked = False
         self.model = self._build_model(model).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
@@ -283,6 +289,8 @@ class Trainer:
         b = B // self.dist.world_size
         rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
         x0 = batch["image"].to(dev).float()
+        if self.vae is not None:
+            x0 = self._latents(x0, B, rows)
         if self.cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         cond: dict[str, Tensor] = {}
@@ -324,6 +332,23 @@ class Trainer:
             t = t[rows].to(dev)
         noise = torch.randn((B, *x0.shape[1:]), generator=self.gen)[rows].to(dev)
         return _MicroBatch(x0, cond, t, noise, importance, self._local_rng())
+
+    @torch.no_grad()
+    def _latents(self, images: Tensor, B: int, rows: slice) -> Tensor:
+        """Scaled autoencoder latents of this rank's images: posterior samples whose noise
+        is drawn for the whole global batch (as one process would), or posterior means."""
+        assert self.vae is not None
+        posterior = self.vae.encode(images)
+        z = posterior.mean
+        if self.cfg.latent.sample_posterior:
+            noise = torch.randn((B, *z.shape[1:]), generator=self.gen)[rows].to(z.device)
+            z = z + posterior.std * noise
+        c = self.vae.config
+        z = (z - (c.shift_factor or 0.0)) * c.scaling_factor
+        if not self._latents_checked:  # once per run: a wrong scale ruins the noise levels
+            self.vae.check_latent_scale(z)
+            self._latents_checked = True
+        return z
 
     def _forward(self, model: nn.Module, mb: _MicroBatch) -> tuple[Tensor, Tensor]:
         """Scalar loss (importance-weighted mean) and per-sample losses of one micro-batch."""
@@ -637,6 +662,7 @@ class Trainer:
                     null_label=self.null_label,
                     prompts=self.grid_prompts,
                     text_encoder=self._prompt_encoder(net),
+                    vae=self.vae,
                 )
             )
         return out

@@ -70,6 +70,7 @@ def sample_grid(
     null_label: int | None,
     prompts: list[str] | None = None,
     text_encoder: Any = None,
+    vae: Any = None,
 ) -> Path:
     """Draw ``config.sample.num_images`` images with a fixed seed and save them as a grid.
 
@@ -77,8 +78,9 @@ def sample_grid(
     classifier-free guidance against the null label; text-conditional ones get ``prompts``
     (encoded by ``text_encoder``: ``prompts -> (context, mask)``) against the empty prompt.
     x̂0 is clipped to [-1, 1] as ``Pipeline`` does by default (without it a cosine schedule's
-    first step saturates). The global RNG state is preserved, so drawing grids never
-    changes the training run.
+    first step saturates). A latent model's samples are decoded by ``vae`` (and its latents
+    are not clipped). The global RNG state is preserved, so drawing grids never changes the
+    training run.
     """
     from ..samplers import sample
 
@@ -113,9 +115,12 @@ def sample_grid(
                 cond=cond,
                 uncond=uncond,
                 generator=torch.Generator().manual_seed(config.seed),
-                clip_x0=True,  # as Pipeline: x̂0 clipped to the data range [-1, 1]
+                clip_x0=vae is None,  # as Pipeline: x̂0 clipped to the data range [-1, 1]
                 progress=False,
             )
+        if vae is not None:
+            with torch.no_grad():
+                images = vae.images(images).clamp(-1.0, 1.0)
     finally:
         model.train(was_training)
     params = {
@@ -123,7 +128,7 @@ def sample_grid(
         "steps": config.sample.steps,
         "guidance_scale": guidance,
         "seed": config.seed,
-        "clip_x0": True,
+        "clip_x0": vae is None,
     }
     if prompts is not None:
         params["prompts"] = prompts

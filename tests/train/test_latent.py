@@ -1,0 +1,128 @@
+"""Latent diffusion: the autoencoder trainer fits its latent scale, the U-Net trains on the
+scaled latents of a frozen autoencoder, resumes exactly, and the Pipeline decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import one_thread, tiny_config, train_with_a_cut  # noqa: F401
+
+import difflab as dl
+from difflab.cli import main as cli_main
+from difflab.data import DataConfig, build_dataset
+from difflab.models import AutoencoderKL, VAEConfig
+from difflab.samplers import sample
+from difflab.train import Trainer, load_checkpoint, load_config, train
+from difflab.train.autoencoder import train_autoencoder
+
+VAE = dict(in_channels=1, out_channels=1, block_out_channels=(16, 32), latent_channels=2,
+           norm_groups=8)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    torch.set_num_threads(1)
+    data = DataConfig(source="digits", image_size=8, channels=1)
+    run = train_autoencoder(folder, data, VAEConfig(**VAE), steps=30, batch_size=32, lr=2e-3,
+                            progress=False, log_every=10)  # fmt: skip
+    return folder, run
+
+
+def latent_opts(folder):
+    return [f"latent.vae={folder}", "model.image_size=4", "model.in_channels=2",
+            "model.attention_resolutions=[2]", "model.num_classes=10"]  # fmt: skip
+
+
+def test_autoencoder_training_fits_a_unit_latent_scale(vae_dir):
+    folder, run = vae_dir
+    vae = AutoencoderKL.from_pretrained(folder)
+    assert vae.config.scaling_factor == pytest.approx(1 / run.latent_std)
+    assert (folder / "reconstructions.png").is_file()
+    # The scaled posterior samples of the data have unit std (what the scale is for).
+    data, _ = build_dataset(DataConfig(source="digits", image_size=8, channels=1))
+    x = torch.stack([data[i]["image"] for i in range(2048 if len(data) > 2048 else len(data))])
+    with torch.no_grad():
+        z = vae.latents(x, generator=torch.Generator().manual_seed(5))
+    assert float(z.std()) == pytest.approx(1.0, abs=0.03)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    first, last = (eval(lines[i].replace("null", "None")) for i in (0, -2))  # noqa: S307
+    assert last["l1_per_pixel"] < first["l1_per_pixel"]  # it learns
+    assert 0 < run.l1 < 1 and run.psnr > 6
+
+
+def test_config_follows_the_latent_and_refuses_contradictions(vae_dir, tmp_path):
+    folder, _ = vae_dir
+    cfg = load_config(None, [f"latent.vae={folder}", "data.image_size=8",
+                             "model.attention_resolutions=[2]"])  # fmt: skip
+    assert (cfg.model_config().in_channels, cfg.model_config().image_size) == (2, 4)
+    with pytest.raises(ValueError, match="contradicts the autoencoder's latent"):
+        load_config(None, [f"latent.vae={folder}", "data.image_size=8", "model.in_channels=1"])
+    with pytest.raises(ValueError, match="encodes 1-channel images"):
+        load_config(None, [f"latent.vae={folder}", "data.channels=3", "data.image_size=8",
+                           "model.attention_resolutions=[2]"])  # fmt: skip
+    with pytest.raises(ValueError, match="not a multiple of the autoencoder's"):
+        load_config(None, [f"latent.vae={folder}", "data.image_size=9",
+                           "model.attention_resolutions=[2]"])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="holds no autoencoder"):
+        load_config(None, [f"latent.vae={tmp_path}"])
+
+
+def test_the_unet_trains_on_the_scaled_latents(vae_dir, tmp_path):
+    folder, _ = vae_dir
+    cfg = tiny_config(tmp_path, *latent_opts(folder), "data.source=digits",
+                      "latent.sample_posterior=false")  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        batch = trainer.stream.next()
+        mb = trainer._draw(batch)
+        vae = AutoencoderKL.from_pretrained(folder)
+        with torch.no_grad():
+            expected = vae.latents(batch["image"].float())
+        torch.testing.assert_close(mb.x0, expected, rtol=0, atol=0)
+        assert not any(p.requires_grad for p in trainer.vae.parameters())
+    finally:
+        trainer.close()
+
+
+def test_latent_run_resumes_bit_for_bit_and_the_pipeline_decodes(vae_dir, tmp_path):
+    folder, _ = vae_dir
+    opts = [*latent_opts(folder), "data.source=digits", "train.max_steps=4",
+            "train.sample_every=4"]  # fmt: skip
+    full = train(tiny_config(tmp_path / "full", *opts))
+    rest = train_with_a_cut(tiny_config(tmp_path / "split", *opts), 2)
+    assert rest.losses == full.losses[2:]
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    for k in a.ema:
+        assert torch.equal(a.ema[k], b.ema[k]), k
+    assert (tmp_path / "full" / "samples" / "step_000004_ema.png").is_file()
+
+    pipe = dl.Pipeline.from_run(tmp_path / "full")
+    images = pipe(n=2, class_labels=[1, 3], sampler="ddim", steps=3, guidance_scale=2.0, seed=0)
+    assert images.shape == (2, 1, 8, 8) and pipe.image_shape == (2, 4, 4)
+    with torch.no_grad():
+        latents = sample(
+            pipe.model, (2, 2, 4, 4), schedule=pipe.schedule, sampler="ddim", steps=3,
+            guidance_scale=2.0, cond={"class_labels": torch.tensor([1, 3])},
+            uncond={"class_labels": torch.tensor([10, 10])},
+            generator=[torch.Generator().manual_seed(i) for i in range(2)], progress=False,
+        )  # fmt: skip
+        expected = AutoencoderKL.from_pretrained(folder).images(latents).clamp(-1, 1)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    params = pipe.resolve_params(n=1)
+    assert params["clip_x0"] is False and params["latent"] is True
+    with pytest.raises(ValueError, match="samples autoencoder latents"):
+        pipe(n=1, steps=2, clip_x0=True)
+
+
+def test_cli_train_vae(tmp_path, capsys):
+    out = tmp_path / "vae"
+    args = ["train-vae", "--out", str(out), "--steps", "3", "--batch-size", "16",
+            "--widths", "8,16", "--latent-channels", "2"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert "scaling_factor" in capsys.readouterr().out
+    assert AutoencoderKL.from_pretrained(out).config.block_out_channels == (8, 16)
+    assert cli_main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main([*args, "--overwrite", "--set", "train.lr=1"]) == 2
+    assert "data.* keys only" in capsys.readouterr().err
