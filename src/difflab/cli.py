@@ -29,9 +29,7 @@ __all__ = ["DEMO_CONFIG", "build_parser", "finetune_config", "main", "run_demo"]
 DEMO_CONFIG: dict[str, Any] = {
     "seed": 0,
     "run_dir": "runs/demo",
-    "model": {
-        "image_size": 8,
-        "in_channels": 1,
+    "model": {  # image_size and in_channels follow the data (or latent.vae)
         "model_channels": 32,
         "channel_mult": [1, 2],
         "num_res_blocks": 1,

@@ -475,9 +475,15 @@ class TrainConfig:
             raise ValueError(f"bad model section: {err}") from err
 
     def resolve(self) -> TrainConfig:
-        """A copy whose ``model`` section is the full ``UNetConfig.to_dict()`` (no preset)."""
+        """A copy whose ``model`` section is the full ``UNetConfig.to_dict()`` (no preset)
+        and whose folders (``latent.vae``, ``text.path``, ``finetune.base_run``) are
+        absolute, so the written run loads from any working directory."""
         out = TrainConfig.from_dict(self.to_dict())
         out.model = self.model_config().to_dict()
+        for section, key in (("latent", "vae"), ("text", "path"), ("finetune", "base_run")):
+            value = getattr(getattr(out, section), key)
+            if value is not None:
+                setattr(getattr(out, section), key, str(Path(value).resolve()))
         return out
 
 
