@@ -3,7 +3,8 @@
 1. ``train_autoencoder``: 8x8 digits -> latents ``[L, 4, 4]`` (one halving), L1 + KL, latent
    scale fitted to unit std.
 2. A class-conditional U-Net (the demo's, sized for 4x4 inputs) trained on the scaled
-   latents of the frozen autoencoder (``latent.vae``), as in Rombach et al. 2022.
+   latents of the frozen autoencoder (``latent.vae``), as in Rombach et al. 2022, with
+   Stable Diffusion's scaled-linear schedule.
 3. 100 class-conditional samples decoded to pixels and scored by the demo's SVM, next to
    the SVM's accuracy on the autoencoder's reconstructions of real digits (the ceiling the
    autoencoder sets).
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = _deep_copy(DEMO_CONFIG)
     cfg["run_dir"] = str(work / "ldm")
     cfg["latent"] = {"vae": str(work / "vae")}
+    # Stable Diffusion's schedule. The demo's cosine schedule has alpha ~ 5e-5 at t = T-1,
+    # so the first trailing step multiplies the eps error by ~2e4; pixel models clip x0-hat
+    # to [-1, 1], latents have no range to clip to (measured: cosine 60%, linear 83%,
+    # scaled_linear 99% at CFG 2, same autoencoder and U-Net).
+    cfg["diffusion"]["schedule"] = {"name": "scaled_linear", "T": 1000, "beta_start": 0.00085,
+                                    "beta_end": 0.012}  # fmt: skip
     cfg = apply_overrides(cfg, [f"train.max_steps={args.steps}"])
     start = time.perf_counter()
     train(TrainConfig.from_dict(cfg), progress=False)
@@ -91,9 +98,15 @@ def main(argv: list[str] | None = None) -> None:
         f"pixel, PSNR {ae.psnr:.1f} dB; latent std {ae.latent_std:.3f}, so scaling_factor "
         f"{ae.scaling_factor:.4f}. The SVM recognises {100 * recon_acc:.1f}% of the "
         "reconstructions of all 1,797 real digits (the ceiling for decoded samples).",
-        f"- Diffusion: the demo's class-conditional U-Net on the 4x4 latents, {args.steps} "
+        f"- Diffusion: the demo's class-conditional U-Net on the 4x4 latents with the "
+        f"scaled-linear schedule (beta 0.00085-0.012, as Stable Diffusion), {args.steps} "
         f"steps in {ldm_s:.0f} s; DPM-Solver++(2M), 20 steps, 100 samples (10 per digit), "
         "decoded by the autoencoder.",
+        "- Schedule matters here: with the demo's cosine schedule the same run reached 52-62% "
+        "(trailing spacing; 96% with leading), with linear 83%, with scaled-linear 99% "
+        "(CFG 2). Cosine's alpha at t = T-1 is ~5e-5, so the first step multiplies the "
+        "eps error by ~2e4; pixel models clip x0-hat to [-1, 1], latents have no range to "
+        "clip to.",
         "",
         "| CFG scale | SVM accuracy of decoded samples |",
         "|---:|---:|",
