@@ -374,6 +374,9 @@ def add_finetune_parser(subparsers: Any) -> None:
         "(e.g. '*.qkv,*.proj_out')",
     )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    p.add_argument(
+        "--dora", action="store_true", help="weight-decomposed LoRA (a trained magnitude per unit)"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: base's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: base's)")
     _add_overrides(p, "override a config key, e.g. --set data.source=npz (repeatable)")
@@ -390,6 +393,7 @@ def finetune_config(
     alpha: float | None = None,
     targets: str | list[str] = "attention",
     rslora: bool = False,
+    dora: bool = False,
     overrides: Sequence[str] = (),
 ) -> Any:
     """The config of a LoRA run on ``base``: its config with ``finetune`` set, ``run_dir``
@@ -400,7 +404,7 @@ def finetune_config(
     cfg = read_run_config(base)
     cfg["run_dir"] = str(out)
     cfg["finetune"] = dict(
-        base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora
+        base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora, dora=dora
     )
     return TrainConfig.from_dict(apply_overrides(cfg, overrides))
 
@@ -418,7 +422,7 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides.append(f"train.lr={args.lr}")
     config = finetune_config(
         args.base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
-        rslora=args.rslora, overrides=overrides,
+        rslora=args.rslora, dora=args.dora, overrides=overrides,
     )  # fmt: skip
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")

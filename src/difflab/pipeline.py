@@ -102,7 +102,10 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
     if ft.get("base_run") is not None:  # a LoRA fine-tuning run: its weights hold adapters
         from .finetune import add_lora
 
-        add_lora(model, ft["rank"], ft.get("alpha"), ft["targets"], rslora=ft.get("rslora", False))
+        add_lora(
+            model, ft["rank"], ft.get("alpha"), ft["targets"], rslora=ft.get("rslora", False),
+            dora=ft.get("dora", False),
+        )  # fmt: skip
     return model, tokenizer
 
 

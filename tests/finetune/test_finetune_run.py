@@ -32,14 +32,14 @@ def base_run(tmp_path_factory):
     return run
 
 
-def _finetune(base, out, *extra, targets="attention+conv"):
-    cfg = finetune_config(base, out, rank=2, targets=targets, overrides=[*FT, *extra])
-    return cfg
+def _finetune(base, out, *extra, targets="attention+conv", dora=False):
+    return finetune_config(base, out, rank=2, targets=targets, dora=dora, overrides=[*FT, *extra])
 
 
-def test_only_adapters_train_and_the_file_reproduces_the_run(base_run, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_only_adapters_train_and_the_file_reproduces_the_run(base_run, tmp_path, dora):
     out = tmp_path / "ft"
-    train(_finetune(base_run, out), dataset=ToyData(seed=1), progress=False)
+    train(_finetune(base_run, out, dora=dora), dataset=ToyData(seed=1), progress=False)
     base = load_file(base_run / "ema.safetensors")
     tuned = load_file(out / "model.safetensors")
     adapters = {k for k in tuned if ".lora_" in k}
@@ -48,6 +48,7 @@ def test_only_adapters_train_and_the_file_reproduces_the_run(base_run, tmp_path)
         if key not in adapters:
             assert torch.equal(value, base[key.replace(".base.", ".")]), key
     assert any(tuned[k].any() for k in adapters if "lora_up" in k)  # the adapters moved
+    assert any(k.endswith("lora_magnitude") for k in adapters) == dora
 
     lora = load_file(out / LORA_FILE)
     ema = load_file(out / "ema.safetensors")
@@ -59,7 +60,7 @@ def test_only_adapters_train_and_the_file_reproduces_the_run(base_run, tmp_path)
     pipe = dl.Pipeline.from_run(base_run)
     base_images = pipe(**kw)
     report = pipe.load_lora(out / LORA_FILE)
-    assert len(report.applied) == len(lora) // 2
+    assert len(report.applied) == len(lora) // (3 if dora else 2)  # down, up (, magnitude)
     assert torch.equal(pipe(**kw), tuned_images)
     assert not torch.allclose(tuned_images, base_images, atol=1e-4)
     zero = dl.Pipeline.from_run(base_run)

@@ -188,3 +188,76 @@ def test_loading_is_loud_and_all_or_nothing(tmp_path):
         load_lora(wide, save_lora(small, tmp_path / "small.safetensors"))
     with pytest.raises(FileNotFoundError):
         load_lora(wide, tmp_path / "missing.safetensors")
+
+
+# --- DoRA (Liu et al. 2024) -------------------------------------------------------------
+def _dora(base, seed=0):
+    layer = LoRALayer(base, rank=2, alpha=2.0, dora=True,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=g) * 0.3)
+        layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
+    return layer
+
+
+def _expected(base, weight, x):
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, base.bias)
+    return F.conv2d(x, weight, base.bias, base.stride, base.padding)
+
+
+@pytest.mark.parametrize(
+    "base", [nn.Linear(12, 10), nn.Conv2d(6, 8, 3, stride=2, padding=1)], ids=["linear", "conv"]
+)
+def test_dora_is_magnitude_times_normalised_direction(base):
+    """Liu et al. eq. 5: W' = m · (W0 + ΔW) / ‖W0 + ΔW‖, the norm per output unit."""
+    x = torch.randn(4, 12) if isinstance(base, nn.Linear) else torch.randn(2, 6, 9, 9)
+    fresh = LoRALayer(base, rank=2, dora=True)
+    torch.testing.assert_close(fresh(x), base(x), rtol=1e-6, atol=1e-6)  # starts as identity
+    layer = _dora(base)
+    v = base.weight + layer.delta_weight()
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+    mag = layer.lora_magnitude.view_as(norm)
+    torch.testing.assert_close(layer(x), _expected(base, mag * v / norm, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.merged_weight(), mag * v / norm)
+    # The multiplier scales ΔW and the magnitude change alike; 0 is the base layer exactly.
+    layer.multiplier = 0.5
+    v_half = base.weight + layer.delta_weight()
+    m0 = base.weight.flatten(1).norm(dim=1).view_as(norm)
+    mag_half = m0 + 0.5 * (mag - m0)
+    norm_half = v_half.flatten(1).norm(dim=1).view_as(norm)
+    torch.testing.assert_close(layer(x), _expected(base, mag_half * v_half / norm_half, x),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    layer.multiplier = 0.0
+    assert torch.equal(layer(x), base(x))
+
+
+def test_dora_trains_its_magnitude_fuses_and_round_trips(tmp_path):
+    model = _unet()
+    x, t = _inputs()
+    add_lora(model, rank=2, targets="attention+conv", dora=True)
+    layers = [layer for _, layer in lora_layers(model)]
+    assert all(layer.dora for layer in layers)
+    _randomise_up(model)
+    model(x, t).square().mean().backward()
+    assert all(layer.lora_magnitude.grad is not None for layer in layers)
+    assert any(layer.lora_magnitude.grad.abs().sum() > 0 for layer in layers)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_magnitude.mul_(1.1)
+    expected = model(x, t).detach()
+    originals = [layer.base.weight.detach().clone() for layer in layers]
+    fuse_lora(model)
+    torch.testing.assert_close(model(x, t), expected, rtol=1e-4, atol=1e-5)
+    unfuse_lora(model)
+    assert all(torch.equal(layer.base.weight, w) for layer, w in zip(layers, originals))
+
+    path = save_lora(model, tmp_path / "dora.safetensors")
+    fresh = _unet()
+    load_lora(fresh, path)
+    torch.testing.assert_close(fresh(x, t), expected, rtol=0, atol=0)
+    with safe_open(str(path), "pt") as fh:
+        assert json.loads(fh.metadata()["dora"]) is True
+        keys = list(fh.keys())
+    assert sum(k.endswith(".lora_magnitude") for k in keys) == len(layers)

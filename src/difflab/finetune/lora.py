@@ -10,10 +10,18 @@ and a 1x1 ``up`` that starts at zero, so a fresh adapter leaves the network unch
 ``rslora`` scales by ``α / √r`` instead (Kalajdzievski 2023, rank-stabilised LoRA).
 ``m`` is the user's multiplier: 0 gives the base network exactly.
 
+``dora`` (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5) splits
+each output unit's weight into a trained magnitude and a direction:
+``W' = mag · (W0 + ΔW) / ‖W0 + ΔW‖`` (norm per output unit over its inputs; ``mag`` starts at
+``‖W0‖``, so a fresh adapter is the identity), with the norm treated as a constant in the
+backward pass as the paper recommends (sec. 4.3). The multiplier scales ``ΔW`` and the
+magnitude's change ``mag - ‖W0‖`` alike, so 0 is again the base network.
+
 The file is safetensors: ``<module>.lora_down.weight`` / ``<module>.lora_up.weight`` per
-layer, and metadata ``format`` (``difflab-lora/1``), ``rank``, ``alpha``, ``rslora`` and
-``modules``. Loading is loud (USER_NEEDS 6): every module of the file must exist in the
-network with matching shapes, or nothing is applied and the error lists what did not fit.
+layer (plus ``<module>.lora_magnitude`` for DoRA), and metadata ``format``
+(``difflab-lora/1``), ``rank``, ``alpha``, ``rslora``, ``dora`` and ``modules``. Loading
+is loud (USER_NEEDS 6): every module of the file must exist in the network with matching
+shapes, or nothing is applied and the error lists what did not fit.
 
 The maths is a few lines, so it is written here rather than taken from ``peft``: wrapping
 keeps the U-Net's own module names and the file stays a plain, documented layout.
@@ -60,6 +68,7 @@ class LoRALayer(nn.Module):
     :param base: the ``nn.Linear`` or ``nn.Conv2d`` to adapt; its weights are frozen.
     :param rank: ``r``, at most ``min(in, out)`` features.
     :param alpha: ``α``; the update is scaled by ``α / r`` (``α / √r`` with ``rslora``).
+    :param dora: weight-decomposed LoRA (a trained magnitude per output unit).
     :param generator: draws the ``down`` initialisation (PyTorch's Linear default,
         uniform in ``±1/√fan_in``); ``up`` starts at zero.
     """
@@ -71,6 +80,7 @@ class LoRALayer(nn.Module):
         alpha: float | None = None,
         *,
         rslora: bool = False,
+        dora: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -108,6 +118,21 @@ class LoRALayer(nn.Module):
             )
             self.lora_down.weight.copy_(w)
             self.lora_up.weight.zero_()
+        self.dora = bool(dora)
+        self.lora_magnitude: nn.Parameter | None = None
+        if self.dora:
+            self.lora_magnitude = nn.Parameter(self._base_norm())
+
+    def _base_norm(self) -> Tensor:
+        """``‖W0‖`` per output unit (over its inputs and kernel taps)."""
+        return self.base.weight.detach().flatten(1).norm(dim=1)
+
+    def _dora_factor(self, weight: Tensor) -> Tensor:
+        """``mag(m) / ‖weight‖`` per output unit, with ``mag(m) = ‖W0‖ + m (mag - ‖W0‖)``."""
+        assert self.lora_magnitude is not None
+        base = self._base_norm()
+        magnitude = base + self.multiplier * (self.lora_magnitude - base)
+        return magnitude / weight.flatten(1).norm(dim=1)
 
     @property
     def scale(self) -> float:
@@ -122,19 +147,35 @@ class LoRALayer(nn.Module):
         delta = (up @ down.flatten(1)).view(self.base.weight.shape)
         return delta * self.scale
 
+    def merged_weight(self) -> Tensor:
+        """The adapted weight the layer applies: ``W0 + ΔW`` (DoRA: rescaled per unit)."""
+        weight = self.base.weight + self.delta_weight()
+        if self.dora:
+            shape = (-1,) + (1,) * (weight.dim() - 1)
+            weight = weight * self._dora_factor(weight).view(shape)
+        return weight
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         if self.fused or self.multiplier == 0.0:
             return out
-        return out + self.lora_up(self.lora_down(x)) * self.scale
+        update = self.lora_up(self.lora_down(x)) * self.scale
+        if not self.dora:
+            return out + update
+        # mag/‖V‖ · (W0 x + ΔW x) + b, the norm detached (DoRA sec. 4.3).
+        factor = self._dora_factor((self.base.weight + self.delta_weight()).detach())
+        shape = (-1,) if isinstance(self.base, nn.Linear) else (-1, 1, 1)
+        bias = 0.0 if self.base.bias is None else self.base.bias.view(shape)
+        return (out - bias + update) * factor.view(shape) + bias
 
     @torch.no_grad()
     def fuse(self) -> None:
         """Add the update into ``base.weight`` (the unfused weight is kept for unfuse)."""
         if self.fused:
             return
+        merged = self.merged_weight().to(self.base.weight.dtype)
         self._unfused_weight = self.base.weight.detach().clone()
-        self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+        self.base.weight.copy_(merged)
         self.fused = True
 
     @torch.no_grad()
@@ -148,7 +189,7 @@ class LoRALayer(nn.Module):
         self.fused = False
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}"
+        return f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dora={self.dora}"
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:
@@ -210,6 +251,7 @@ def add_lora(
     targets: str | Sequence[str] = "attention",
     *,
     rslora: bool = False,
+    dora: bool = False,
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """Wrap the layers ``targets`` selects in :class:`LoRALayer` and freeze everything else.
@@ -227,7 +269,14 @@ def add_lora(
         _set_module(
             model,
             name,
-            LoRALayer(model.get_submodule(name), rank, alpha, rslora=rslora, generator=generator),
+            LoRALayer(
+                model.get_submodule(name),
+                rank,
+                alpha,
+                rslora=rslora,
+                dora=dora,
+                generator=generator,
+            ),  # fmt: skip
         )
     return names
 
@@ -282,6 +331,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, layer in _require_lora(model):
         out[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach()
         out[f"{name}.lora_up.weight"] = layer.lora_up.weight.detach()
+        if layer.lora_magnitude is not None:
+            out[f"{name}.lora_magnitude"] = layer.lora_magnitude.detach()
     return out
 
 
@@ -299,6 +350,7 @@ def save_lora(model: nn.Module, path: str | Path, metadata: dict[str, str] | Non
         "rank": str(first.rank),
         "alpha": repr(first.alpha),
         "rslora": json.dumps(first.rslora),
+        "dora": json.dumps(first.dora),
         "modules": json.dumps([name for name, _ in layers]),
     }
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -346,13 +398,18 @@ def load_lora(
     if meta.get("format") != LORA_FORMAT:
         raise ValueError(f"{path} is not a difflab LoRA file (format {meta.get('format')!r})")
     alpha, rslora = float(meta["alpha"]), json.loads(meta["rslora"])
+    dora = json.loads(meta.get("dora", "false"))
+    parts = ("down", "up")
     report = LoRAReport(metadata=meta)
     modules = json.loads(meta["modules"])
-    known = {f"{m}.lora_{part}.weight" for m in modules for part in ("down", "up")}
+    known = {f"{m}.lora_{part}.weight" for m in modules for part in parts}
+    if dora:
+        known |= {f"{m}.lora_magnitude" for m in modules}
     report.unmatched += sorted(k for k in state if k not in known)
     plan = []
     for name in modules:
         down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
+        magnitude = state.get(f"{name}.lora_magnitude") if dora else None
         try:
             layer = model.get_submodule(name)
         except AttributeError:
@@ -367,18 +424,24 @@ def load_lora(
         if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
             report.mismatched.append(f"{name} (file {tuple(down.shape)}, layer {want_down})")
             continue
-        plan.append((name, layer, rank, down, up))
+        if dora and (magnitude is None or tuple(magnitude.shape) != (want_up[0],)):
+            report.mismatched.append(f"{name} (DoRA magnitude missing or of the wrong size)")
+            continue
+        plan.append((name, layer, rank, down, up, magnitude))
     if strict and (report.unmatched or report.mismatched):
         raise ValueError(f"LoRA file {path} does not fit this network:\n{report}")
-    for name, layer, rank, down, up in plan:
+    for name, layer, rank, down, up, magnitude in plan:
         if isinstance(layer, LoRALayer):
             layer.unfuse()
             layer = layer.base
-        layer = LoRALayer(layer, rank, alpha, rslora=rslora)
+        layer = LoRALayer(layer, rank, alpha, rslora=rslora, dora=dora)
         _set_module(model, name, layer)
         with torch.no_grad():
             layer.lora_down.weight.copy_(down)
             layer.lora_up.weight.copy_(up)
+            if magnitude is not None:
+                assert layer.lora_magnitude is not None
+                layer.lora_magnitude.copy_(magnitude)
         layer.multiplier = float(scale)
         report.applied.append(name)
     return report

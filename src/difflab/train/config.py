@@ -269,6 +269,7 @@ class FinetuneConfig:
     :param rank: LoRA rank ``r``. :param alpha: ``α`` (``None`` = ``rank``, i.e. scale 1).
     :param targets: ``attention``, ``conv``, ``attention+conv`` or a list of module-name
         patterns. :param rslora: scale by ``α/√r`` (rank-stabilised LoRA).
+    :param dora: weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per unit.
     """
 
     base_run: str | None = None
@@ -277,6 +278,7 @@ class FinetuneConfig:
     alpha: float | None = None
     targets: Any = "attention"
     rslora: bool = False
+    dora: bool = False
 
     def __post_init__(self) -> None:
         from ..finetune.lora import TARGET_SETS

@@ -247,12 +247,15 @@ class Trainer:
         ft = self.cfg.finetune
         load_weights(model, Path(str(ft.base_run)) / WEIGHTS[ft.weights])
         gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 5))
-        names = add_lora(model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, generator=gen)
+        names = add_lora(
+            model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, dora=ft.dora, generator=gen
+        )
         if self.dist.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
             print(
-                f"LoRA rank {ft.rank} on {len(names)} layers of {ft.base_run}: "
+                f"{'DoRA' if ft.dora else 'LoRA'} rank {ft.rank} on {len(names)} layers of "
+                f"{ft.base_run}: "
                 f"{trainable:,} of {total:,} parameters train"
             )
 
