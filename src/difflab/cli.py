@@ -1,5 +1,5 @@
 """The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``sample``,
-``eval`` and ``sweep``.
+``serve``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -527,6 +527,45 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve
+def add_serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a run over HTTP (a page to try it, and POST /generate for PNGs)",
+        description="Serve RUN: GET / is a page to sample it in a browser, GET /info its "
+        "settings, POST /generate (JSON: n, class_labels, prompt, sampler, steps, "
+        "guidance_scale, seed, spacing, nrow) returns a PNG grid with its parameters.",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1: this machine)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA adapter")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--max-n", type=int, default=64, help="largest n one request may ask for")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+    from .serve import make_server
+
+    pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
+    for path in args.lora:
+        print(pipe.load_lora(path, scale=args.lora_scale))
+    server = make_server(pipe, args.host, args.port, max_n=args.max_n)
+    host, port = server.server_address[:2]
+    print(f"serving {args.run} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 # ---------------------------------------------------------------------------- main
 SUBCOMMANDS: list[AddParser] = [
     add_demo_parser,
@@ -534,6 +573,7 @@ SUBCOMMANDS: list[AddParser] = [
     add_train_vae_parser,
     add_finetune_parser,
     add_sample_parser,
+    add_serve_parser,
 ]
 
 

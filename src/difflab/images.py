@@ -7,6 +7,7 @@ Owns ``to_uint8``, ``make_grid``, ``save_png`` / ``read_png_params`` (a PNG text
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "PNG_KEY",
     "make_grid",
+    "png_bytes",
     "read_png_params",
     "save_grid",
     "save_image",
@@ -79,18 +81,26 @@ def make_grid(
     return _pil(grid)
 
 
+def png_bytes(image: Image.Image, params: Mapping[str, Any] | None = None) -> bytes:
+    """``image`` encoded as PNG, with ``params`` as JSON in the ``difflab`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text(PNG_KEY, json.dumps(dict(params), sort_keys=True, default=_jsonable))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, path: str | Path, params: Mapping[str, Any] | None = None) -> Path:
     """Write ``image`` as PNG, atomically (temp file + rename), with ``params`` as JSON in
     the ``difflab`` text chunk.  Returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    if params is not None:
-        info.add_text(PNG_KEY, json.dumps(dict(params), sort_keys=True, default=_jsonable))
+    data = png_bytes(image, params)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -237,6 +237,11 @@ class Pipeline:
         if class_labels is None:
             return None
         if self.num_classes is None:
+            if self.context_dim is not None:
+                raise ValueError(
+                    "class_labels given, but this model is conditioned on text, not class "
+                    "labels (num_classes=None); pass prompt= instead"
+                )
             raise ValueError(
                 "class_labels given, but this model is unconditional (num_classes=None)"
             )
