@@ -3,9 +3,11 @@ scaled latents of a frozen autoencoder, resumes exactly, and the Pipeline decode
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from train_helpers import one_thread, tiny_config, train_with_a_cut  # noqa: F401
+from train_helpers import eps_mse_by_hand, one_thread, tiny_config, train_with_a_cut  # noqa: F401
 
 import difflab as dl
 from difflab.cli import main as cli_main
@@ -126,3 +128,34 @@ def test_cli_train_vae(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert cli_main([*args, "--overwrite", "--set", "train.lr=1"]) == 2
     assert "data.* keys only" in capsys.readouterr().err
+
+
+def test_latent_run_validation_scores_posterior_mean_latents(vae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from difflab.models import UNet
+    from difflab.schedules import NoiseSchedule
+    from difflab.train.loop import _subseed
+
+    folder, _ = vae_dir
+    val = ["train.val_fraction=0.01", "train.val_every=2", "train.val_timesteps=3"]
+    cfg = tiny_config(tmp_path, *latent_opts(folder), *val, "data.source=digits",
+                      "model.dropout=0", "train.max_steps=2")  # fmt: skip
+    train(cfg, progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    last = [r for r in map(json.loads, lines) if r.get("event") == "validation"][-1]
+    trainer = Trainer(cfg, progress=False)
+    held, data = trainer.val_set.indices, trainer.val_set.dataset
+    trainer.close()
+    vae = AutoencoderKL.from_pretrained(folder)
+    with torch.no_grad():
+        images = torch.stack([data[i]["image"] for i in held])
+        x0 = vae.encode(images).mean * vae.config.scaling_factor  # shift 0
+    net = UNet(cfg.resolve().model_config())
+    net.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    net.eval()
+    labels = torch.tensor([data[i]["class_label"] for i in held])
+    schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
+    want = eps_mse_by_hand(net, schedule, x0, {"class_labels": labels},
+                           _subseed(cfg.seed, 51), 3, 8)  # fmt: skip
+    assert last["val_loss"] == pytest.approx(want, rel=1e-5)

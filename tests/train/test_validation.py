@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+from train_helpers import ToyData, eps_mse_by_hand, one_thread, tiny_config  # noqa: F401
 
 from difflab.data import ArrayDataset
 from difflab.models import UNet
@@ -146,3 +146,31 @@ def test_bad_validation_settings_name_the_key(tmp_path):
         tiny_config(tmp_path, "train.val_timesteps=0")
     with pytest.raises(ValueError, match="leaves no training data"):
         split_dataset(ToyData(4), 0.9, seed=0)
+
+
+def test_text_run_validation_scores_the_true_captions(tmp_path):
+    """A text run's validation feeds each held-out image its own caption's tokens."""
+    from difflab.models import TextConditionedUNet, TextTransformer, WordTokenizer
+
+    text = ["model.num_classes=null", "data.source=digits", "text.encoder=transformer",
+            "text.width=16", "text.heads=2", "text.layers=1", "text.max_length=8"]  # fmt: skip
+    cfg = tiny_config(tmp_path, *VAL, *text, "model.dropout=0", "train.val_fraction=0.01")
+    train(cfg, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if r.get("event") == "validation"][-1]
+
+    trainer = Trainer(cfg, progress=False)
+    held, data = trainer.val_set.indices, trainer.val_set.dataset
+    trainer.close()
+    tokenizer = WordTokenizer.load(tmp_path / "tokenizer.json")
+    resolved = cfg.resolve()
+    net = TextConditionedUNet(UNet(resolved.model_config()),
+                              TextTransformer(len(tokenizer), resolved.text))  # fmt: skip
+    net.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    net.eval()
+    x0 = torch.stack([data[i]["image"] for i in held])
+    ids, mask = tokenizer.encode([data[i]["text"] for i in held])
+    schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
+    cond = {"input_ids": ids, "attention_mask": mask}
+    want = eps_mse_by_hand(net, schedule, x0, cond, _subseed(cfg.seed, 51), 3, 8)
+    assert last["val_loss"] == pytest.approx(want, rel=1e-5)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from difflab.train import TrainConfig, Trainer, TrainResult, load_config, train
+from difflab.train.validation import validation_timesteps
 
 TINY_MODEL = [
     "model.preset=tiny",
@@ -71,3 +72,21 @@ def train_with_a_cut(
     finally:
         first.close()
     return train(cfg, dataset=dataset, resume=True)
+
+
+def eps_mse_by_hand(net, schedule, x0, cond, seed, k, batch):
+    """L_simple at the k validation timesteps with the validation noise (Ho et al. eq. 14),
+    batch by batch and timestep by timestep in the order the noise is drawn."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    with torch.no_grad():
+        for lo in range(0, len(x0), batch):
+            xb = x0[lo : lo + batch]
+            cb = {key: value[lo : lo + batch] for key, value in cond.items()}
+            for t in validation_timesteps(schedule.num_timesteps, k):
+                eps = torch.randn(xb.shape, generator=gen)
+                a = schedule.alpha(torch.tensor(float(t)))
+                s = schedule.sigma(torch.tensor(float(t)))
+                pred = net(a * xb + s * eps, torch.full((len(xb),), float(t)), **cb)
+                losses.append(((pred - eps) ** 2).flatten(1).mean(1))
+    return float(torch.cat(losses).double().mean())

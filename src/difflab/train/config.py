@@ -376,9 +376,8 @@ class TrainConfig:
                 f"data.image_size={self.data.image_size} is not a multiple of the "
                 f"autoencoder's downsampling factor {vae.downsample_factor}"
             )
-        busy = [k for k in ("val_every", "eval_every") if getattr(self.train, k)]
-        if busy:
-            raise ValueError(f"train.{busy[0]} is not supported for latent diffusion yet; set 0")
+        if self.train.eval_every:
+            raise ValueError("train.eval_every is not supported for latent diffusion yet; set 0")
 
     def _check_text(self) -> None:
         if self.data.source not in ("digits", "captions"):
@@ -386,10 +385,9 @@ class TrainConfig:
                 f"text.encoder={self.text.encoder!r} trains on captions, but data.source="
                 f"{self.data.source!r} has none; use data.source digits or captions"
             )
-        busy = [k for k in ("val_every", "eval_every") if getattr(self.train, k)]
-        if busy:
+        if self.train.eval_every:
             raise ValueError(
-                f"train.{busy[0]} is not supported with text conditioning yet; set it to 0"
+                "train.eval_every is not supported with text conditioning yet; set it to 0"
             )
 
     def _check_eval(self) -> None:

@@ -688,9 +688,31 @@ class Trainer:
                     batch_size=tc.batch_size,
                     null_label=self.null_label,
                     device=self.device,
+                    prepare=self._validation_inputs,
                 )
         self._log(record)
         return record
+
+    @torch.no_grad()
+    def _validation_inputs(
+        self, images: Tensor, items: list[dict[str, Any]]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Model inputs of validation items: posterior-mean latents for latent runs, the
+        true captions for text runs (deterministic, unlike training's draws)."""
+        cond: dict[str, Tensor] = {}
+        x0 = images
+        if self.vae is not None:
+            c = self.vae.config
+            x0 = (self.vae.encode(images).mean - (c.shift_factor or 0.0)) * c.scaling_factor
+        if self.cfg.text.enabled:
+            texts = [str(it["text"]) for it in items]
+            if self.tokenizer is not None:
+                ids, mask = self.tokenizer.encode(texts)
+                cond["input_ids"], cond["attention_mask"] = ids.to(x0.device), mask.to(x0.device)
+            elif self.frozen_text is not None:
+                context, mask = self.frozen_text(texts)
+                cond["context"], cond["context_mask"] = context, mask
+        return x0, cond
 
     def _periodic_eval(self) -> dict[str, Any]:
         """Score ``train.eval_n`` EMA samples (``difflab.eval.periodic_eval``) and log them.

@@ -6,12 +6,15 @@ rank and after a resume) and the validation loss: the run's own training objecti
 variances, the hybrid VLB term) on the held-out images at ``val_timesteps`` evenly spaced
 timesteps, with noise from a generator seeded afresh each time — so two evaluations differ
 only because the weights did.  Offset noise and input perturbation are training-time
-augmentations and are left out.  Class-conditional models see the true labels (no
-condition dropout).  Knows nothing of the optimiser or of checkpoints.
+augmentations and are left out.  Class-conditional models see the true labels and
+text-conditional ones the true captions (no condition dropout); a ``prepare`` hook from the
+trainer turns items into model inputs (autoencoder latents, caption tokens).  Knows nothing
+of the optimiser or of checkpoints.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,6 +86,8 @@ def validation_loss(
     batch_size: int,
     null_label: int | None = None,
     device: torch.device | str = "cpu",
+    prepare: Callable[[Tensor, list[dict[str, Any]]], tuple[Tensor, dict[str, Tensor]]]
+    | None = None,
 ) -> float:
     """Mean training objective of ``model`` over ``val_set`` × the validation timesteps.
 
@@ -90,6 +95,8 @@ def validation_loss(
     :param seed: seeds the noise; the same seed gives the same noise at every call.
     :param null_label: the model's null class label when it is class-conditional (samples
         without a label are scored through it).
+    :param prepare: ``(images, items) -> (x0, extra cond)``: what the model is trained on
+        (e.g. scaled latents, caption tokens); must be deterministic.
     """
     was_training = model.training
     model.eval()
@@ -105,6 +112,9 @@ def validation_loss(
             if null_label is not None:
                 labels = [it.get("class_label", null_label) for it in items]
                 cond["class_labels"] = torch.tensor(labels, dtype=torch.long, device=device)
+            if prepare is not None:
+                x0, extra = prepare(x0, items)
+                cond.update(extra)
             for t in ts:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 out = training_loss(
