@@ -379,6 +379,15 @@ def add_finetune_parser(subparsers: Any) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: base's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: base's)")
+    p.add_argument(
+        "--prior",
+        default=None,
+        metavar="PROMPT|LABEL",
+        help="DreamBooth prior preservation: the class prompt (or class label) whose base-run "
+        "samples are trained alongside the instance data",
+    )
+    p.add_argument("--prior-images", type=int, default=100, help="prior samples (default 100)")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior loss")
     _add_overrides(p, "override a config key, e.g. --set data.source=npz (repeatable)")
     p.add_argument("--resume", action="store_true", help="resume the fine-tuning run")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
@@ -395,6 +404,9 @@ def finetune_config(
     rslora: bool = False,
     dora: bool = False,
     overrides: Sequence[str] = (),
+    prior: str | int | None = None,
+    prior_images: int = 100,
+    prior_weight: float = 1.0,
 ) -> Any:
     """The config of a LoRA run on ``base``: its config with ``finetune`` set, ``run_dir``
     = ``out``, its train/sample/text sections kept, then ``overrides``."""
@@ -404,8 +416,9 @@ def finetune_config(
     cfg = read_run_config(base)
     cfg["run_dir"] = str(out)
     cfg["finetune"] = dict(
-        base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora, dora=dora
-    )
+        base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora, dora=dora,
+        prior_condition=prior, prior_images=prior_images, prior_weight=prior_weight,
+    )  # fmt: skip
     return TrainConfig.from_dict(apply_overrides(cfg, overrides))
 
 
@@ -420,9 +433,13 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_steps={args.steps}")
     if args.lr is not None:
         overrides.append(f"train.lr={args.lr}")
+    prior: str | int | None = args.prior
+    if prior is not None and prior.strip().isdigit():
+        prior = int(prior)  # a class label
     config = finetune_config(
         args.base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
-        rslora=args.rslora, dora=args.dora, overrides=overrides,
+        rslora=args.rslora, dora=args.dora, overrides=overrides, prior=prior,
+        prior_images=args.prior_images, prior_weight=args.prior_weight,
     )  # fmt: skip
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")

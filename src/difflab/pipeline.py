@@ -182,25 +182,28 @@ class Pipeline:
 
         check_choice("weights", weights, WEIGHTS)
         cfg = read_run_config(run_dir)
-        model, tokenizer = _build_model(cfg, Path(run_dir))
-        load_weights(model, Path(run_dir) / WEIGHTS[weights])
         text_cfg = cfg.get("text") or {}
         vae = None
-        vae_path = (cfg.get("latent") or {}).get("vae")
-        if vae_path is not None:
-            from .models.vae import AutoencoderKL
+        # The networks' random initialisation is overwritten by the loaded weights; it must
+        # not draw from (and so change) the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            model, tokenizer = _build_model(cfg, Path(run_dir))
+            load_weights(model, Path(run_dir) / WEIGHTS[weights])
+            vae_path = (cfg.get("latent") or {}).get("vae")
+            if vae_path is not None:
+                from .models.vae import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(vae_path)
-        if text_encoder is None and tokenizer is not None:
-            from .models.text import PromptEncoder
+                vae = AutoencoderKL.from_pretrained(vae_path)
+            if text_encoder is None and tokenizer is not None:
+                from .models.text import PromptEncoder
 
-            text_encoder = PromptEncoder(model, tokenizer)  # type: ignore[arg-type]
-        elif text_encoder is None and text_cfg.get("encoder") == "clip":
-            from .models.text import PretrainedTextEncoder
+                text_encoder = PromptEncoder(model, tokenizer)  # type: ignore[arg-type]
+            elif text_encoder is None and text_cfg.get("encoder") == "clip":
+                from .models.text import PretrainedTextEncoder
 
-            text_encoder = PretrainedTextEncoder(
-                text_cfg["path"], text_cfg.get("max_length", 77), device
-            )
+                text_encoder = PretrainedTextEncoder(
+                    text_cfg["path"], text_cfg.get("max_length", 77), device
+                )
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
         mc = model.config  # type: ignore[attr-defined]

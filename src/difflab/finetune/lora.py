@@ -434,7 +434,8 @@ def load_lora(
         if isinstance(layer, LoRALayer):
             layer.unfuse()
             layer = layer.base
-        layer = LoRALayer(layer, rank, alpha, rslora=rslora, dora=dora)
+        with torch.random.fork_rng(devices=[]):  # the init is overwritten: keep the caller's RNG
+            layer = LoRALayer(layer, rank, alpha, rslora=rslora, dora=dora)
         _set_module(model, name, layer)
         with torch.no_grad():
             layer.lora_down.weight.copy_(down)

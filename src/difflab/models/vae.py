@@ -350,7 +350,8 @@ class AutoencoderKL(nn.Module):
         if not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{str(folder)!r} holds no autoencoder ({CONFIG_FILE})")
         config = VAEConfig.from_diffusers(json.loads((folder / CONFIG_FILE).read_text("utf-8")))
-        model = cls(config)
+        with torch.random.fork_rng(devices=[]):  # the init is overwritten: keep the caller's RNG
+            model = cls(config)
         load_weights(model, folder / WEIGHTS_FILE)
         return model.eval()
 

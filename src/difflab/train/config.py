@@ -270,6 +270,9 @@ class FinetuneConfig:
     :param targets: ``attention``, ``conv``, ``attention+conv`` or a list of module-name
         patterns. :param rslora: scale by ``α/√r`` (rank-stabilised LoRA).
     :param dora: weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per unit.
+    :param prior_condition: DreamBooth's prior preservation (Ruiz et al. 2023): the class
+        prompt (or label) whose ``prior_images`` base-run samples are trained alongside the
+        instance data, weighted by ``prior_weight`` (λ of eq. 2). ``None`` = off.
     """
 
     base_run: str | None = None
@@ -279,11 +282,26 @@ class FinetuneConfig:
     targets: Any = "attention"
     rslora: bool = False
     dora: bool = False
+    prior_condition: Any = None
+    prior_images: int = 100
+    prior_weight: float = 1.0
 
     def __post_init__(self) -> None:
         from ..finetune.lora import TARGET_SETS
 
         check_choice("finetune.weights", self.weights, ("ema", "raw"))
+        if self.prior_condition is not None:
+            if self.base_run is None:
+                raise ValueError("finetune.prior_condition needs finetune.base_run (the prior)")
+            if isinstance(self.prior_condition, bool) or not isinstance(
+                self.prior_condition, (str, int)
+            ):
+                raise ValueError(
+                    "finetune.prior_condition must be a prompt or a class label, got "
+                    f"{self.prior_condition!r}"
+                )
+        _check_range("finetune.prior_images", self.prior_images, 1)
+        _check_range("finetune.prior_weight", self.prior_weight, 0.0)
         _check_range("finetune.rank", self.rank, 1)
         if self.alpha is not None:
             _check_range("finetune.alpha", self.alpha, 0.0)

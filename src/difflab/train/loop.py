@@ -102,6 +102,7 @@ class _MicroBatch:
     noise: Tensor
     importance: Tensor | None
     rng: dict[str, Tensor]  # global + aux RNG states before its forward (for diagnosis)
+    prior: Tensor | None = None  # DreamBooth: which rows are prior-preservation images
 
 
 class Trainer:
@@ -148,6 +149,8 @@ class Trainer:
         else:
             gen = getattr(dataset, "generator", None)
             self.data_gen = gen if isinstance(gen, torch.Generator) else self.data_gen
+        if cfg.finetune.prior_condition is not None:
+            dataset = self._with_prior(dataset)
         # Held-out validation data: the same split on every rank and after a resume.
         dataset, self.val_set = split_dataset(dataset, tc.val_fraction, _subseed(cfg.seed, 50))
         if self.val_set is not None and self.dist.is_main:
@@ -200,6 +203,21 @@ class Trainer:
         self._eval_extractor: Any = None  # built on the first periodic eval
 
     # ------------------------------------------------------------------ setup helpers
+    def _with_prior(self, dataset: Any) -> Any:
+        """The instance data mixed with the base run's prior images (rank 0 draws them,
+        the other ranks read them once written)."""
+        from ..finetune.prior import PriorMixture, prior_images
+
+        ft = self.cfg.finetune
+        args = (ft.base_run, ft.prior_condition, ft.prior_images, self.run_dir / "prior")
+        if self.dist.is_main:
+            images = prior_images(*args, seed=self.cfg.seed)
+        if self.dist.distributed:
+            dist.barrier()
+        if not self.dist.is_main:
+            images = prior_images(*args, seed=self.cfg.seed)
+        return PriorMixture(dataset, images, ft.prior_condition)
+
     def _captions(self, dataset: Any) -> list[str]:
         """Every training caption; an error when any image has none."""
         texts = getattr(dataset, "texts", None)
@@ -334,7 +352,12 @@ class Trainer:
             t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.gen)
             t = t[rows].to(dev)
         noise = torch.randn((B, *x0.shape[1:]), generator=self.gen)[rows].to(dev)
-        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng())
+        prior = batch.get("prior")
+        if prior is not None:  # DreamBooth eq. 2: prior samples weigh prior_weight
+            prior = torch.as_tensor(prior, device=dev).bool()
+            weight = torch.where(prior, self.cfg.finetune.prior_weight, 1.0)
+            importance = weight if importance is None else importance * weight
+        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior)
 
     @torch.no_grad()
     def _latents(self, images: Tensor, B: int, rows: slice) -> Tensor:
@@ -392,6 +415,7 @@ class Trainer:
         k = self.step + 1
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        parts = torch.zeros(4)
         micro = []
         for i in range(tc.grad_accum):
             mb = self._draw(self.stream.next())
@@ -401,6 +425,11 @@ class Trainer:
                 self.scaler.scale(loss / tc.grad_accum).backward()
             self._update_timestep_sampler(mb, per_sample)
             total += loss.detach().float() / tc.grad_accum
+            if mb.prior is not None:  # instance / prior loss sums and counts, logged apart
+                ps = per_sample.detach().float()
+                prior = mb.prior.float()
+                parts += torch.stack([(ps * (1 - prior)).sum(), (1 - prior).sum(),
+                                      (ps * prior).sum(), prior.sum()]).cpu()  # fmt: skip
             micro.append(mb)
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
@@ -413,6 +442,13 @@ class Trainer:
         bad_grad = bool(flags[2] > 0) and not self.precision.needs_scaler  # fp16: scaler skips
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": k, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
+        if self.cfg.finetune.prior_condition is not None:
+            if self.dist.distributed:
+                parts = parts.to(self.device)
+                dist.all_reduce(parts)
+            inst_sum, inst_n, prior_sum, prior_n = parts.tolist()
+            record["loss_instance"] = inst_sum / inst_n if inst_n else None
+            record["loss_prior"] = prior_sum / prior_n if prior_n else None
         if bad_loss or bad_grad:
             what = "loss" if bad_loss else "gradient"
             module = self._diagnose(micro)
@@ -584,6 +620,7 @@ class Trainer:
             disable=disable,
         )  # fmt: skip
         window: list[float] = []
+        parts: dict[str, list[float]] = {}
         good: dict[str, Any] = {}
         tick = time.perf_counter()
         for _ in bar:
@@ -595,6 +632,9 @@ class Trainer:
                 self._log(rec)
             else:
                 window.append(rec["loss"])
+                for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
+                    if rec.get(key) is not None:
+                        parts.setdefault(key, []).append(rec[key])
                 good = rec
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -603,8 +643,9 @@ class Trainer:
                 n = len(window) * tc.batch_size * tc.grad_accum
                 mean = sum(window) / len(window)
                 extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
+                extra.update({key: sum(v) / len(v) for key, v in parts.items()})
                 self._log({**good, **extra})
-                window, tick = [], time.perf_counter()
+                window, parts, tick = [], {}, time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 result.grids += self._grids()
             if tc.val_every and (step % tc.val_every == 0 or step == last):
