@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=Path, default=None, help="an existing `demo --text` run")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(base, text=True, log=lambda _: None, progress=False)
     data = instance_folder(work / "instance")
     overrides = ["data.source=captions", f"data.path={data}", "data.image_size=8",
-                 f"train.max_steps={args.steps}", "train.warmup_steps=20",
+                 f"train.max_steps={args.steps}", "train.warmup_steps=20", f"train.lr={args.lr}",
                  "train.log_every=50"]  # fmt: skip
     labels = torch.full((100,), 7)
     rows, seconds = [], {}
@@ -105,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# DreamBooth on the digits: five upside-down sevens",
         "",
-        f"`python bench/dreambooth_digits.py --steps {args.steps}` ({args.threads} thread, "
+        f"`python bench/dreambooth_digits.py --steps {args.steps} --lr {args.lr:g}` "
+        f"({args.threads} thread, "
         f"torch {torch.__version__}). Base: `difflab demo --text`. Instance data: 5 real "
         f'sevens flipped upside down, captioned "{INSTANCE}". LoRA rank 4 on attention + '
-        f"convolutions, {args.steps} steps, batch 32 (fine-tuning took "
+        f"convolutions, {args.steps} steps at lr {args.lr:g}, batch 32 with the prior (about "
+        "half of it instance images), 5 without (the five images; fine-tuning took "
         + ", ".join(f"{s:.0f} s {n}" for n, s in seconds.items())
         + '). Prior: 100 base-run samples of "a handwritten digit seven", λ = 1. 100 '
         "samples per prompt (DPM-Solver++(2M), 20 steps, CFG 2), scored by the demo's SVM.",
