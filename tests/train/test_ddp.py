@@ -31,7 +31,7 @@ import torch
 torch.set_num_threads(1)
 from train_helpers import ToyData, tiny_config
 from difflab.train import train
-dataset = ToyData() if sys.argv[2] == "toy" else None  # None: the config's (digits)
+dataset = ToyData() if sys.argv[2] != "text" else None  # None: the config's (digits)
 result = train(tiny_config(sys.argv[1], *sys.argv[3:]), dataset=dataset)
 print("FINAL", result.final_loss, flush=True)
 """
@@ -54,12 +54,26 @@ TEXT = [
 ]
 
 
+def _latent_opts(folder):
+    """A random autoencoder (8 -> 4 px, 2 latent channels); posterior sampling on."""
+    from difflab.models import AutoencoderKL, VAEConfig
+
+    cfg = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(8, 8), latent_channels=2,
+                    norm_groups=4, scaling_factor=0.5)  # fmt: skip
+    AutoencoderKL(cfg, generator=torch.Generator().manual_seed(0)).save_pretrained(folder)
+    return [f"latent.vae={folder}", "model.image_size=4", "model.in_channels=2",
+            "model.attention_resolutions=[2]"]  # fmt: skip
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-@pytest.mark.parametrize("kind", ["toy", "text"])
+@pytest.mark.parametrize("kind", ["toy", "text", "latent"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
-    """Class labels on toy data, or captions through the text encoder (every rank builds
-    the same vocabulary from the digits' captions)."""
-    opts = OPTS if kind == "toy" else [*OPTS, *TEXT]
+    """Class labels on toy data; captions through the text encoder (every rank builds
+    the same vocabulary from the digits' captions); autoencoder latents (the posterior
+    noise is drawn for the global batch, so each rank's rows match one process)."""
+    opts = {"toy": OPTS, "text": [*OPTS, *TEXT]}.get(kind)
+    if kind == "latent":
+        opts = [*OPTS, *_latent_opts(tmp_path / "vae")]
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(SCRIPT))
     env = {
@@ -73,7 +87,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    data = ToyData() if kind == "toy" else None
+    data = ToyData() if kind != "text" else None
     single = train(tiny_config(tmp_path / "single", *opts), dataset=data)
     ddp_loss = float(proc.stdout.split("FINAL")[-1].split()[0])
     assert ddp_loss == pytest.approx(single.final_loss, rel=1e-5)
