@@ -388,6 +388,13 @@ def add_finetune_parser(subparsers: Any) -> None:
     )
     p.add_argument("--prior-images", type=int, default=100, help="prior samples (default 100)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior loss")
+    p.add_argument(
+        "--new-word",
+        default=None,
+        help="textual inversion: add this word to a text run's vocabulary and train its "
+        "embedding (with --targets none, nothing else trains)",
+    )
+    p.add_argument("--init-word", default=None, help="the word whose embedding starts it")
     _add_overrides(p, "override a config key, e.g. --set data.source=npz (repeatable)")
     p.add_argument("--resume", action="store_true", help="resume the fine-tuning run")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
@@ -407,6 +414,8 @@ def finetune_config(
     prior: str | int | None = None,
     prior_images: int = 100,
     prior_weight: float = 1.0,
+    new_word: str | None = None,
+    init_word: str | None = None,
 ) -> Any:
     """The config of a LoRA run on ``base``: its config with ``finetune`` set, ``run_dir``
     = ``out``, its train/sample/text sections kept, then ``overrides``."""
@@ -418,6 +427,7 @@ def finetune_config(
     cfg["finetune"] = dict(
         base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora, dora=dora,
         prior_condition=prior, prior_images=prior_images, prior_weight=prior_weight,
+        new_word=new_word, init_word=init_word,
     )  # fmt: skip
     return TrainConfig.from_dict(apply_overrides(cfg, overrides))
 
@@ -440,13 +450,16 @@ def _finetune(args: argparse.Namespace) -> int:
         args.base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
         rslora=args.rslora, dora=args.dora, overrides=overrides, prior=prior,
         prior_images=args.prior_images, prior_weight=args.prior_weight,
+        new_word=args.new_word, init_word=args.init_word,
     )  # fmt: skip
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
     prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
     train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"LoRA run written to {config.run_dir} (adapter: {config.run_dir}/lora.safetensors)")
+        made = [n for n in ("lora.safetensors", "embedding.safetensors")
+                if (Path(config.run_dir) / n).is_file()]  # fmt: skip
+        print(f"fine-tuning run written to {config.run_dir} ({', '.join(made)})")
     return 0
 
 
@@ -492,6 +505,13 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument(
         "--lora-scale", type=float, default=1.0, help="strength of --lora (0 = the base model)"
     )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="add a textual-inversion word (repeatable; see difflab finetune --new-word)",
+    )
     p.set_defaults(func=_sample)
 
 
@@ -516,6 +536,8 @@ def _sample(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
     for path in args.lora:
         print(pipe.load_lora(path, scale=args.lora_scale))
+    for path in args.embedding:
+        print(f"added the word {pipe.load_embedding(path)!r}")
     kwargs = dict(
         class_labels=labels,
         prompt=args.prompt,

@@ -99,7 +99,7 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
         tokenizer = WordTokenizer.load(run_dir / TOKENIZER_FILE)
         model = TextConditionedUNet(unet, TextTransformer(len(tokenizer), text))
     ft = cfg.get("finetune") or {}
-    if ft.get("base_run") is not None:  # a LoRA fine-tuning run: its weights hold adapters
+    if ft.get("base_run") is not None and ft.get("targets") != "none":  # weights hold adapters
         from .finetune import add_lora
 
         add_lora(
@@ -159,6 +159,7 @@ class Pipeline:
         self.run_dir = run_dir
         self.weights = weights
         self.loras: list[dict[str, Any]] = []  # adapters applied by load_lora (PNG params)
+        self.embeddings: list[dict[str, Any]] = []  # words added by load_embedding
 
     @classmethod
     def from_run(
@@ -234,6 +235,25 @@ class Pipeline:
         report = load_lora(self.model, path, scale=scale, strict=strict)
         self.loras.append({"path": str(path), "scale": float(scale), "layers": len(report.applied)})
         return report
+
+    def load_embedding(self, path: str | Path) -> str:
+        """Add a textual-inversion word (``difflab.finetune.inversion``) to this text run's
+        vocabulary and token table; returns the word. Loud: a foreign file, a width that does
+        not fit or a word already known raises."""
+        from .finetune.inversion import load_embedding
+        from .models.text import PromptEncoder
+
+        if not isinstance(self.text_encoder, PromptEncoder):
+            raise ValueError(
+                "embeddings extend a run whose text encoder difflab trained "
+                "(text.encoder: transformer); this pipeline has none"
+            )
+        before = set(self.text_encoder.tokenizer.vocab)
+        tokenizer = load_embedding(self.model, self.text_encoder.tokenizer, path)  # type: ignore[arg-type]
+        self.text_encoder.tokenizer = tokenizer
+        word = next(w for w in tokenizer.vocab if w not in before)
+        self.embeddings.append({"path": str(path), "word": word})
+        return word
 
     # ------------------------------------------------------------------ conditioning
     def _labels(self, class_labels: int | Sequence[int] | Tensor | None, n: int) -> Tensor | None:
@@ -352,6 +372,7 @@ class Pipeline:
             "prediction": self.prediction,
             **({"latent": True} if self.vae is not None else {}),
             **({"lora": self.loras} if self.loras else {}),
+            **({"embeddings": self.embeddings} if self.embeddings else {}),
             "schedule": self.schedule.to_config(),
             "difflab_version": __version__,
         }

@@ -98,7 +98,7 @@ def test_cli_finetune_then_sample_with_the_adapter(base_run, tmp_path, capsys):
     args = ["finetune", str(base_run), "--out", str(out), "--rank", "2", "--steps", "2",
             "--targets", "*.conv1,*.conv2", "--set", "data.source=digits"]  # fmt: skip
     assert cli_main(args) == 0
-    assert "lora.safetensors" in capsys.readouterr().out
+    assert "lora.safetensors" in capsys.readouterr().out  # the adapter is named
     png = tmp_path / "s.png"
     args = ["sample", str(base_run), "--lora", str(out / LORA_FILE), "--lora-scale", "0.5",
             "--class", "1", "--n", "2", "--steps", "2", "-o", str(png)]  # fmt: skip

@@ -59,7 +59,7 @@ def _latent_opts(folder):
     from difflab.models import AutoencoderKL, VAEConfig
 
     cfg = VAEConfig(in_channels=1, out_channels=1, block_out_channels=(8, 8), latent_channels=2,
-                    norm_groups=4, scaling_factor=0.5)  # fmt: skip
+                    norm_groups=4, scaling_factor=1.0)  # fmt: skip
     AutoencoderKL(cfg, generator=torch.Generator().manual_seed(0)).save_pretrained(folder)
     return [f"latent.vae={folder}", "model.image_size=4", "model.in_channels=2",
             "model.attention_resolutions=[2]"]  # fmt: skip

@@ -270,6 +270,9 @@ class FinetuneConfig:
     :param targets: ``attention``, ``conv``, ``attention+conv`` or a list of module-name
         patterns. :param rslora: scale by ``α/√r`` (rank-stabilised LoRA).
     :param dora: weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per unit.
+    :param new_word: textual inversion (Gal et al. 2023): a word added to a text run's
+        vocabulary whose token embedding trains, initialised from ``init_word``'s. With
+        ``targets: none`` it is the only thing that trains.
     :param prior_condition: DreamBooth's prior preservation (Ruiz et al. 2023): the class
         prompt (or label) whose ``prior_images`` base-run samples are trained alongside the
         instance data, weighted by ``prior_weight`` (λ of eq. 2). ``None`` = off.
@@ -282,6 +285,8 @@ class FinetuneConfig:
     targets: Any = "attention"
     rslora: bool = False
     dora: bool = False
+    new_word: str | None = None
+    init_word: str | None = None
     prior_condition: Any = None
     prior_images: int = 100
     prior_weight: float = 1.0
@@ -306,11 +311,16 @@ class FinetuneConfig:
         if self.alpha is not None:
             _check_range("finetune.alpha", self.alpha, 0.0)
         patterns = isinstance(self.targets, list) and all(isinstance(p, str) for p in self.targets)
-        if not patterns and self.targets not in TARGET_SETS:
+        if self.targets == "none":
+            if self.new_word is None:
+                raise ValueError("finetune.targets: none trains nothing without finetune.new_word")
+        elif not patterns and self.targets not in TARGET_SETS:
             raise ValueError(
-                f"finetune.targets must be one of {', '.join(TARGET_SETS)} or a list of "
-                f"module-name patterns, got {self.targets!r}"
+                f"finetune.targets must be one of {', '.join(TARGET_SETS)}, none (with "
+                f"new_word) or a list of module-name patterns, got {self.targets!r}"
             )
+        if self.new_word is not None and self.base_run is None:
+            raise ValueError("finetune.new_word needs finetune.base_run (the run to extend)")
 
 
 @dataclass

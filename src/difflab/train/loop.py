@@ -237,7 +237,8 @@ class Trainer:
         tc = self.cfg.text
         if self.cfg.finetune.base_run is not None:  # the base run's vocabulary and weights
             tokenizer = WordTokenizer.load(Path(self.cfg.finetune.base_run) / TOKENIZER_FILE)
-            unknown = tokenizer.unknown_words(texts)
+            new = {self.cfg.finetune.new_word}
+            unknown = [w for w in tokenizer.unknown_words(texts) if w not in new]
             if unknown:
                 warnings.warn(
                     f"caption words the base run never saw encode as <unk>: "
@@ -264,16 +265,33 @@ class Trainer:
 
         ft = self.cfg.finetune
         load_weights(model, Path(str(ft.base_run)) / WEIGHTS[ft.weights])
-        gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 5))
-        names = add_lora(
-            model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, dora=ft.dora, generator=gen
-        )
+        what = []
+        if ft.new_word is not None:  # textual inversion: one new, trainable token row
+            from ..finetune.inversion import add_word
+
+            if not isinstance(model, TextConditionedUNet) or self.tokenizer is None:
+                raise ValueError(
+                    "finetune.new_word needs a base run with text.encoder: transformer"
+                )
+            self.tokenizer, _ = add_word(model, self.tokenizer, ft.new_word, ft.init_word)
+            what.append(f"the new word {ft.new_word!r}")
+        if ft.targets != "none":
+            gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 5))
+            names = add_lora(
+                model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, dora=ft.dora,
+                generator=gen,
+            )  # fmt: skip
+            if ft.new_word is not None:  # add_lora froze the rest, the new row included
+                model.text.token.weight.requires_grad_(True)  # type: ignore[union-attr]
+            what.append(f"{'DoRA' if ft.dora else 'LoRA'} rank {ft.rank} on {len(names)} layers")
         if self.dist.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            if ft.new_word is not None:  # the token table trains through a one-row mask
+                table = model.text.token.weight  # type: ignore[union-attr]
+                trainable -= table.numel() - table.shape[1]
             total = sum(p.numel() for p in model.parameters())
             print(
-                f"{'DoRA' if ft.dora else 'LoRA'} rank {ft.rank} on {len(names)} layers of "
-                f"{ft.base_run}: "
+                f"fine-tuning {ft.base_run}: {' and '.join(what)}; "
                 f"{trainable:,} of {total:,} parameters train"
             )
 
@@ -541,7 +559,16 @@ class Trainer:
 
                 meta = {"base_run": str(self.cfg.finetune.base_run), "step": str(self.step),
                         "weights": "ema"}  # fmt: skip
-                save_lora(self.ema.model, self.run_dir / LORA_FILE, metadata=meta)
+                if self.cfg.finetune.targets != "none":
+                    save_lora(self.ema.model, self.run_dir / LORA_FILE, metadata=meta)
+                if self.cfg.finetune.new_word is not None:
+                    from ..finetune.inversion import EMBEDDING_FILE, save_embedding
+
+                    meta["init_word"] = str(self.cfg.finetune.init_word)
+                    save_embedding(
+                        self.ema.model, self.tokenizer, self.cfg.finetune.new_word,  # type: ignore[arg-type]
+                        self.run_dir / EMBEDDING_FILE, meta,
+                    )  # fmt: skip
         if self.dist.distributed:
             dist.barrier()
 

@@ -1,0 +1,119 @@
+"""Textual inversion (Gal et al. 2023, "An Image is Worth One Word"): a new word whose token
+embedding alone is trained, the rest of the network frozen.
+
+Owns growing a text-conditional run's vocabulary and token table by one word
+(:func:`add_word`, initialised from an existing word's embedding as the paper does), the
+gradient mask that lets only that row train, and the embedding file
+(``<word>`` -> vector, metadata ``format`` ``difflab-ti/1``, ``init_word``) with its loud
+loader. For runs whose text encoder difflab trained (``text.encoder: transformer``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..models.text import TextConditionedUNet, WordTokenizer, words
+
+__all__ = ["TI_FORMAT", "add_word", "load_embedding", "save_embedding"]
+
+TI_FORMAT = "difflab-ti/1"
+EMBEDDING_FILE = "embedding.safetensors"  # what a textual-inversion run writes (EMA)
+SPECIAL_ROWS = ("<pad>", "<unk>", "<bos>")
+
+
+def _check_word(tokenizer: WordTokenizer, word: str) -> None:
+    if words(word) != [word]:
+        raise ValueError(
+            f"the new word must be one lower-case word of letters and digits (as the tokenizer "
+            f"splits text), got {word!r}"
+        )
+    if word in tokenizer.index:
+        raise ValueError(f"{word!r} is already in the vocabulary; choose a new word")
+
+
+def add_word(
+    model: TextConditionedUNet,
+    tokenizer: WordTokenizer,
+    word: str,
+    init: str | Tensor | None = None,
+    *,
+    trainable_only: bool = True,
+) -> tuple[WordTokenizer, int]:
+    """Append ``word`` to ``tokenizer`` and a row to ``model.text.token``.
+
+    :param init: an existing word whose embedding the new row copies (Gal et al. sec. 4), a
+        vector, or None (the mean embedding).
+    :param trainable_only: freeze the network and let gradients reach the new row only.
+    :return: the extended tokenizer and the new token's id.
+    """
+    _check_word(tokenizer, word)
+    table = model.text.token
+    with torch.no_grad():
+        if isinstance(init, Tensor):
+            row = init.to(table.weight)
+        elif init is None:
+            row = table.weight[len(SPECIAL_ROWS) :].mean(0)
+        else:
+            if init not in tokenizer.index:
+                raise ValueError(f"init word {init!r} is not in the vocabulary")
+            row = table.weight[tokenizer.index[init]].clone()
+        grown = nn.Embedding(table.num_embeddings + 1, table.embedding_dim).to(table.weight)
+        grown.weight.copy_(torch.cat([table.weight, row[None]]))
+    model.text.token = grown
+    new_id = table.num_embeddings
+    if trainable_only:
+        model.requires_grad_(False)
+        grown.weight.requires_grad_(True)
+        mask = torch.zeros(grown.num_embeddings, 1, dtype=grown.weight.dtype)
+        mask[new_id] = 1.0
+        grown.weight.register_hook(lambda grad: grad * mask.to(grad.device))
+    extended = WordTokenizer([*tokenizer.vocab, word], tokenizer.max_length)
+    return extended, new_id
+
+
+def save_embedding(
+    model: TextConditionedUNet, tokenizer: WordTokenizer, word: str, path: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:  # fmt: skip
+    """Write ``{word: vector}`` as safetensors with its format and width (atomically)."""
+    from safetensors.torch import save
+
+    from ..train.checkpoint import atomic_write_bytes
+
+    vector = model.text.token.weight[tokenizer.index[word]].detach().float().cpu()
+    meta = {**(metadata or {}), "format": TI_FORMAT, "word": word, "width": str(len(vector))}
+    atomic_write_bytes(Path(path), save({word: vector.contiguous()}, metadata=meta))
+    return Path(path)
+
+
+def load_embedding(
+    model: TextConditionedUNet, tokenizer: WordTokenizer, path: str | Path
+) -> WordTokenizer:
+    """Add the word of an embedding file to ``model`` and return the extended tokenizer.
+
+    :raises ValueError: not a difflab embedding, a width that does not fit this encoder, or
+        a word the vocabulary already has.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    if meta.get("format") != TI_FORMAT or len(tensors) != 1:
+        raise ValueError(f"{path} is not a difflab embedding (format {meta.get('format')!r})")
+    ((word, vector),) = tensors.items()
+    width = model.text.token.embedding_dim
+    if vector.shape != (width,):
+        raise ValueError(
+            f"{path} holds a {tuple(vector.shape)} embedding for {word!r}, but this text "
+            f"encoder's tokens have width {width}"
+        )
+    extended, _ = add_word(model, tokenizer, word, vector, trainable_only=False)
+    model.eval()
+    return extended
