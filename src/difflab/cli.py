@@ -358,10 +358,12 @@ def _train_vae(args: argparse.Namespace) -> int:
 def add_finetune_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "finetune",
-        help="train a LoRA adapter on top of a finished run",
-        description="LoRA fine-tuning (Hu et al. 2021): the base run's config and weights, "
-        "new data through --set data.*, only the adapters train. Writes a run directory "
-        "with lora.safetensors (EMA adapter weights) beside the usual checkpoint.",
+        help="fine-tune a finished run: LoRA/DoRA adapters, DreamBooth, textual inversion",
+        description="Fine-tune BASE (its config and weights; new data through --set data.*): "
+        "LoRA (Hu et al. 2021) or DoRA adapters, optionally DreamBooth's prior preservation "
+        "(--prior) and a textual-inversion word (--new-word). Only the adapters / the word "
+        "train. Writes a run directory with lora.safetensors and/or embedding.safetensors "
+        "(EMA weights) beside the usual checkpoint.",
     )
     p.add_argument("base", help="the run to adapt (a run directory)")
     p.add_argument("--out", required=True, help="run directory of the fine-tuning run")
@@ -495,12 +497,18 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("-o", "--out", default=None, help="output PNG (default RUN/samples/...)")
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
+    _add_adapter_args(p)
+    p.set_defaults(func=_sample)
+
+
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    """``--lora FILE`` / ``--lora-scale`` / ``--embedding FILE`` (``difflab finetune`` outputs)."""
     p.add_argument(
         "--lora",
         action="append",
         default=[],
         metavar="FILE",
-        help="apply a LoRA adapter file (repeatable; see difflab finetune)",
+        help="apply a LoRA/DoRA adapter file (repeatable; see difflab finetune)",
     )
     p.add_argument(
         "--lora-scale", type=float, default=1.0, help="strength of --lora (0 = the base model)"
@@ -512,7 +520,13 @@ def add_sample_parser(subparsers: Any) -> None:
         metavar="FILE",
         help="add a textual-inversion word (repeatable; see difflab finetune --new-word)",
     )
-    p.set_defaults(func=_sample)
+
+
+def _apply_adapters(pipe: Any, args: argparse.Namespace) -> None:
+    for path in args.lora:
+        print(pipe.load_lora(path, scale=args.lora_scale))
+    for path in args.embedding:
+        print(f"added the word {pipe.load_embedding(path)!r}")
 
 
 def _expand_classes(classes: list[int] | None, n: int | None) -> tuple[list[int] | None, int]:
@@ -534,10 +548,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     labels, n = _expand_classes(args.classes, args.n)
     pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
-    for path in args.lora:
-        print(pipe.load_lora(path, scale=args.lora_scale))
-    for path in args.embedding:
-        print(f"added the word {pipe.load_embedding(path)!r}")
+    _apply_adapters(pipe, args)
     kwargs = dict(
         class_labels=labels,
         prompt=args.prompt,
@@ -580,8 +591,7 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--device", default=None, help="torch device (default cpu)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA adapter")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    _add_adapter_args(p)
     p.add_argument("--max-n", type=int, default=64, help="largest n one request may ask for")
     p.set_defaults(func=_serve)
 
@@ -591,8 +601,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import make_server
 
     pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
-    for path in args.lora:
-        print(pipe.load_lora(path, scale=args.lora_scale))
+    _apply_adapters(pipe, args)
     server = make_server(pipe, args.host, args.port, max_n=args.max_n)
     host, port = server.server_address[:2]
     print(f"serving {args.run} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
