@@ -159,3 +159,18 @@ def test_latent_run_validation_scores_posterior_mean_latents(vae_dir, tmp_path):
     want = eps_mse_by_hand(net, schedule, x0, {"class_labels": labels},
                            _subseed(cfg.seed, 51), 3, 8)  # fmt: skip
     assert last["val_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_periodic_eval_of_a_latent_run_scores_decoded_images(vae_dir, tmp_path):
+    """eval_every on a latent run equals evaluating the saved run (whose Pipeline decodes)."""
+    from difflab.eval import evaluate_pipeline
+
+    folder, _ = vae_dir
+    opts = [*latent_opts(folder), "data.source=digits", "train.max_steps=2", "train.eval_every=2",
+            "train.eval_n=20", "train.eval_metrics=accuracy", "sample.steps=3"]  # fmt: skip
+    result = train(tiny_config(tmp_path, *opts), progress=False)
+    logged = result.evals[-1]
+    pipe = dl.Pipeline.from_run(tmp_path)
+    direct = evaluate_pipeline(pipe, metrics=["accuracy"], n=20, seed=0)
+    key = "accuracy[digits-cnn]"
+    assert logged[key] == direct[key] and 0.0 <= direct[key] <= 1.0

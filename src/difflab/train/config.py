@@ -404,8 +404,6 @@ class TrainConfig:
                 f"data.image_size={self.data.image_size} is not a multiple of the "
                 f"autoencoder's downsampling factor {vae.downsample_factor}"
             )
-        if self.train.eval_every:
-            raise ValueError("train.eval_every is not supported for latent diffusion yet; set 0")
 
     def _check_text(self) -> None:
         if self.data.source not in ("digits", "captions"):

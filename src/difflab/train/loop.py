@@ -812,6 +812,7 @@ class Trainer:
             context_dim=mcfg.context_dim,
             sample_defaults=dataclasses.asdict(self.cfg.sample),
             device=self.device,
+            vae=self.vae,  # latent runs are scored on decoded images
         )
         try:
             with torch.random.fork_rng(devices=[]):
