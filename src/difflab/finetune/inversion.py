@@ -97,16 +97,11 @@ def load_embedding(
     :raises ValueError: not a difflab embedding, a width that does not fit this encoder, or
         a word the vocabulary already has.
     """
-    from safetensors import safe_open
+    from .lora import read_tagged
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    if meta.get("format") != TI_FORMAT or len(tensors) != 1:
-        raise ValueError(f"{path} is not a difflab embedding (format {meta.get('format')!r})")
+    _, tensors = read_tagged(path, TI_FORMAT, "embedding")
+    if len(tensors) != 1:
+        raise ValueError(f"{path} holds {len(tensors)} tensors; an embedding file holds one")
     ((word, vector),) = tensors.items()
     width = model.text.token.embedding_dim
     if vector.shape != (width,):

@@ -387,16 +387,7 @@ def load_lora(
     ValueError listing them all; with ``strict=False`` the fitting layers are applied and the
     report lists the rest.
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    if meta.get("format") != LORA_FORMAT:
-        raise ValueError(f"{path} is not a difflab LoRA file (format {meta.get('format')!r})")
+    meta, state = read_tagged(path, LORA_FORMAT, "LoRA file")
     alpha, rslora = float(meta["alpha"]), json.loads(meta["rslora"])
     dora = json.loads(meta.get("dora", "false"))
     parts = ("down", "up")
@@ -446,6 +437,24 @@ def load_lora(
         layer.multiplier = float(scale)
         report.applied.append(name)
     return report
+
+
+def read_tagged(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file whose metadata ``format`` is ``fmt``.
+
+    :raises FileNotFoundError: no such file. :raises ValueError: another format.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a difflab {what} (format {meta.get('format')!r})")
+    return meta, tensors
 
 
 def _adapter_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

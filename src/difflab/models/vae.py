@@ -316,10 +316,13 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
 
-    def latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``(sample - shift) * scale`` of images ``x``: the diffusion model's data."""
-        z = self.encode(x).sample(generator)
+    def scale(self, z: Tensor) -> Tensor:
+        """``(z - shift) * scale``: raw latents to the diffusion model's data."""
         return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
+
+    def latents(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled posterior samples of images ``x`` (posterior means without generator)."""
+        return self.scale(self.encode(x).sample(generator))
 
     def images(self, latents: Tensor) -> Tensor:
         """Decode latents made by :meth:`latents` (the inverse scaling first)."""

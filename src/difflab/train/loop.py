@@ -356,12 +356,7 @@ class Trainer:
                 "" if d < self.cfg.diffusion.cond_drop_prob else text
                 for d, text in zip(drop.tolist(), batch["text"])
             ]
-            if self.tokenizer is not None:  # encoded inside the model (it trains)
-                ids, mask = self.tokenizer.encode(texts)
-                cond["input_ids"], cond["attention_mask"] = ids.to(dev), mask.to(dev)
-            elif self.frozen_text is not None:  # frozen: encoded here, without gradients
-                context, mask = self.frozen_text(texts)
-                cond["context"], cond["context_mask"] = context.to(dev), mask.to(dev)
+            cond.update(self._text_cond(texts, dev))
         importance = None
         if self.timestep_sampler is not None:
             t, w = self.timestep_sampler.sample(B)
@@ -377,6 +372,16 @@ class Trainer:
             importance = weight if importance is None else importance * weight
         return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior)
 
+    def _text_cond(self, texts: list[str], dev: torch.device) -> dict[str, Tensor]:
+        """The model's text inputs: token ids for an encoder that trains inside the model,
+        ready tokens from a frozen one (computed here, without gradients)."""
+        if self.tokenizer is not None:
+            ids, mask = self.tokenizer.encode(texts)
+            return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+        assert self.frozen_text is not None
+        context, mask = self.frozen_text(texts)
+        return {"context": context.to(dev), "context_mask": mask.to(dev)}
+
     @torch.no_grad()
     def _latents(self, images: Tensor, B: int, rows: slice) -> Tensor:
         """Scaled autoencoder latents of this rank's images: posterior samples whose noise
@@ -387,8 +392,7 @@ class Trainer:
         if self.cfg.latent.sample_posterior:
             noise = torch.randn((B, *z.shape[1:]), generator=self.gen)[rows].to(z.device)
             z = z + posterior.std * noise
-        c = self.vae.config
-        z = (z - (c.shift_factor or 0.0)) * c.scaling_factor
+        z = self.vae.scale(z)
         if not self._latents_checked:  # once per run: a wrong scale ruins the noise levels
             self.vae.check_latent_scale(z)
             self._latents_checked = True
@@ -767,20 +771,10 @@ class Trainer:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Model inputs of validation items: posterior-mean latents for latent runs, the
         true captions for text runs (deterministic, unlike training's draws)."""
-        cond: dict[str, Tensor] = {}
-        x0 = images
-        if self.vae is not None:
-            c = self.vae.config
-            x0 = (self.vae.encode(images).mean - (c.shift_factor or 0.0)) * c.scaling_factor
-        if self.cfg.text.enabled:
-            texts = [str(it["text"]) for it in items]
-            if self.tokenizer is not None:
-                ids, mask = self.tokenizer.encode(texts)
-                cond["input_ids"], cond["attention_mask"] = ids.to(x0.device), mask.to(x0.device)
-            elif self.frozen_text is not None:
-                context, mask = self.frozen_text(texts)
-                cond["context"], cond["context_mask"] = context, mask
-        return x0, cond
+        x0 = images if self.vae is None else self.vae.latents(images)  # posterior means
+        if not self.cfg.text.enabled:
+            return x0, {}
+        return x0, self._text_cond([str(it["text"]) for it in items], x0.device)
 
     def _periodic_eval(self) -> dict[str, Any]:
         """Score ``train.eval_n`` EMA samples (``difflab.eval.periodic_eval``) and log them.
