@@ -496,9 +496,28 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("-o", "--out", default=None, help="output PNG (default RUN/samples/...)")
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    _add_device_args(p)
     _add_adapter_args(p)
     p.set_defaults(func=_sample)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="precision of the network's weights (bf16/fp16: faster on GPUs)",
+    )
+
+
+def _load_pipeline(args: argparse.Namespace) -> Any:
+    """``Pipeline.from_run`` with ``--weights/--device``, the adapters, then ``--dtype``."""
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
+    _apply_adapters(pipe, args)
+    return pipe.to(dtype=args.dtype)
 
 
 def _add_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -544,11 +563,9 @@ def _expand_classes(classes: list[int] | None, n: int | None) -> tuple[list[int]
 
 def _sample(args: argparse.Namespace) -> int:
     from .images import save_grid, save_image
-    from .pipeline import Pipeline
 
     labels, n = _expand_classes(args.classes, args.n)
-    pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
-    _apply_adapters(pipe, args)
+    pipe = _load_pipeline(args)
     kwargs = dict(
         class_labels=labels,
         prompt=args.prompt,
@@ -590,18 +607,16 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1: this machine)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    _add_device_args(p)
     _add_adapter_args(p)
     p.add_argument("--max-n", type=int, default=64, help="largest n one request may ask for")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
     from .serve import make_server
 
-    pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
-    _apply_adapters(pipe, args)
+    pipe = _load_pipeline(args)
     server = make_server(pipe, args.host, args.port, max_n=args.max_n)
     host, port = server.server_address[:2]
     print(f"serving {args.run} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import yaml
 
 from difflab.train import TrainConfig, load_config, lr_factor, save_config
@@ -35,6 +36,7 @@ def test_unknown_keys_raise_with_a_suggestion():
         ("diffusion.cond_drop_prob=1.5", r"must be in \[0.0, 1.0\]"),
         ("model.learn_sigma=true", "contradicts diffusion.variance"),
         ("model.in_channels=3", "must match"),
+        ("train.device=gpu0", "must be a torch device such as 'cpu', 'cuda'"),
     ],
 )
 def test_closed_choices_and_types_are_checked_at_load(override, message):
@@ -111,3 +113,26 @@ def test_optimizer_is_fused_adamw_with_the_plain_adamw_update(tmp_path):
             o.step()
     for a, b in zip(ours.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error seen without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
+    from train_helpers import ToyData, tiny_config
+
+    from difflab.train import Trainer
+
+    with pytest.raises(RuntimeError, match="'cuda' was asked for but torch sees no CUDA"):
+        Trainer(tiny_config(tmp_path, "train.device=cuda"), dataset=ToyData())
+
+
+def test_device_cpu_is_honoured(tmp_path):
+    from train_helpers import ToyData, tiny_config
+
+    from difflab.train import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, "train.device=cpu"), dataset=ToyData())
+    try:
+        assert trainer.device == torch.device("cpu")
+        assert next(trainer.model.parameters()).device.type == "cpu"
+    finally:
+        trainer.close()

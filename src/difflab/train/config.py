@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .._validate import check_choice, unknown_message
@@ -175,6 +176,9 @@ class LoopConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     mixed_precision: str = "no"
+    # Torch device: None = cuda:LOCAL_RANK when CUDA is available, else cpu ("cpu", "cuda",
+    # "cuda:1", ... force one).
+    device: str | None = None
     grad_checkpointing: bool = False
     channels_last: bool = False
     on_nonfinite: str = "stop"
@@ -223,6 +227,14 @@ class LoopConfig:
             for metric in self.eval_metrics.split(","):
                 check_choice("train.eval_metrics entry", metric.strip(), METRICS)
         _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"config key 'train.device' must be a torch device such as 'cpu', 'cuda' "
+                    f"or 'cuda:1', got {self.device!r}"
+                ) from None
 
 
 @dataclass

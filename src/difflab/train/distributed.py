@@ -48,8 +48,18 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:
         dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {str(device)!r} was asked for but torch sees no CUDA device "
+                f"(torch {torch.__version__}); use 'cpu' or leave the device unset"
+            )
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local}")
+        if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {str(dev)!r} does not exist: torch sees {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world <= 1:

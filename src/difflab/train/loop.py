@@ -125,7 +125,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg = config.resolve()
         tc = cfg.train
-        self.dist = setup_distributed()
+        self.dist = setup_distributed(tc.device)
         # Dropout layers draw from torch's global RNG: seed it per rank (train() restores the
         # caller's state afterwards; a checkpoint saves and restores it).
         torch.manual_seed(_subseed(cfg.seed, 100 + self.dist.rank))
