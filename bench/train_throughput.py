@@ -17,6 +17,12 @@ Usage::
     python bench/train_throughput.py --preset cifar10 --batch-size 8 --iters 10
     python bench/train_throughput.py --preset digits --channels-last
     python bench/train_throughput.py --preset digits --compile --no-memory  # ~2 min/compile
+    python bench/train_throughput.py --device cuda --batch-size 128 --precisions fp32,bf16,fp16
+
+On CUDA the windows are timed after ``torch.cuda.synchronize()``, peak memory is the growth
+of ``torch.cuda.max_memory_allocated`` over the warm-up steps (read in the timing process)
+and fp16 trains with a ``GradScaler``; torch's
+default TF32 settings apply to both models alike.
 
 With ``--compile`` the warm-up column holds the compilation time, which the images/s
 exclude.
@@ -101,7 +107,8 @@ def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any,
     )
     model, forward = build(name, cfg)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.train().to(memory_format=fmt)  # in place: ``forward`` still calls this model
+    device = torch.device(args.device)
+    model.train().to(device, memory_format=fmt)  # in place: ``forward`` still calls this model
     if args.compile:
         forward = torch.compile(forward)
     if args.optimizer == "native" and name == "difflab":
@@ -113,22 +120,31 @@ def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any,
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
-    x0 = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
-    noise = torch.randn(shape, generator=g).contiguous(memory_format=fmt)
-    t = torch.randint(0, 1000, (args.batch_size,), generator=g)
-    alpha = torch.rand(args.batch_size, 1, 1, 1, generator=g)
+    x0 = torch.randn(shape, generator=g).contiguous(memory_format=fmt).to(device)
+    noise = torch.randn(shape, generator=g).contiguous(memory_format=fmt).to(device)
+    t = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
+    alpha = torch.rand(args.batch_size, 1, 1, 1, generator=g).to(device)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise  # eq. 4 of Ho et al. with a random ᾱ
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step() -> None:
         with autocast:
             pred = forward(x_t, t.float() if name == "difflab" else t)
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     return step, sum(p.numel() for p in model.parameters())
+
+
+def sync(args: argparse.Namespace) -> None:
+    """Wait for queued GPU work, so that a host clock times it."""
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
@@ -137,22 +153,33 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
     torch.set_num_threads(args.threads)
     names = args.models.split(",")
     steps = {name: make_step(name, precision, args) for name in names}
-    warmup_s = {}
+    warmup_s, peak_mib = {}, {}
+    cuda = args.device.startswith("cuda")
     for name, (step, _) in steps.items():
+        if cuda:  # the allocator's peak is exact per model: no fresh process needed
+            sync(args)
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         start = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        sync(args)
         warmup_s[name] = time.perf_counter() - start  # includes compilation with --compile
+        if cuda:
+            peak_mib[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
     best = dict.fromkeys(names, float("inf"))
     for _ in range(args.repeats):
         for name, (step, _) in steps.items():
+            sync(args)
             start = time.perf_counter()
             for _ in range(args.iters):
                 step()
+            sync(args)
             best[name] = min(best[name], time.perf_counter() - start)
     queue.put([
         dict(model=name, precision=precision, params=steps[name][1],
-             images_per_s=args.iters * args.batch_size / best[name], warmup_s=warmup_s[name])
+             images_per_s=args.iters * args.batch_size / best[name], warmup_s=warmup_s[name],
+             **({"peak_mib": peak_mib[name]} if name in peak_mib else {}))
         for name in names
     ])  # fmt: skip
 
@@ -186,6 +213,12 @@ def in_subprocess(target: Any, *args: Any) -> Any:
     return result
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cifar10", help="UNetConfig preset (tiny, digits, ...)")
@@ -194,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=5, help="training steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the best is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument(
+        "--precisions", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (CUDA only)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--models", default="difflab,diffusers")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--channels-last", action="store_true", help="channels_last for both models")
@@ -219,11 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for precision in args.precisions.split(","):
         for row in in_subprocess(speed_worker, precision, args):
-            row["peak_mib"] = (
-                in_subprocess(memory_worker, row["model"], precision, args)
-                if args.memory
-                else float("nan")
-            )
+            if "peak_mib" not in row:  # CPU: RSS, read in a fresh process per row
+                row["peak_mib"] = (
+                    in_subprocess(memory_worker, row["model"], precision, args)
+                    if args.memory
+                    else float("nan")
+                )
             rows.append(row)
         print(f"done: {precision}", file=sys.stderr)
 
@@ -233,11 +270,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.iters} steps after {args.warmup} warm-up, compile={args.compile}, "
         f"channels_last={args.channels_last}, optimizer={args.optimizer}, "
         f"{args.threads} CPU threads, "
-        f"torch {torch.__version__}, {platform.processor() or 'cpu'}.",
+        f"torch {torch.__version__}, {device_name(args.device)}.",
         "Images/s: best window, models timed in alternation in one process (after the "
         "warm-up steps, so compilation is excluded; the warm-up column shows its cost). "
-        "Peak memory: growth of max RSS (getrusage) over the warm-up steps plus one, in a "
-        "fresh process.",
+        + (
+            "Peak memory: growth of torch.cuda.max_memory_allocated over the warm-up steps."
+            if args.device.startswith("cuda")
+            else "Peak memory: growth of max RSS (getrusage) over the warm-up steps plus one, "
+            "in a fresh process."
+        ),
         "",
         "| model | precision | params (M) | images/s | vs diffusers | peak memory (MiB) "
         "| warm-up (s) |",

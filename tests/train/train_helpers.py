@@ -13,6 +13,7 @@ from difflab.train import TrainConfig, Trainer, TrainResult, load_config, train
 from difflab.train.validation import validation_timesteps
 
 TINY_MODEL = [
+    "train.device=cpu",  # the same on every machine; tests/train/test_cuda.py uses CUDA
     "model.preset=tiny",
     "model.image_size=8",
     "model.model_channels=16",
