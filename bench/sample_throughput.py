@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         del runs
         print(f"done: {precision}", file=sys.stderr)
 
-    base = {r["precision"]: r["images_s"] for r in rows if r["model"] == "diffusers"}
+    base = {r["precision"]: r["images_per_s"] for r in rows if r["model"] == "diffusers"}
     lines = [
         f"Preset `{args.preset}`, batch {args.batch_size}, {args.steps} DDIM steps, best of "
         f"{args.repeats} windows after one warm-up batch, torch {torch.__version__}, "
