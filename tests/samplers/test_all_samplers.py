@@ -175,3 +175,31 @@ def test_zero_terminal_snr_v_prediction_is_finite(spec):
         generator=torch.Generator().manual_seed(3),
     )
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_sampling_loop_never_reads_a_tensor_value_on_the_host(spec):
+    """No device synchronisation inside the loop (USER_NEEDS 10): on the ``meta`` device every
+    value read (``.item()``, ``bool(t)``, ``.tolist()``; on CUDA each a sync) raises, so a whole
+    run there, with a U-Net, CFG, x̂0 clipping and ancestral noise, proves the loop reads none.
+    Adaptive step-size control decides each step on the host from an error estimate, so it
+    reads (and syncs) by design."""
+    from _tiny_run import tiny_unet
+
+    from difflab.samplers.common import randn
+
+    model = tiny_unet(num_classes=10).to("meta")
+    shape = (2, 1, 8, 8)
+    run = lambda: sample(  # noqa: E731
+        model, schedule=NoiseSchedule.cosine(1000), sampler=spec.name, steps=6,
+        noise=randn(shape).to("meta"), generator=[torch.Generator().manual_seed(i) for i in (0, 1)],
+        guidance_scale=2.0, cond={"class_labels": torch.tensor([1, 2], device="meta")},
+        uncond={"class_labels": torch.tensor([10, 10], device="meta")}, clip_x0=True,
+        progress=False,
+    )  # fmt: skip
+    if adaptive(spec):
+        with pytest.raises(RuntimeError, match="item"):
+            run()
+        return
+    out = run()
+    assert out.shape == shape and out.device.type == "meta"

@@ -175,3 +175,43 @@ def test_attention_under_autocast_on_cuda(dtype, shape):
     assert out.dtype == torch.float32
     err = (out.double() - ref).norm() / ref.norm()
     assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+class _SyncWatch(torch.nn.Module):
+    """Calls the network; after its first call (set-up done) any host wait raises."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, t, **cond):
+        out = self.inner(x, t, **cond)
+        torch.cuda.set_sync_debug_mode("error")
+        return out
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_ancestral", "dpmpp_2m_sde", "unipc",
+                                  "dpmpp_3m", "heun", "lms", "pndm", "dpm_solver"])  # fmt: skip
+def test_sampling_loop_never_waits_for_the_gpu(name):
+    """USER_NEEDS 10 on CUDA: from the first network call on, no synchronisation, ancestral
+    noise from CPU generators included (it travels through pinned memory)."""
+    from _tiny_run import tiny_unet
+
+    import difflab as dl
+    from difflab.samplers.common import randn
+
+    model = _SyncWatch(tiny_unet(num_classes=10).cuda().eval())
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    labels = torch.tensor([1, 2, 3, 4], device="cuda")
+    try:
+        with torch.inference_mode():
+            out = dl.sample(
+                model, schedule=dl.NoiseSchedule.cosine(1000), sampler=name, steps=8,
+                noise=randn((4, 1, 8, 8), gens, device="cuda"), generator=gens,
+                guidance_scale=2.0, cond={"class_labels": labels},
+                uncond={"class_labels": torch.full_like(labels, 10)}, clip_x0=True,
+                progress=False,
+            )  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out).all()

@@ -92,9 +92,17 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNo
     return GroupNorm(num_groups, channels, eps=eps)
 
 
+def _autocast_known(device_type: str) -> bool:
+    """Whether autocast exists for ``device_type`` (not for ``meta``, say)."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.3
+    return device_type in ("cpu", "cuda") if available is None else available(device_type)
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (``torch.is_autocast_enabled(device)`` is
-    torch >= 2.4)."""
+    torch >= 2.4); False on devices autocast does not know (``meta``)."""
+    if not _autocast_known(device_type):
+        return False
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # older torch: no device argument
@@ -198,6 +206,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     if compute != torch.float64 and _float32_attention_is_faster(q, k):
         compute = torch.float32
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    if not _autocast_known(device_type):  # e.g. "meta": no autocast to switch off
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
     with torch.autocast(device_type, enabled=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)
 

@@ -46,18 +46,29 @@ def randn(
     """Standard normal noise ``[B, ...]``; with a list of generators, row *i* uses the *i*-th.
 
     Noise is drawn on the generator's device (CPU generators give the same numbers on any
-    machine) and moved to ``device``.
+    machine) and moved to ``device``; to a GPU through pinned memory without blocking, so
+    that an ancestral sampler's loop never waits for the device.
     """
     if generator is None or isinstance(generator, torch.Generator):
         gdev = generator.device if generator is not None else device
-        return torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype).to(device)
+        noise = torch.randn(tuple(shape), generator=generator, device=gdev, dtype=dtype)
+        return _to_device(noise, device)
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(
             f"got {len(gens)} generators for a batch of {shape[0]}; pass one per sample"
         )
     rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens]
-    return torch.stack(rows).to(device)
+    return _to_device(torch.stack(rows), device)
+
+
+def _to_device(x: Tensor, device: torch.device | str | None) -> Tensor:
+    target = torch.device(device) if device is not None else x.device
+    if x.device.type == "cpu" and target.type == "cuda":
+        # A pageable host-to-device copy waits for the GPU; a pinned one is queued.  The
+        # caching host allocator keeps the pinned block until the copy has run.
+        return x.pin_memory().to(target, non_blocking=True)
+    return x.to(target)
 
 
 def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
