@@ -313,11 +313,25 @@ def add_train_vae_parser(subparsers: Any) -> None:
     p.add_argument("--layers", type=int, default=1, help="residual blocks per level")
     p.add_argument("--norm-groups", type=int, default=8)
     _add_overrides(p, "a data key, e.g. --set data.source=folder --set data.path=imgs")
+    p.add_argument(
+        "--save-every", type=int, default=500, help="checkpoint every N steps (0: at the end)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(func=_train_vae)
 
 
+# What train-vae writes into its folder; --overwrite removes exactly these.
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "metrics.jsonl",
+             "reconstructions.png")  # fmt: skip
+
+
 def _train_vae(args: argparse.Namespace) -> int:
+    import shutil
+
     from .data import DataConfig
     from .models.vae import VAEConfig
     from .train import apply_overrides
@@ -325,8 +339,14 @@ def _train_vae(args: argparse.Namespace) -> int:
     from .train.config import _section_from_dict
 
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.overwrite:
-        raise UserError(f"{out} already holds an autoencoder; pass --overwrite to replace it")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
+    held = (out / "config.json").exists() or (out / "checkpoint").exists()
+    if held and not (args.overwrite or args.resume):
+        raise UserError(
+            f"{out} already holds an autoencoder or its checkpoint; pass --resume to continue "
+            "it, --overwrite to replace it, or choose another folder"
+        )
     for item in args.overrides:
         if not item.startswith("data."):
             raise UserError(f"--set {item!r}: train-vae takes data.* keys only")
@@ -342,10 +362,16 @@ def _train_vae(args: argparse.Namespace) -> int:
         layers_per_block=args.layers, latent_channels=args.latent_channels,
         norm_groups=args.norm_groups,
     )  # fmt: skip
+    if args.overwrite:  # only once every argument has been checked
+        for name in VAE_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
     run = train_autoencoder(
         out, data_cfg, vae, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        kl_weight=args.kl_weight, seed=args.seed,
+        kl_weight=args.kl_weight, seed=args.seed, save_every=args.save_every,
+        resume=args.resume, device=args.device,
     )  # fmt: skip
+    assert run is not None  # only a stop_at run stops early
     print(
         f"wrote {out} ({run.seconds:.0f} s): reconstruction L1 {run.l1:.4f}/pixel, PSNR "
         f"{run.psnr:.1f} dB, latent std {run.latent_std:.3g} -> scaling_factor "

@@ -128,6 +128,43 @@ def test_cli_train_vae(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert cli_main([*args, "--overwrite", "--set", "train.lr=1"]) == 2
     assert "data.* keys only" in capsys.readouterr().err
+    assert cli_main([*args, "--resume", "--overwrite"]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert (out / "checkpoint" / "train_state" / "state.json").is_file()
+    assert cli_main([*args[:4], "5", *args[5:], "--resume"]) == 0  # 3 more steps
+    assert json.loads((out / "checkpoint" / "train_state" / "state.json").read_text())["step"] == 5
+    assert cli_main([*args, "--overwrite"]) == 0  # deletes the checkpoint, starts again
+    assert json.loads((out / "checkpoint" / "train_state" / "state.json").read_text())["step"] == 3
+
+
+def test_autoencoder_resume_is_bit_exact(tmp_path):
+    """12 steps in one go equal 6 + resume + 6 (weights, fitted scale, logged losses), with
+    random flips and posterior sampling drawing from the checkpointed generators."""
+    from safetensors.torch import load_file
+
+    data = DataConfig(source="digits", image_size=8, channels=1, random_flip=True)
+    kw = dict(steps=12, batch_size=16, lr=2e-3, progress=False, log_every=1, save_every=4,
+              device="cpu")  # fmt: skip
+    full = train_autoencoder(tmp_path / "full", data, VAEConfig(**VAE), **kw)
+    assert train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), stop_at=6, **kw) is None
+    assert not (tmp_path / "cut" / "config.json").exists()  # no half-trained autoencoder
+    with pytest.raises(ValueError, match="holds a checkpoint of an earlier run"):
+        train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), **kw)
+    with pytest.raises(ValueError, match=r"other settings \(lr differ\)"):
+        train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), resume=True,
+                          **{**kw, "lr": 1e-3})  # fmt: skip
+    rest = train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), resume=True, **kw)
+
+    a = load_file(tmp_path / "full" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "cut" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rest.scaling_factor == full.scaling_factor and rest.final_loss == full.final_loss
+
+    def losses(folder):
+        rows = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")  # steps 1-12 in both logs
 
 
 def test_latent_run_validation_scores_posterior_mean_latents(vae_dir, tmp_path):

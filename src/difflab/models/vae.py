@@ -283,17 +283,26 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
-        self.encoder = _Encoder(config)
-        self.decoder = _Decoder(config)
-        latent = config.latent_channels
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        # With a generator, the layers' default initialisation (which draws from the global
+        # RNG) is overwritten, so it runs on a forked RNG and leaves the caller's alone.
+        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+            self.encoder = _Encoder(config)
+            self.decoder = _Decoder(config)
+            latent = config.latent_channels
+            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
         if generator is not None:  # reproducible initialisation, PyTorch's default ranges
             with torch.no_grad():
                 for p in self.parameters():
                     if p.dim() > 1:
                         bound = 1.0 / math.sqrt(p[0].numel())
                         p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+                for m in self.modules():  # biases: U(±1/√fan_in), as nn.Conv2d/nn.Linear do
+                    if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                        bound = 1.0 / math.sqrt(m.weight[0].numel())
+                        m.bias.copy_(
+                            torch.empty(m.bias.shape).uniform_(-bound, bound, generator=generator)
+                        )
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         size = self.config.downsample_factor
