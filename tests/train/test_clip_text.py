@@ -110,3 +110,25 @@ def test_pipeline_encodes_prompts_with_the_runs_clip(clip_dir, tmp_path):
             prediction=pipe.prediction, variance=pipe.variance, progress=False,
         )  # fmt: skip
     torch.testing.assert_close(images, expected.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+def test_cached_caption_tokens_train_like_the_encoder(clip_dir, tmp_path):
+    """``train.encoder_cache``: each caption (and the empty null caption) is encoded once;
+    a second run reads them all from disk; both train as the uncached run (to rounding)."""
+    from difflab.train import Trainer
+
+    opts = [*clip_opts(clip_dir), "train.max_steps=4", "diffusion.cond_drop_prob=0.5"]
+    plain = train(tiny_config(tmp_path / "plain", *opts))
+    runs = []
+    for name in ("cold", "warm"):
+        trainer = Trainer(tiny_config(tmp_path / name, *opts,
+                                      f"train.encoder_cache={tmp_path / 'cache'}"))  # fmt: skip
+        try:
+            runs.append((trainer.run(), trainer.text_cache))
+        finally:
+            trainer.close()
+    (cold, cold_cache), (warm, warm_cache) = runs
+    assert 0 < cold_cache.computed <= 11  # ten captions and "" at most
+    assert warm_cache.computed == 0 and warm_cache.hits > 0
+    assert cold.losses == warm.losses
+    assert cold.losses == pytest.approx(plain.losses, rel=1e-5)

@@ -179,6 +179,10 @@ class LoopConfig:
     # Torch device: None = cuda:LOCAL_RANK when CUDA is available, else cpu ("cpu", "cuda",
     # "cuda:1", ... force one).
     device: str | None = None
+    # Cache of the frozen encoders' outputs (autoencoder posteriors of the images, frozen
+    # text-encoder tokens of the captions; difflab.train.cache): None = off, "memory", or a
+    # folder where entries persist across runs.
+    encoder_cache: str | None = None
     grad_checkpointing: bool = False
     channels_last: bool = False
     on_nonfinite: str = "stop"
@@ -404,6 +408,11 @@ class TrainConfig:
             )
         if self.train.eval_every:
             self._check_eval()
+        if self.train.encoder_cache is not None and vae is None and self.text.encoder != "clip":
+            raise ValueError(
+                "train.encoder_cache caches frozen encoders' outputs, and this run has none: "
+                "set latent.vae (an autoencoder) or text.encoder: clip, or drop the cache"
+            )
 
     def _check_latent(self, vae: Any) -> None:
         if self.data.channels != vae.in_channels:
@@ -522,6 +531,8 @@ class TrainConfig:
             value = getattr(getattr(out, section), key)
             if value is not None:
                 setattr(getattr(out, section), key, str(Path(value).resolve()))
+        if out.train.encoder_cache not in (None, "memory"):
+            out.train.encoder_cache = str(Path(out.train.encoder_cache).resolve())
         return out
 
 

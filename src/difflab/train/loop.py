@@ -48,6 +48,7 @@ from ..models.vae import AutoencoderKL
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
 from .amp import resolve_precision
+from .cache import EncoderCache, content_key, module_digest, tensor_key
 from .checkpoint import (
     Checkpoint,
     atomic_write_bytes,
@@ -183,6 +184,7 @@ class Trainer:
             self.vae = AutoencoderKL.from_pretrained(cfg.latent.vae).to(self.device)
             self.vae.requires_grad_(False)
         self._latents_checked = False
+        self.latent_cache, self.text_cache = self._encoder_caches(tc.encoder_cache)
         self.model = self._build_model(model).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
@@ -379,19 +381,59 @@ class Trainer:
             ids, mask = self.tokenizer.encode(texts)
             return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
         assert self.frozen_text is not None
-        context, mask = self.frozen_text(texts)
+        if self.text_cache is not None:
+            encoder = self.frozen_text
+
+            def encode(i: int) -> dict[str, Tensor]:
+                context, mask = encoder([texts[i]])
+                return {"context": context[0], "mask": mask[0]}
+
+            entries = self.text_cache.get([content_key(text) for text in texts], encode)
+            context = torch.stack([e["context"] for e in entries])
+            mask = torch.stack([e["mask"] for e in entries])
+        else:
+            context, mask = self.frozen_text(texts)
         return {"context": context.to(dev), "context_mask": mask.to(dev)}
+
+    def _encoder_caches(
+        self, setting: str | None
+    ) -> tuple[EncoderCache | None, EncoderCache | None]:
+        """``train.encoder_cache``: one cache per frozen encoder, named by its weights."""
+        if setting is None:
+            return None, None
+        folder = None if setting == "memory" else setting
+        latent = text = None
+        if self.vae is not None:
+            latent = EncoderCache("vae-" + module_digest(self.vae, "float32"), folder)
+        if self.frozen_text is not None:
+            ft = self.frozen_text
+            settings = (f"max_length={ft.max_length}", type(ft.tokenizer).__name__,
+                        str(len(ft.tokenizer)), "float32")  # fmt: skip
+            text = EncoderCache("text-" + module_digest(ft.model, *settings), folder)
+        return latent, text
 
     @torch.no_grad()
     def _latents(self, images: Tensor, B: int, rows: slice) -> Tensor:
         """Scaled autoencoder latents of this rank's images: posterior samples whose noise
         is drawn for the whole global batch (as one process would), or posterior means."""
         assert self.vae is not None
-        posterior = self.vae.encode(images)
-        z = posterior.mean
+        if self.latent_cache is not None:
+            vae = self.vae
+
+            def encode(i: int) -> dict[str, Tensor]:
+                post = vae.encode(images[i : i + 1])
+                return {"mean": post.mean[0], "logvar": post.logvar[0]}
+
+            keys = [tensor_key(image) for image in images.detach().cpu()]
+            entries = self.latent_cache.get(keys, encode)
+            z = torch.stack([e["mean"] for e in entries]).to(images.device)
+            std = torch.exp(0.5 * torch.stack([e["logvar"] for e in entries]).to(images.device))
+        else:
+            posterior = self.vae.encode(images)
+            z, std = posterior.mean, posterior.std
         if self.cfg.latent.sample_posterior:
             noise = torch.randn((B, *z.shape[1:]), generator=self.gen)[rows].to(z.device)
-            z = z + posterior.std * noise
+            z = z + std * noise
         z = self.vae.scale(z)
         if not self._latents_checked:  # once per run: a wrong scale ruins the noise levels
             self.vae.check_latent_scale(z)
