@@ -62,3 +62,33 @@ def test_eval_config_errors_name_the_problem(tmp_path):
         tiny_config(tmp_path, *DIGITS, "train.eval_every=1", "train.eval_metrics=fid,acc")
     with pytest.raises(ValueError, match="class-conditional"):
         tiny_config(tmp_path, "data.source=digits", "model.num_classes=null", "train.eval_every=5")
+
+
+def test_text_runs_are_scored_with_each_class_drawn_from_its_caption(tmp_path):
+    """eval_every on a text run: class k is sampled from the prompt "a handwritten digit
+    <k>", scored like a class-conditional run, and equal to evaluating the saved run."""
+    from difflab.data import digits_caption
+    from difflab.eval.sweep import PromptedPipeline, load_pipeline
+
+    text = ["model.num_classes=null", "text.encoder=transformer", "text.width=16",
+            "text.heads=2", "text.layers=1", "text.max_length=8",
+            "sample.guidance_scale=2"]  # fmt: skip
+    evals = ["train.eval_every=2", "train.eval_n=20", "train.eval_metrics=fid,accuracy"]
+    cfg_opts = [*DIGITS[1:], *text]
+    with_eval = train(tiny_config(tmp_path / "a", *cfg_opts, *evals), progress=False)
+    without = train(tiny_config(tmp_path / "b", *cfg_opts), progress=False)
+    assert with_eval.losses == without.losses
+    (logged,) = with_eval.evals
+    assert logged["n"] == 20 and 0.0 <= logged["accuracy[digits-cnn]"] <= 1.0
+
+    pipe = load_pipeline(str(tmp_path / "a"))
+    assert isinstance(pipe, PromptedPipeline) and pipe.num_classes == 10
+    assert pipe.prompts[7] == digits_caption(7)
+    again = evaluate_pipeline(pipe, metrics=["fid", "accuracy"], n=20, seed=0)
+    assert again["accuracy[digits-cnn]"] == logged["accuracy[digits-cnn]"]
+    assert again["fid[digits-cnn]"] == pytest.approx(logged["fid[digits-cnn]"], rel=1e-9)
+    # Class k of the wrapper is the text pipeline prompted with class k's caption.
+    inner = Pipeline.from_run(tmp_path / "a")
+    a = pipe(2, [3, 7], None, "ddim", 2, 2.0, 5)
+    b = inner(2, None, [digits_caption(3), digits_caption(7)], "ddim", 2, 2.0, 5)
+    assert (a == b).all()

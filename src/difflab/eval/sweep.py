@@ -37,6 +37,7 @@ from difflab.eval.metrics import METRICS, evaluate, to_uint8
 
 __all__ = [
     "LIKELIHOOD_METHODS",
+    "PromptedPipeline",
     "SweepResult",
     "evaluate_likelihood",
     "class_prompts",
@@ -75,17 +76,57 @@ PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num
 # --------------------------------------------------------------------------------------------
 
 
+class PromptedPipeline:
+    """A text-conditional pipeline seen as a K-class one: class ``k`` is drawn from the prompt
+    ``prompts[k]`` (the class's caption, `class_prompts`), so accuracy, FID/KID and the CLIP
+    score evaluate a text run exactly as they do a class-conditional run. Everything else
+    (``model``, ``schedule``, ``device``, ...) is the wrapped pipeline's.
+    """
+
+    def __init__(self, pipe: PipeLike, prompts: Sequence[str]) -> None:
+        if not prompts:
+            raise ValueError("PromptedPipeline needs one prompt per class")
+        self.pipe = pipe
+        self.prompts = list(prompts)
+        self.num_classes = len(self.prompts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def _prompts(self, n: int, class_labels: Any) -> list[str]:
+        if class_labels is None:
+            raise ValueError("a PromptedPipeline samples classes: pass class_labels")
+        labels = torch.as_tensor(class_labels).flatten()
+        labels = labels.expand(n) if labels.numel() == 1 else labels
+        return [self.prompts[int(k)] for k in labels]
+
+    def __call__(self, n: int = 16, class_labels: Any = None, prompt: Any = None,
+                 *args: Any, **kwargs: Any) -> Tensor:  # fmt: skip
+        return self.pipe(n, None, self._prompts(n, class_labels), *args, **kwargs)
+
+    def resolve_params(self, n: int, class_labels: Any = None, prompt: Any = None,
+                       *args: Any, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+        return self.pipe.resolve_params(n, None, self._prompts(n, class_labels), *args, **kwargs)
+
+
 def load_pipeline(
     pipe_or_run_dir: PipeLike | str | os.PathLike,
     *,
     weights: str = "ema",
     device: torch.device | str | None = None,
 ) -> PipeLike:
-    """A `Pipeline` from a run directory; anything else is returned unchanged."""
+    """A `Pipeline` from a run directory; anything else is returned unchanged.
+
+    A text run whose data has class labels (the digits) comes as a `PromptedPipeline` that
+    draws each class from its caption, so it is scored like a class-conditional run.
+    """
     if isinstance(pipe_or_run_dir, str | os.PathLike):
         from difflab.pipeline import Pipeline
 
-        return Pipeline.from_run(pipe_or_run_dir, weights=weights, device=device)
+        pipe = Pipeline.from_run(pipe_or_run_dir, weights=weights, device=device)
+        if pipe.context_dim is not None and pipe.num_classes is None:
+            pipe = PromptedPipeline(pipe, class_prompts(_data_section(pipe)))
+        return pipe
     return pipe_or_run_dir
 
 
@@ -218,7 +259,11 @@ def class_prompts(data: Mapping[str, Any] | Any) -> list[str]:
     labels = getattr(dataset, "labels", None)
     names = list(getattr(dataset, "class_names", []) or [])
     if labels is None or not names:
-        raise ValueError("clip_score of a class-conditional run needs data with class labels")
+        raise ValueError(
+            f"class prompts (the CLIP score of a class-conditional run, or the prompts a text "
+            f"run is evaluated with) need data with class labels; data.source="
+            f"{data.get('source')!r} has none"
+        )
     texts = getattr(dataset, "texts", None) or [""] * len(labels)
     prompts = list(names)
     found: set[int] = set()

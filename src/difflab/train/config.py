@@ -432,9 +432,11 @@ class TrainConfig:
                 f"text.encoder={self.text.encoder!r} trains on captions, but data.source="
                 f"{self.data.source!r} has none; use data.source digits or captions"
             )
-        if self.train.eval_every:
+        if self.train.eval_every and self.data.source != "digits":
             raise ValueError(
-                "train.eval_every is not supported with text conditioning yet; set it to 0"
+                "train.eval_every samples a text run's classes from their captions and needs "
+                f"captioned data with class labels (data.source: digits), not "
+                f"{self.data.source!r}; set train.eval_every=0"
             )
 
     def _check_eval(self) -> None:
@@ -446,7 +448,11 @@ class TrainConfig:
                 f"{self.data.channels}); set train.eval_inception_weights to a local "
                 "pytorch-fid Inception file or train.eval_every=0"
             )
-        if "accuracy" in metrics and self.model_config().num_classes is None:
+        if (
+            "accuracy" in metrics
+            and self.model_config().num_classes is None
+            and not (self.text.enabled)
+        ):
             raise ValueError(
                 "train.eval_metrics has 'accuracy', which needs a class-conditional model "
                 "(model.num_classes); remove it or set model.num_classes"

@@ -203,6 +203,7 @@ class Trainer:
         self.show_progress = progress
         self.log: MetricsLog | None = None
         self._eval_extractor: Any = None  # built on the first periodic eval
+        self._eval_prompts: list[str] | None = None  # a text run's class captions
 
     # ------------------------------------------------------------------ setup helpers
     def _with_prior(self, dataset: Any) -> Any:
@@ -826,7 +827,7 @@ class Trainer:
         """
         if not self.dist.is_main:
             return {}
-        from ..eval.sweep import periodic_eval
+        from ..eval.sweep import PromptedPipeline, class_prompts, periodic_eval
         from ..pipeline import Pipeline
 
         tc, mcfg = self.cfg.train, self.cfg.model_config()
@@ -847,9 +848,14 @@ class Trainer:
             num_classes=mcfg.num_classes,
             context_dim=mcfg.context_dim,
             sample_defaults=dataclasses.asdict(self.cfg.sample),
+            text_encoder=self._prompt_encoder(net),
             device=self.device,
             vae=self.vae,  # latent runs are scored on decoded images
         )
+        if self.cfg.text.enabled:  # each class drawn from its caption (class_prompts)
+            if self._eval_prompts is None:
+                self._eval_prompts = class_prompts(self.cfg.data)
+            pipe = PromptedPipeline(pipe, self._eval_prompts)
         try:
             with torch.random.fork_rng(devices=[]):
                 scores = periodic_eval(
