@@ -220,12 +220,13 @@ class Pipeline:
                 from .models.text import PromptEncoder
 
                 text_encoder = PromptEncoder(model, tokenizer)  # type: ignore[arg-type]
-            elif text_encoder is None and text_cfg.get("encoder") == "clip":
+            elif text_encoder is None and text_cfg.get("encoder") in ("clip", "t5"):
                 from .models.text import PretrainedTextEncoder
 
                 text_encoder = PretrainedTextEncoder(
-                    text_cfg["path"], text_cfg.get("max_length", 77), device
-                )
+                    text_cfg["path"], text_cfg.get("max_length", 77), device,
+                    kind=text_cfg["encoder"],
+                )  # fmt: skip
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
         mc = model.config  # type: ignore[attr-defined]

@@ -39,7 +39,10 @@ __all__ = [
 TOKENIZER_FILE = "tokenizer.json"  # beside a text-conditional run's weights
 PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
 SPECIALS = (PAD, UNK, BOS)
-TEXT_ENCODERS = ("none", "transformer", "clip")
+TEXT_ENCODERS = ("none", "transformer", "clip", "t5")
+PRETRAINED_ENCODERS = ("clip", "t5")  # frozen, read from text.path
+# config.json model_type values each pretrained encoder accepts.
+_MODEL_TYPES = {"clip": ("clip", "clip_text_model"), "t5": ("t5", "mt5", "umt5")}
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -131,16 +134,18 @@ class TextConfig:
     """The ``text:`` section of a run config.
 
     :param encoder: ``none`` (no text conditioning), ``transformer`` (trained from scratch
-        with the U-Net, LDM sec. 4.3) or ``clip`` (a frozen pretrained CLIP text model
-        read from ``path``, as Stable Diffusion conditions on CLIP ViT-L/14's tokens).
+        with the U-Net, LDM sec. 4.3), ``clip`` (a frozen pretrained CLIP text model read
+        from ``path``, as Stable Diffusion conditions on CLIP ViT-L/14's tokens) or ``t5``
+        (a frozen T5 encoder read from ``path``, as Imagen conditions on T5-XXL's tokens,
+        Saharia et al. 2022 sec. 2.1).
     :param width: ``transformer``: token width, the U-Net's ``context_dim`` (``clip``: the
         model's hidden size is used).
     :param layers: ``transformer`` layers.
     :param heads: ``transformer`` attention heads per layer.
-    :param max_length: tokens per prompt, start token included (``clip``: at most the
-        model's positions, 77 for OpenAI's CLIP).
+    :param max_length: tokens per prompt, start/end tokens included (``clip``: at most the
+        model's positions, 77 for OpenAI's CLIP; ``t5`` has relative positions, no limit).
     :param min_count: ``transformer``: words rarer than this in the captions map to ``<unk>``.
-    :param path: ``clip``: a local folder with the tokenizer and the (text or full) CLIP
+    :param path: ``clip`` / ``t5``: a local folder with the tokenizer and the (text or full)
         model, as ``save_pretrained`` writes it; nothing is downloaded.
     """
 
@@ -164,22 +169,40 @@ class TextConfig:
             raise ValueError(f"text.max_length must be >= 2, got {self.max_length}")
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
-        if self.encoder == "clip":
+        if self.pretrained:
+            name = self.encoder.upper() if self.encoder == "t5" else "CLIP"
             if not self.path:
-                raise ValueError("text.encoder: clip needs text.path, a local CLIP folder")
+                raise ValueError(
+                    f"text.encoder: {self.encoder} needs text.path, a local {name} folder"
+                )
             if not (Path(self.path) / "config.json").is_file():
                 raise FileNotFoundError(
                     f"text.path {self.path!r} is not a saved model folder (no config.json); "
-                    "save one with CLIPTextModel/CLIPModel.save_pretrained(folder) and the "
-                    "tokenizer's save_pretrained(folder)"
+                    "save one with the model's and the tokenizer's save_pretrained(folder)"
                 )
+            model_type = self._folder_config().get("model_type")
+            if model_type not in _MODEL_TYPES[self.encoder]:
+                raise ValueError(
+                    f"text.encoder: {self.encoder}, but {self.path} holds a "
+                    f"{model_type!r} model (expected {' or '.join(_MODEL_TYPES[self.encoder])})"
+                )
+
+    def _folder_config(self) -> dict[str, Any]:
+        return json.loads((Path(str(self.path)) / "config.json").read_text(encoding="utf-8"))
+
+    @property
+    def pretrained(self) -> bool:
+        """A frozen pretrained encoder (``clip``, ``t5``) read from ``path``."""
+        return self.encoder in PRETRAINED_ENCODERS
 
     @property
     def context_dim(self) -> int:
         """The width of the tokens the U-Net attends to."""
-        if self.encoder != "clip":
+        if not self.pretrained:
             return self.width
-        config = json.loads((Path(str(self.path)) / "config.json").read_text(encoding="utf-8"))
+        config = self._folder_config()
+        if self.encoder == "t5":
+            return int(config["d_model"])
         return int(config.get("text_config", config)["hidden_size"])
 
     @property
@@ -297,37 +320,47 @@ class PromptEncoder:
 
 
 class PretrainedTextEncoder:
-    """A frozen CLIP text model from a local folder: ``prompts -> (last_hidden_state
-    [B, max_length, D], attention_mask [B, max_length])`` (Stable Diffusion's conditioning,
-    Rombach et al. 2022 sec. 4.3.2, with the padding masked out of cross-attention).
+    """A frozen pretrained text encoder from a local folder: ``prompts -> (last_hidden_state
+    [B, max_length, D], attention_mask [B, max_length])``.
 
-    Prompts are padded to ``max_length`` tokens; longer ones are cut with a warning. The
-    model runs in eval mode without gradients and is never part of a checkpoint: a run
-    records its folder in ``text.path``.
+    ``kind="clip"``: a CLIP text model, Stable Diffusion's conditioning (Rombach et al. 2022
+    sec. 4.3.2); ``kind="t5"``: a T5 encoder, Imagen's (Saharia et al. 2022 sec. 2.1). The
+    padding is masked out of cross-attention. Prompts are padded to ``max_length`` tokens;
+    longer ones are cut with a warning. The model runs in eval mode without gradients and is
+    never part of a checkpoint: a run records its folder in ``text.path``.
     """
 
     def __init__(
-        self, path: str | Path, max_length: int = 77, device: torch.device | str | None = None
+        self,
+        path: str | Path,
+        max_length: int = 77,
+        device: torch.device | str | None = None,
+        kind: str = "clip",
     ) -> None:
+        if kind not in PRETRAINED_ENCODERS:
+            raise ValueError(f"kind must be one of {', '.join(PRETRAINED_ENCODERS)}, got {kind!r}")
         try:
-            from transformers import AutoTokenizer, CLIPTextModel
+            import transformers
         except ImportError as err:  # pragma: no cover - transformers is a test dependency
             raise ImportError(
-                "text.encoder: clip needs the transformers package: pip install transformers"
+                f"text.encoder: {kind} needs the transformers package: pip install transformers"
             ) from err
         folder = Path(path)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{str(folder)!r} holds no saved CLIP model (config.json)")
+            raise FileNotFoundError(f"{str(folder)!r} holds no saved {kind} model (config.json)")
         self.path = str(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = CLIPTextModel.from_pretrained(folder, local_files_only=True)
+        self.kind = kind
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model_class = transformers.CLIPTextModel if kind == "clip" else transformers.T5EncoderModel
+        self.model = model_class.from_pretrained(folder, local_files_only=True)
         self.model.eval().requires_grad_(False).to(device or "cpu")
-        positions = self.model.config.max_position_embeddings
-        self.max_length = min(int(max_length), positions)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = int(max_length) if positions is None else min(int(max_length), positions)
 
     @property
     def width(self) -> int:
-        return int(self.model.config.hidden_size)
+        config = self.model.config
+        return int(config.d_model if self.kind == "t5" else config.hidden_size)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:

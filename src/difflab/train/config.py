@@ -408,10 +408,10 @@ class TrainConfig:
             )
         if self.train.eval_every:
             self._check_eval()
-        if self.train.encoder_cache is not None and vae is None and self.text.encoder != "clip":
+        if self.train.encoder_cache is not None and vae is None and not self.text.pretrained:
             raise ValueError(
                 "train.encoder_cache caches frozen encoders' outputs, and this run has none: "
-                "set latent.vae (an autoencoder) or text.encoder: clip, or drop the cache"
+                "set latent.vae (an autoencoder) or text.encoder: clip or t5, or drop the cache"
             )
 
     def _check_latent(self, vae: Any) -> None:

@@ -166,16 +166,16 @@ class Trainer:
         )
 
         self.tokenizer: WordTokenizer | None = None  # text.encoder: transformer
-        self.frozen_text: PretrainedTextEncoder | None = None  # text.encoder: clip
+        self.frozen_text: PretrainedTextEncoder | None = None  # text.encoder: clip or t5
         self.grid_prompts: list[str] | None = None
         if cfg.text.enabled:
             texts = self._captions(dataset)
             n = cfg.sample.num_images
             distinct = list(dict.fromkeys(texts))
             self.grid_prompts = [distinct[i % len(distinct)] for i in range(n)]
-            if cfg.text.encoder == "clip":
+            if cfg.text.pretrained:
                 self.frozen_text = PretrainedTextEncoder(
-                    str(cfg.text.path), cfg.text.max_length, self.device
+                    str(cfg.text.path), cfg.text.max_length, self.device, kind=cfg.text.encoder
                 )
             else:
                 self.tokenizer = self._build_tokenizer(texts)
