@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from difflab.parametrization import Denoiser, from_x0_eps
 from difflab.samplers import SAMPLERS, sample
@@ -201,5 +203,23 @@ def test_sampling_loop_never_reads_a_tensor_value_on_the_host(spec):
         with pytest.raises(RuntimeError, match="item"):
             run()
         return
-    out = run()
+    with _DeviceDtypes() as seen:
+        out = run()
     assert out.shape == shape and out.device.type == "meta"
+    # No float64 on the device (USER_NEEDS 19: Apple's MPS has none); host floats only.
+    assert torch.float64 not in seen.dtypes, seen.dtypes
+
+
+class _DeviceDtypes(TorchDispatchMode):
+    """Records the dtypes of every tensor an op produces off the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                self.dtypes.add(t.dtype)
+        return out
