@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+from train_helpers import ToyData, one_thread, tiny_config, train_with_a_cut  # noqa: F401
 
 from difflab.models.layers import attention
 from difflab.pipeline import Pipeline
@@ -70,13 +70,7 @@ def test_cuda_resume_is_bit_exact_in_deterministic_mode(tmp_path):
         opts = ["train.device=cuda", "model.dropout=0.1", "train.max_steps=8"]
         data = ToyData(24)
         full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
-        cfg = tiny_config(tmp_path / "split", *opts)
-        first = Trainer(cfg, dataset=data)
-        try:
-            first.run(stop_at=4)
-        finally:
-            first.close()
-        rest = train(cfg, dataset=data, resume=True)
+        rest = train_with_a_cut(tiny_config(tmp_path / "split", *opts), 4, dataset=data)
     finally:
         torch.use_deterministic_algorithms(False)
     assert rest.losses == full.losses[4:]
@@ -94,13 +88,7 @@ def test_cuda_resume_in_default_mode_agrees_to_rounding(tmp_path):
     opts = ["train.device=cuda", *NO_DROPOUT, "train.max_steps=8"]
     data = ToyData(24)
     full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
-    cfg = tiny_config(tmp_path / "split", *opts)
-    first = Trainer(cfg, dataset=data)
-    try:
-        first.run(stop_at=4)
-    finally:
-        first.close()
-    rest = train(cfg, dataset=data, resume=True)
+    rest = train_with_a_cut(tiny_config(tmp_path / "split", *opts), 4, dataset=data)
     assert rest.losses == pytest.approx(full.losses[4:], rel=1e-4)
     assert _max_diff(_weights(tmp_path / "full"), _weights(tmp_path / "split")) < 1e-4
 
