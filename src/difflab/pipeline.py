@@ -99,6 +99,10 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
         tokenizer = WordTokenizer.load(run_dir / TOKENIZER_FILE)
         model = TextConditionedUNet(unet, TextTransformer(len(tokenizer), text))
     ft = cfg.get("finetune") or {}
+    if text.pretrained and ft.get("new_word") is not None:  # a word for the frozen encoder
+        from .finetune.inversion import attach_word_vector
+
+        attach_word_vector(unet, torch.zeros(text.context_dim))
     if ft.get("base_run") is not None and ft.get("targets") != "none":  # weights hold adapters
         from .finetune import add_lora
 
@@ -227,6 +231,11 @@ class Pipeline:
                     text_cfg["path"], text_cfg.get("max_length", 77), device,
                     kind=text_cfg["encoder"],
                 )  # fmt: skip
+                word = (cfg.get("finetune") or {}).get("new_word")
+                if word is not None:  # a textual-inversion run: its trained word
+                    from .finetune.inversion import WORD_PARAM
+
+                    text_encoder.add_word(word, getattr(model, WORD_PARAM).detach())
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
         mc = model.config  # type: ignore[attr-defined]
@@ -263,13 +272,18 @@ class Pipeline:
         """Add a textual-inversion word (``difflab.finetune.inversion``) to this text run's
         vocabulary and token table; returns the word. Loud: a foreign file, a width that does
         not fit or a word already known raises."""
-        from .finetune.inversion import load_embedding
-        from .models.text import PromptEncoder
+        from .finetune.inversion import load_embedding, read_word_vector
+        from .models.text import PretrainedTextEncoder, PromptEncoder
 
+        if isinstance(self.text_encoder, PretrainedTextEncoder):  # a frozen CLIP / T5
+            word, vector = read_word_vector(path)
+            self.text_encoder.add_word(word, vector.to(self.device))
+            self.embeddings.append({"path": str(path), "word": word})
+            return word
         if not isinstance(self.text_encoder, PromptEncoder):
             raise ValueError(
-                "embeddings extend a run whose text encoder difflab trained "
-                "(text.encoder: transformer); this pipeline has none"
+                "embeddings extend a text run (text.encoder: transformer, clip or t5); this "
+                "pipeline has no text encoder"
             )
         before = set(self.text_encoder.tokenizer.vocab)
         tokenizer = load_embedding(self.model, self.text_encoder.tokenizer, path)  # type: ignore[arg-type]

@@ -132,3 +132,62 @@ def test_cached_caption_tokens_train_like_the_encoder(clip_dir, tmp_path):
     assert warm_cache.computed == 0 and warm_cache.hits > 0
     assert cold.losses == warm.losses
     assert cold.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_textual_inversion_through_the_frozen_clip(clip_dir, tmp_path):
+    """A new word for a frozen-CLIP run: only its vector (the U-Net's ``ti_word``) trains,
+    through CLIP; the embedding file added to the base run reproduces the fine-tuned run."""
+    import json
+
+    from PIL import Image
+
+    from difflab.cli import finetune_config
+    from difflab.finetune.inversion import EMBEDDING_FILE
+
+    base = tmp_path / "base"
+    train(tiny_config(base, *clip_opts(clip_dir), "train.max_steps=2"), progress=False)
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for k in range(4):
+            Image.fromarray((torch.rand(8, 8, generator=g) * 255).byte().numpy()).save(
+                folder / f"{k}.png"
+            )
+            fh.write(json.dumps({"file_name": f"{k}.png", "text": "a handwritten digit sks"}))
+            fh.write("\n")
+    out = tmp_path / "ti"
+    data = ["data.source=captions", f"data.path={folder}", "data.image_size=8",
+            "train.batch_size=4", "train.max_steps=4", "train.lr=1e-2"]  # fmt: skip
+    cfg = finetune_config(base, out, targets="none", new_word="sks", init_word="a",
+                          overrides=data)  # fmt: skip
+    train(cfg, progress=False)
+
+    enc = PretrainedTextEncoder(clip_dir, max_length=32)
+    init = enc.word_embedding("a")
+    frozen, tuned = load_file(base / "ema.safetensors"), load_file(out / "model.safetensors")
+    assert tuned.keys() == {*frozen, "ti_word"}
+    assert all(torch.equal(tuned[k], frozen[k]) for k in frozen)  # the U-Net is frozen
+    assert not torch.equal(tuned["ti_word"], init)  # the word learned, from "a"'s embedding
+    # Its tokens are CLIP's with the vector in place of the word's token embedding.
+    enc.add_word("sks", tuned["ti_word"])
+    ctx, _ = enc(["a handwritten digit sks"])
+    ref, _ = PretrainedTextEncoder(clip_dir, max_length=32)(["a handwritten digit a"])
+    assert not torch.equal(ctx, ref) and torch.equal(ctx[0, 0], ref[0, 0])  # causal: BOS same
+
+    kw = dict(n=2, prompt="a handwritten digit sks", sampler="ddim", steps=3, seed=1)
+    tuned_images = dl.Pipeline.from_run(out)(**kw)
+    pipe = dl.Pipeline.from_run(base)
+    assert pipe.load_embedding(out / EMBEDDING_FILE) == "sks"
+    torch.testing.assert_close(pipe(**kw), tuned_images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must be one word this tokenizer does not have"):
+        pipe.load_embedding(out / EMBEDDING_FILE)
+    with pytest.raises(ValueError, match="is 5 tokens for this tokenizer"):
+        enc.word_embedding("seven")
+
+
+def test_an_added_word_with_a_known_words_vector_encodes_as_that_word(clip_dir):
+    enc = PretrainedTextEncoder(clip_dir, max_length=32)
+    enc.add_word("sks", enc.word_embedding("a"))
+    (with_sks, _), (with_a, _) = enc(["a handwritten digit sks"]), enc(["a handwritten digit a"])
+    assert torch.equal(with_sks, with_a)

@@ -100,3 +100,18 @@ def test_t5_run_resumes_bit_for_bit_and_samples_from_prompts(t5_dir, tmp_path):
             prediction=pipe.prediction, variance=pipe.variance, progress=False,
         )  # fmt: skip
     torch.testing.assert_close(images, expected.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+def test_an_added_word_with_a_known_words_vector_encodes_as_that_word(t5_dir):
+    """Textual inversion's injection: a new word whose vector is "seven"'s embedding gives
+    exactly the tokens of "seven" (the hook replaces the token embedding, nothing else)."""
+    enc = PretrainedTextEncoder(t5_dir, max_length=8, kind="t5")
+    seven = enc.word_embedding("seven")
+    enc.add_word("sks", seven)
+    with_sks, mask_sks = enc(["a handwritten digit sks"])
+    with_seven, mask_seven = enc(["a handwritten digit seven"])
+    assert torch.equal(with_sks, with_seven) and torch.equal(mask_sks, mask_seven)
+    grad_vec = seven.clone().requires_grad_(True)
+    ctx, _ = enc.encode(["a handwritten digit sks"], {next(iter(enc.words)): grad_vec})
+    ctx.sum().backward()
+    assert grad_vec.grad is not None and grad_vec.grad.abs().sum() > 0  # it can be trained

@@ -5,7 +5,10 @@ Owns growing a text-conditional run's vocabulary and token table by one word
 (:func:`add_word`, initialised from an existing word's embedding as the paper does), the
 gradient mask that lets only that row train, and the embedding file
 (``<word>`` -> vector, metadata ``format`` ``difflab-ti/1``, ``init_word``) with its loud
-loader. For runs whose text encoder difflab trained (``text.encoder: transformer``).
+loader. For runs whose text encoder difflab trained (``text.encoder: transformer``) the word
+is a new row of its token table; for a frozen pretrained encoder (``clip``, ``t5``) the word's
+vector is a parameter of the U-Net (:func:`attach_word_vector`) that
+``PretrainedTextEncoder.add_word`` puts in place of the word's token embedding.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ from torch import Tensor, nn
 
 from ..models.text import TextConditionedUNet, WordTokenizer, words
 
-__all__ = ["TI_FORMAT", "add_word", "load_embedding", "save_embedding"]
+__all__ = [
+    "TI_FORMAT",
+    "add_word",
+    "attach_word_vector",
+    "load_embedding",
+    "read_word_vector",
+    "save_embedding",
+    "save_word_vector",
+]
 
 TI_FORMAT = "difflab-ti/1"
 EMBEDDING_FILE = "embedding.safetensors"  # what a textual-inversion run writes (EMA)
 SPECIAL_ROWS = ("<pad>", "<unk>", "<bos>")
+WORD_PARAM = "ti_word"  # a frozen-encoder run's trained word vector, a parameter of the U-Net
 
 
 def _check_word(tokenizer: WordTokenizer, word: str) -> None:
@@ -79,14 +91,40 @@ def save_embedding(
     metadata: dict[str, str] | None = None,
 ) -> Path:  # fmt: skip
     """Write ``{word: vector}`` as safetensors with its format and width (atomically)."""
+    return save_word_vector(word, model.text.token.weight[tokenizer.index[word]], path, metadata)
+
+
+def save_word_vector(
+    word: str, vector: Tensor, path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """The embedding file of one word (``{word: vector}``, format ``difflab-ti/1``)."""
     from safetensors.torch import save
 
     from ..train.checkpoint import atomic_write_bytes
 
-    vector = model.text.token.weight[tokenizer.index[word]].detach().float().cpu()
+    vector = vector.detach().float().cpu()
     meta = {**(metadata or {}), "format": TI_FORMAT, "word": word, "width": str(len(vector))}
     atomic_write_bytes(Path(path), save({word: vector.contiguous()}, metadata=meta))
     return Path(path)
+
+
+def read_word_vector(path: str | Path) -> tuple[str, Tensor]:
+    """``(word, vector)`` of an embedding file; loud about anything else."""
+    from .lora import read_tagged
+
+    _, tensors = read_tagged(path, TI_FORMAT, "embedding")
+    if len(tensors) != 1:
+        raise ValueError(f"{path} holds {len(tensors)} tensors; an embedding file holds one")
+    ((word, vector),) = tensors.items()
+    return word, vector
+
+
+def attach_word_vector(model: nn.Module, vector: Tensor) -> nn.Parameter:
+    """Register ``vector`` as ``model.ti_word``: the trained embedding of a word added to a
+    frozen pretrained text encoder (CLIP, T5), saved and averaged with the network."""
+    param = nn.Parameter(vector.detach().clone())
+    model.register_parameter(WORD_PARAM, param)
+    return param
 
 
 def load_embedding(
@@ -97,12 +135,7 @@ def load_embedding(
     :raises ValueError: not a difflab embedding, a width that does not fit this encoder, or
         a word the vocabulary already has.
     """
-    from .lora import read_tagged
-
-    _, tensors = read_tagged(path, TI_FORMAT, "embedding")
-    if len(tensors) != 1:
-        raise ValueError(f"{path} holds {len(tensors)} tensors; an embedding file holds one")
-    ((word, vector),) = tensors.items()
+    word, vector = read_word_vector(path)
     width = model.text.token.embedding_dim
     if vector.shape != (width,):
         raise ValueError(

@@ -356,14 +356,23 @@ class PretrainedTextEncoder:
         self.model.eval().requires_grad_(False).to(device or "cpu")
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = int(max_length) if positions is None else min(int(max_length), positions)
+        self.words: dict[int, Tensor] = {}  # textual-inversion words: token id -> vector
 
     @property
     def width(self) -> int:
         config = self.model.config
         return int(config.d_model if self.kind == "t5" else config.hidden_size)
 
-    @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(tokens [B, max_length, D], mask [B, max_length])``, without gradients."""
+        with torch.no_grad():
+            return self.encode(prompts)
+
+    def encode(
+        self, prompts: Sequence[str], words: dict[int, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Like calling the encoder, but with autograd on: gradients reach the vectors of
+        textual-inversion ``words`` (token id -> embedding; default :attr:`words`)."""
         prompts = list(prompts)
         full = self.tokenizer(prompts, padding=False, truncation=False)["input_ids"]
         for prompt, ids in zip(prompts, full):
@@ -371,13 +380,77 @@ class PretrainedTextEncoder:
                 warnings.warn(
                     f"prompt {prompt!r} has {len(ids)} tokens; only the first "
                     f"{self.max_length} are used (text max_length)",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length,
             return_tensors="pt",
         )  # fmt: skip
         device = next(self.model.parameters()).device
-        mask = batch["attention_mask"].to(device)
-        hidden = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        words = self.words if words is None else words
+        if not words:
+            hidden = self.model(input_ids=ids, attention_mask=mask)
+            return hidden.last_hidden_state, mask.bool()
+        # Added words are outside the frozen table: feed a valid id there and put the
+        # word's vector in place of its token embedding (a hook on the embedding layer).
+        where = {i: ids == i for i in words}
+        safe = ids.clone()
+        for hit in where.values():
+            safe[hit] = self.tokenizer.pad_token_id or 0
+
+        def inject(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+            for i, hit in where.items():
+                out = torch.where(hit[..., None], words[i].to(out), out)
+            return out
+
+        # Every embedding layer sharing the input table (T5's encoder has its own module
+        # tied to the model's ``shared`` one).
+        table = self.model.get_input_embeddings().weight
+        layers = [m for m in self.model.modules() if getattr(m, "weight", None) is table]
+        handles = [m.register_forward_hook(inject) for m in layers]
+        try:
+            hidden = self.model(input_ids=safe, attention_mask=mask)
+        finally:
+            for handle in handles:
+                handle.remove()
         return hidden.last_hidden_state, mask.bool()
+
+    def add_word(self, word: str, vector: Tensor) -> int:
+        """Textual inversion (Gal et al. 2023): ``word`` becomes one new token whose
+        embedding is ``vector`` (kept by reference, so a trained ``nn.Parameter`` works).
+
+        :raises ValueError: a word the tokenizer already has, or a vector of another width.
+        """
+        if word in self.tokenizer.get_vocab() or " " in word.strip() or not word.strip():
+            raise ValueError(f"{word!r} must be one word this tokenizer does not have yet")
+        if vector.shape != (self.width,):
+            raise ValueError(
+                f"the embedding of {word!r} has shape {tuple(vector.shape)}, but this "
+                f"encoder's tokens have width {self.width}"
+            )
+        self.tokenizer.add_tokens([word])
+        token = int(self.tokenizer.convert_tokens_to_ids(word))
+        self.words[token] = vector
+        return token
+
+    def with_words(self, words: dict[int, Tensor]) -> Any:
+        """``prompts -> (tokens, mask)`` like this encoder, with other word vectors (e.g. an
+        EMA copy's), without gradients."""
+
+        def encode(prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():
+                return self.encode(prompts, words)
+
+        encode.tokenizer = self.tokenizer  # type: ignore[attr-defined]
+        return encode
+
+    def word_embedding(self, word: str) -> Tensor:
+        """The frozen table's embedding of ``word``, which must be one token."""
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(
+                f"init word {word!r} is {len(ids)} tokens for this tokenizer; choose one that "
+                "is a single token"
+            )
+        return self.model.get_input_embeddings().weight[ids[0]].detach().clone()

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from ..finetune.inversion import WORD_PARAM
 from ..finetune.lora import LORA_FILE
 from ..losses import LossSecondMomentSampler, training_loss
 from ..models.text import (
@@ -186,6 +187,8 @@ class Trainer:
         self._latents_checked = False
         self.latent_cache, self.text_cache = self._encoder_caches(tc.encoder_cache)
         self.model = self._build_model(model).to(self.device)
+        if self.frozen_text is not None and hasattr(self.model, WORD_PARAM):
+            self.frozen_text.add_word(str(cfg.finetune.new_word), getattr(self.model, WORD_PARAM))
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
         self.ddp: nn.Module = self.model
@@ -269,12 +272,24 @@ class Trainer:
         ft = self.cfg.finetune
         load_weights(model, Path(str(ft.base_run)) / WEIGHTS[ft.weights])
         what = []
-        if ft.new_word is not None:  # textual inversion: one new, trainable token row
+        if ft.new_word is not None and self.frozen_text is not None:
+            # textual inversion through a frozen CLIP/T5: the word's vector is a parameter
+            # of the U-Net that the encoder puts in place of the word's token embedding
+            from ..finetune.inversion import attach_word_vector
+
+            enc = self.frozen_text
+            table = enc.model.get_input_embeddings().weight
+            init = enc.word_embedding(ft.init_word) if ft.init_word else table.mean(0)
+            model.requires_grad_(False)
+            attach_word_vector(model, init)
+            what.append(f"the new word {ft.new_word!r}")
+        elif ft.new_word is not None:  # textual inversion: one new, trainable token row
             from ..finetune.inversion import add_word
 
             if not isinstance(model, TextConditionedUNet) or self.tokenizer is None:
                 raise ValueError(
-                    "finetune.new_word needs a base run with text.encoder: transformer"
+                    "finetune.new_word needs a base run with a text encoder "
+                    "(text.encoder: transformer, clip or t5)"
                 )
             self.tokenizer, _ = add_word(model, self.tokenizer, ft.new_word, ft.init_word)
             what.append(f"the new word {ft.new_word!r}")
@@ -284,12 +299,13 @@ class Trainer:
                 model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, dora=ft.dora,
                 generator=gen,
             )  # fmt: skip
-            if ft.new_word is not None:  # add_lora froze the rest, the new row included
-                model.text.token.weight.requires_grad_(True)  # type: ignore[union-attr]
+            if ft.new_word is not None:  # add_lora froze the rest, the new word included
+                table = getattr(model, WORD_PARAM, None)
+                (model.text.token.weight if table is None else table).requires_grad_(True)  # type: ignore[union-attr]
             what.append(f"{'DoRA' if ft.dora else 'LoRA'} rank {ft.rank} on {len(names)} layers")
         if self.dist.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            if ft.new_word is not None:  # the token table trains through a one-row mask
+            if ft.new_word is not None and self.frozen_text is None:  # a one-row mask
                 table = model.text.token.weight  # type: ignore[union-attr]
                 trainable -= table.numel() - table.shape[1]
             total = sum(p.numel() for p in model.parameters())
@@ -382,7 +398,9 @@ class Trainer:
             ids, mask = self.tokenizer.encode(texts)
             return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
         assert self.frozen_text is not None
-        if self.text_cache is not None:
+        if self.frozen_text.words:  # textual inversion: gradients reach the word's vector
+            context, mask = self.frozen_text.encode(texts)
+        elif self.text_cache is not None:
             encoder = self.frozen_text
 
             def encode(i: int) -> dict[str, Tensor]:
@@ -609,11 +627,11 @@ class Trainer:
                 if self.cfg.finetune.targets != "none":
                     save_lora(self.ema.model, self.run_dir / LORA_FILE, metadata=meta)
                 if self.cfg.finetune.new_word is not None:
-                    from ..finetune.inversion import EMBEDDING_FILE, save_embedding
+                    from ..finetune.inversion import EMBEDDING_FILE, save_word_vector
 
                     meta["init_word"] = str(self.cfg.finetune.init_word)
-                    save_embedding(
-                        self.ema.model, self.tokenizer, self.cfg.finetune.new_word,  # type: ignore[arg-type]
+                    save_word_vector(
+                        self.cfg.finetune.new_word, word_weight(self.ema.model),
                         self.run_dir / EMBEDDING_FILE, meta,
                     )  # fmt: skip
         if self.dist.distributed:
@@ -759,6 +777,9 @@ class Trainer:
     def _prompt_encoder(self, net: nn.Module) -> Any:
         """``prompts -> (context, mask)`` for sampling ``net`` (None without text)."""
         if self.frozen_text is not None:
+            if self.frozen_text.words:  # the word vector of the network being sampled
+                (token,) = self.frozen_text.words
+                return self.frozen_text.with_words({token: getattr(net, WORD_PARAM)})
             return self.frozen_text
         if self.tokenizer is not None:
             return PromptEncoder(net, self.tokenizer)  # type: ignore[arg-type]
@@ -880,6 +901,14 @@ class Trainer:
         if self.log is not None:
             self.log.close()
         teardown_distributed(self.dist)
+
+
+def word_weight(model: nn.Module) -> Tensor:
+    """The trained vector of a textual-inversion run's new word: the U-Net's ``ti_word``
+    (frozen CLIP/T5), else the last row of the text encoder's token table."""
+    if hasattr(model, WORD_PARAM):
+        return getattr(model, WORD_PARAM)
+    return model.text.token.weight[-1]  # type: ignore[union-attr]
 
 
 def _subseed(seed: int, stream: int) -> int:
