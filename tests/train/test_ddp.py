@@ -31,7 +31,7 @@ import torch
 torch.set_num_threads(1)
 from train_helpers import ToyData, tiny_config
 from difflab.train import train
-dataset = ToyData() if sys.argv[2] != "text" else None  # None: the config's (digits)
+dataset = ToyData() if sys.argv[2] in ("toy", "latent") else None  # None: the config's
 result = train(tiny_config(sys.argv[1], *sys.argv[3:]), dataset=dataset)
 print("FINAL", result.final_loss, flush=True)
 """
@@ -65,15 +65,57 @@ def _latent_opts(folder):
             "model.attention_resolutions=[2]"]  # fmt: skip
 
 
+def _clip_inversion_opts(tmp_path: Path) -> list[str]:
+    """Textual inversion through a frozen tiny CLIP: a base CLIP run, and eight captioned
+    images of the new word (its vector is used outside DDP's forward, inside CLIP)."""
+    import json
+
+    from PIL import Image
+
+    transformers = pytest.importorskip("transformers")
+    clip = tmp_path / "clip"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformers.CLIPTextModel(config).save_pretrained(clip)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(clip)
+    text = ["model.num_classes=null", "text.encoder=clip", f"text.path={clip}",
+            "text.max_length=32"]  # fmt: skip
+    base = tmp_path / "base"
+    train(tiny_config(base, *text, "data.source=digits", "train.max_steps=3"), progress=False)
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for k in range(8):
+            pixels = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{k}.png")
+            fh.write(json.dumps({"file_name": f"{k}.png", "text": "a digit sks"}) + "\n")
+    return [*text, "data.source=captions", f"data.path={folder}", "data.image_size=8",
+            f"finetune.base_run={base}", "finetune.targets=none", "finetune.new_word=sks",
+            "finetune.init_word=a", "train.lr=1e-2"]  # fmt: skip
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-@pytest.mark.parametrize("kind", ["toy", "text", "latent"])
+@pytest.mark.parametrize("kind", ["toy", "text", "latent", "clip_inversion"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
     """Class labels on toy data; captions through the text encoder (every rank builds
     the same vocabulary from the digits' captions); autoencoder latents (the posterior
-    noise is drawn for the global batch, so each rank's rows match one process)."""
+    noise is drawn for the global batch, so each rank's rows match one process); a
+    textual-inversion word trained through a frozen CLIP."""
     opts = {"toy": OPTS, "text": [*OPTS, *TEXT]}.get(kind)
     if kind == "latent":
         opts = [*OPTS, *_latent_opts(tmp_path / "vae")]
+    if kind == "clip_inversion":
+        opts = [*OPTS, *_clip_inversion_opts(tmp_path)]
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(SCRIPT))
     env = {
@@ -87,7 +129,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    data = ToyData() if kind != "text" else None
+    data = ToyData() if kind in ("toy", "latent") else None
     single = train(tiny_config(tmp_path / "single", *opts), dataset=data)
     ddp_loss = float(proc.stdout.split("FINAL")[-1].split()[0])
     assert ddp_loss == pytest.approx(single.final_loss, rel=1e-5)
@@ -95,5 +137,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
         a, b = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "single" / name)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    if kind == "clip_inversion":  # the word really trained, in both
+        base = load_file(tmp_path / "single" / "model.safetensors")["ti_word"]
+        from difflab.models.text import PretrainedTextEncoder
+
+        init = PretrainedTextEncoder(tmp_path / "clip").word_embedding("a")
+        assert (base - init).abs().max() > 1e-3
     meta = load_checkpoint(tmp_path / "ddp").meta
     assert meta["world_size"] == 2 and meta["step"] == 3 and meta["ema_updates"] == 3
