@@ -221,6 +221,7 @@ def sample(
     clip_x0: bool | float | None = None,
     progress: bool | None = None,
     model_dtype: torch.dtype | None = None,
+    enable_grad: bool = False,
     **sampler_options: Any,
 ) -> Tensor:
     """Draw samples ``[B, ...]`` from ``model`` (DESIGN.md's contract) with a named sampler.
@@ -244,6 +245,9 @@ def sample(
     :param dynamic_threshold: Imagen's percentile p (e.g. 0.995), or None.
     :param clip_x0: True (clip x̂0 to [-1, 1]), a float limit, or None.
     :param progress: force the progress bar on/off (None: on when stderr is a terminal).
+    :param enable_grad: differentiate through sampling (gradients reach the model's weights,
+        ``noise`` and the conditioning); off by default, so no autograd graph is kept over
+        the steps, as k-diffusion's and diffusers' samplers do.
     :param sampler_options: options of the sampler function (``s_churn=`` ...) and of the
         spacing (``rho``, ``sigma_min``, ``sigma_max``, ``steps_offset``); unused ones raise.
     """
@@ -274,7 +278,8 @@ def sample(
     else:
         x = noise.float()
     _check_generator(generator, x.shape[0])
-    return _run(plan, x, cond=cond, callback=callback, generator=generator, progress=progress)
+    with torch.set_grad_enabled(enable_grad):
+        return _run(plan, x, cond=cond, callback=callback, generator=generator, progress=progress)
 
 
 @dataclass
@@ -308,6 +313,7 @@ def img2img(
     clip_x0: bool | float | None = None,
     progress: bool | None = None,
     model_dtype: torch.dtype | None = None,
+    enable_grad: bool = False,
     **sampler_options: Any,
 ) -> Img2ImgResult:
     """SDEdit-style image-to-image (Meng et al. 2022): noise ``x0`` part-way, then denoise.
@@ -353,5 +359,7 @@ def img2img(
     _check_generator(generator, x0.shape[0])
     alpha, sigma = plan.levels.alpha[0], plan.levels.sigma[0]
     x = alpha * x0 + sigma * noise.float()  # Ho et al. 2020, eq. 4 at the first used level
-    images = _run(plan, x, cond=cond, callback=callback, generator=generator, progress=progress)
+    with torch.set_grad_enabled(enable_grad):
+        images = _run(plan, x, cond=cond, callback=callback, generator=generator,
+                      progress=progress)  # fmt: skip
     return Img2ImgResult(images=images, timesteps=list(plan.levels.t))
