@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from train_helpers import one_thread, tiny_config  # noqa: F401
 
 from difflab.eval import evaluate_pipeline
@@ -92,3 +93,39 @@ def test_text_runs_are_scored_with_each_class_drawn_from_its_caption(tmp_path):
     a = pipe(2, [3, 7], None, "ddim", 2, 2.0, 5)
     b = inner(2, None, [digits_caption(3), digits_caption(7)], "ddim", 2, 2.0, 5)
     assert (a == b).all()
+
+
+def test_caption_only_text_runs_cycle_over_their_captions(tmp_path):
+    """Captions without classes: eval samples cycle over the distinct captions, FID is
+    scored (and equals evaluating the saved run); accuracy is refused, naming why."""
+    import json as _json
+
+    from PIL import Image
+
+    from difflab.eval.sweep import PromptedPipeline, load_pipeline
+
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for k in range(8):
+            pixels = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{k}.png")
+            text = "a small ring" if k % 2 else "a tall bar"
+            fh.write(_json.dumps({"file_name": f"{k}.png", "text": text}) + "\n")
+    text = ["model.num_classes=null", "text.encoder=transformer", "text.width=16",
+            "text.heads=2", "text.layers=1", "text.max_length=8", "data.source=captions",
+            f"data.path={folder}", "data.image_size=8", "train.batch_size=4",
+            "train.max_steps=2", "sample.sampler=ddim", "sample.steps=2"]  # fmt: skip
+    with pytest.raises(ValueError, match="has captions only"):
+        tiny_config(tmp_path / "x", *text, "train.eval_every=1")  # default metrics: accuracy
+    evals = ["train.eval_every=2", "train.eval_n=6", "train.eval_metrics=fid"]
+    result = train(tiny_config(tmp_path / "run", *text, *evals), progress=False)
+    (logged,) = result.evals
+    pipe = load_pipeline(str(tmp_path / "run"))
+    assert isinstance(pipe, PromptedPipeline) and not pipe.labelled
+    assert pipe.prompts == ["a tall bar", "a small ring"]
+    again = evaluate_pipeline(pipe, metrics=["fid"], n=6, seed=0)
+    assert again["fid[digits-cnn]"] == pytest.approx(logged["fid[digits-cnn]"], rel=1e-9)
+    with pytest.raises(ValueError, match="accuracy' needs classes"):
+        evaluate_pipeline(pipe, metrics=["accuracy"], n=2)

@@ -40,7 +40,7 @@ def test_config_checks():
         load_config(None, ["text.encoder=transformer", "data.source=folder", "data.path=x"])
     with pytest.raises(ValueError, match="contradicts the text encoder.s width 16"):
         load_config(None, [*TEXT, "model.context_dim=8"]).model_config()
-    with pytest.raises(ValueError, match="needs captioned data with class labels"):
+    with pytest.raises(ValueError, match="needs captions with class labels .* captions only"):
         load_config(None, [*TEXT, "data.source=captions", "data.path=x", "train.eval_every=5"])
     cfg = load_config(None, TEXT)
     assert cfg.model_config().context_dim == 16 and cfg.resolve().model["context_dim"] == 16

@@ -49,6 +49,7 @@ __all__ = [
     "reference_images",
     "run_sweep",
     "sample_images",
+    "text_run_prompts",
     "write_tables",
 ]
 
@@ -83,12 +84,15 @@ class PromptedPipeline:
     (``model``, ``schedule``, ``device``, ...) is the wrapped pipeline's.
     """
 
-    def __init__(self, pipe: PipeLike, prompts: Sequence[str]) -> None:
+    def __init__(self, pipe: PipeLike, prompts: Sequence[str], *, labelled: bool = True) -> None:
         if not prompts:
             raise ValueError("PromptedPipeline needs one prompt per class")
         self.pipe = pipe
         self.prompts = list(prompts)
         self.num_classes = len(self.prompts)
+        # False: the "classes" are the data's distinct captions, not classes a classifier
+        # knows, so FID/KID/CLIP score apply and accuracy does not.
+        self.labelled = labelled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
@@ -117,17 +121,41 @@ def load_pipeline(
 ) -> PipeLike:
     """A `Pipeline` from a run directory; anything else is returned unchanged.
 
-    A text run whose data has class labels (the digits) comes as a `PromptedPipeline` that
-    draws each class from its caption, so it is scored like a class-conditional run.
+    A text run comes as a `PromptedPipeline` (`text_run_prompts`): with class labels in its
+    data (the digits) each class is drawn from its caption and scored like a
+    class-conditional run; with captions only, the samples cycle over the distinct captions.
     """
     if isinstance(pipe_or_run_dir, str | os.PathLike):
         from difflab.pipeline import Pipeline
 
         pipe = Pipeline.from_run(pipe_or_run_dir, weights=weights, device=device)
         if pipe.context_dim is not None and pipe.num_classes is None:
-            pipe = PromptedPipeline(pipe, class_prompts(_data_section(pipe)))
+            prompts, labelled = text_run_prompts(_data_section(pipe))
+            pipe = PromptedPipeline(pipe, prompts, labelled=labelled)
         return pipe
     return pipe_or_run_dir
+
+
+def text_run_prompts(data: Mapping[str, Any] | Any) -> tuple[list[str], bool]:
+    """The prompts a text run is evaluated with and whether they are classes: the class
+    prompts (`class_prompts`) when the data has class labels, else its distinct captions in
+    data order."""
+    import dataclasses
+
+    from difflab.data import build_dataset
+
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    dataset, _ = build_dataset({**data, "random_flip": False})
+    if getattr(dataset, "labels", None) is not None and getattr(dataset, "class_names", None):
+        return class_prompts(data), True
+    texts = getattr(dataset, "texts", None)
+    if texts is None:
+        texts = [dataset[i].get("text") for i in range(len(dataset))]
+    prompts = list(dict.fromkeys(t for t in texts if t))
+    if not prompts:
+        raise ValueError("a text run is evaluated with its data's captions, and this data has none")
+    return prompts, False
 
 
 def _cycle_labels(pipe: PipeLike, n: int) -> Tensor | None:
@@ -311,6 +339,11 @@ class _Evaluator:
             num_classes = getattr(pipe, "num_classes", None)
             if num_classes is None:
                 raise ValueError("metric 'accuracy' needs a class-conditional model")
+            if not getattr(pipe, "labelled", True):
+                raise ValueError(
+                    "metric 'accuracy' needs classes, and this text run's data has captions "
+                    "only; use fid, kid, precision_recall or clip_score"
+                )
             classifier = classifier if classifier is not None else DigitsClassifier()
             if classifier.num_classes != num_classes:
                 raise ValueError(
@@ -379,7 +412,7 @@ def _clip_setup(pipe: PipeLike, clip_model: Any) -> tuple[Any, list[str]]:
     from difflab.eval.clip import CLIPScorer
 
     clip = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model)
-    prompts = class_prompts(_data_section(pipe))
+    prompts = getattr(pipe, "prompts", None) or class_prompts(_data_section(pipe))
     if len(prompts) != pipe.num_classes:
         raise ValueError(
             f"the run's data has {len(prompts)} classes but the model {pipe.num_classes}"

@@ -206,7 +206,7 @@ class Trainer:
         self.show_progress = progress
         self.log: MetricsLog | None = None
         self._eval_extractor: Any = None  # built on the first periodic eval
-        self._eval_prompts: list[str] | None = None  # a text run's class captions
+        self._eval_prompts: tuple[list[str], bool] | None = None  # a text run's prompts
 
     # ------------------------------------------------------------------ setup helpers
     def _with_prior(self, dataset: Any) -> Any:
@@ -848,7 +848,7 @@ class Trainer:
         """
         if not self.dist.is_main:
             return {}
-        from ..eval.sweep import PromptedPipeline, class_prompts, periodic_eval
+        from ..eval.sweep import PromptedPipeline, periodic_eval, text_run_prompts
         from ..pipeline import Pipeline
 
         tc, mcfg = self.cfg.train, self.cfg.model_config()
@@ -873,10 +873,11 @@ class Trainer:
             device=self.device,
             vae=self.vae,  # latent runs are scored on decoded images
         )
-        if self.cfg.text.enabled:  # each class drawn from its caption (class_prompts)
+        if self.cfg.text.enabled:  # classes drawn from their captions (text_run_prompts)
             if self._eval_prompts is None:
-                self._eval_prompts = class_prompts(self.cfg.data)
-            pipe = PromptedPipeline(pipe, self._eval_prompts)
+                self._eval_prompts = text_run_prompts(self.cfg.data)
+            prompts, labelled = self._eval_prompts
+            pipe = PromptedPipeline(pipe, prompts, labelled=labelled)
         try:
             with torch.random.fork_rng(devices=[]):
                 scores = periodic_eval(
