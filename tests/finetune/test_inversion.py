@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-from train_helpers import tiny_config  # noqa: E402
+from train_helpers import tiny_config, write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import finetune_config  # noqa: E402
@@ -37,14 +36,7 @@ def base_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory):
     folder = tmp_path_factory.mktemp("instance")
-    g = torch.Generator().manual_seed(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for k in range(4):
-            img = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
-            Image.fromarray(img).save(folder / f"{k}.png")
-            fh.write(json.dumps({"file_name": f"{k}.png", "text": "a handwritten digit sks"}))
-            fh.write("\n")
-    return folder
+    return write_captioned_images(folder, ["a handwritten digit sks"] * 4)
 
 
 def test_add_word_copies_the_init_row_and_masks_the_gradient(base_run):

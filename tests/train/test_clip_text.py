@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import one_thread, tiny_config, train_with_a_cut  # noqa: F401
+from train_helpers import (  # noqa: F401
+    one_thread,
+    save_tiny_clip,
+    tiny_config,
+    train_with_a_cut,
+    write_captioned_images,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,23 +27,7 @@ PROMPTS = ["a handwritten digit seven", "a handwritten digit one", ""]
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[])
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=24, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.CLIPTextModel(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def clip_opts(folder):
@@ -137,25 +127,12 @@ def test_cached_caption_tokens_train_like_the_encoder(clip_dir, tmp_path):
 def test_textual_inversion_through_the_frozen_clip(clip_dir, tmp_path):
     """A new word for a frozen-CLIP run: only its vector (the U-Net's ``ti_word``) trains,
     through CLIP; the embedding file added to the base run reproduces the fine-tuned run."""
-    import json
-
-    from PIL import Image
-
     from difflab.cli import finetune_config
     from difflab.finetune.inversion import EMBEDDING_FILE
 
     base = tmp_path / "base"
     train(tiny_config(base, *clip_opts(clip_dir), "train.max_steps=2"), progress=False)
-    folder = tmp_path / "instance"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for k in range(4):
-            Image.fromarray((torch.rand(8, 8, generator=g) * 255).byte().numpy()).save(
-                folder / f"{k}.png"
-            )
-            fh.write(json.dumps({"file_name": f"{k}.png", "text": "a handwritten digit sks"}))
-            fh.write("\n")
+    folder = write_captioned_images(tmp_path / "instance", ["a handwritten digit sks"] * 4)
     out = tmp_path / "ti"
     data = ["data.source=captions", f"data.path={folder}", "data.image_size=8",
             "train.batch_size=4", "train.max_steps=4", "train.lr=1e-2"]  # fmt: skip

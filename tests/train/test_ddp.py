@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+from train_helpers import (  # noqa: F401
+    ToyData,
+    one_thread,
+    save_tiny_clip,
+    tiny_config,
+    write_captioned_images,
+)
 
 from difflab.train import load_checkpoint, train
 
@@ -68,37 +74,13 @@ def _latent_opts(folder):
 def _clip_inversion_opts(tmp_path: Path) -> list[str]:
     """Textual inversion through a frozen tiny CLIP: a base CLIP run, and eight captioned
     images of the new word (its vector is used outside DDP's forward, inside CLIP)."""
-    import json
-
-    from PIL import Image
-
-    transformers = pytest.importorskip("transformers")
-    clip = tmp_path / "clip"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in "abcdefghijklmnopqrstuvwxyz":
-            vocab[c + suffix] = len(vocab)
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=24, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformers.CLIPTextModel(config).save_pretrained(clip)
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(clip)
+    pytest.importorskip("transformers")
+    clip = save_tiny_clip(tmp_path / "clip")
     text = ["model.num_classes=null", "text.encoder=clip", f"text.path={clip}",
             "text.max_length=32"]  # fmt: skip
     base = tmp_path / "base"
     train(tiny_config(base, *text, "data.source=digits", "train.max_steps=3"), progress=False)
-    folder = tmp_path / "instance"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for k in range(8):
-            pixels = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
-            Image.fromarray(pixels).save(folder / f"{k}.png")
-            fh.write(json.dumps({"file_name": f"{k}.png", "text": "a digit sks"}) + "\n")
+    folder = write_captioned_images(tmp_path / "instance", ["a digit sks"] * 8)
     return [*text, "data.source=captions", f"data.path={folder}", "data.image_size=8",
             f"finetune.base_run={base}", "finetune.targets=none", "finetune.new_word=sks",
             "finetune.init_word=a", "train.lr=1e-2"]  # fmt: skip

@@ -6,8 +6,7 @@ import json
 import math
 
 import pytest
-import torch
-from train_helpers import one_thread, tiny_config  # noqa: F401
+from train_helpers import one_thread, tiny_config, write_captioned_images  # noqa: F401
 
 from difflab.eval import evaluate_pipeline
 from difflab.pipeline import Pipeline
@@ -98,21 +97,9 @@ def test_text_runs_are_scored_with_each_class_drawn_from_its_caption(tmp_path):
 def test_caption_only_text_runs_cycle_over_their_captions(tmp_path):
     """Captions without classes: eval samples cycle over the distinct captions, FID is
     scored (and equals evaluating the saved run); accuracy is refused, naming why."""
-    import json as _json
-
-    from PIL import Image
-
     from difflab.eval.sweep import PromptedPipeline, load_pipeline
 
-    folder = tmp_path / "captions"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    with open(folder / "metadata.jsonl", "w") as fh:
-        for k in range(8):
-            pixels = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
-            Image.fromarray(pixels).save(folder / f"{k}.png")
-            text = "a small ring" if k % 2 else "a tall bar"
-            fh.write(_json.dumps({"file_name": f"{k}.png", "text": text}) + "\n")
+    folder = write_captioned_images(tmp_path / "captions", ["a tall bar", "a small ring"] * 4)
     text = ["model.num_classes=null", "text.encoder=transformer", "text.width=16",
             "text.heads=2", "text.layers=1", "text.max_length=8", "data.source=captions",
             f"data.path={folder}", "data.image_size=8", "train.batch_size=4",

@@ -91,3 +91,42 @@ def eps_mse_by_hand(net, schedule, x0, cond, seed, k, batch):
                 pred = net(a * xb + s * eps, torch.full((len(xb),), float(t)), **cb)
                 losses.append(((pred - eps) ** 2).flatten(1).mean(1))
     return float(torch.cat(losses).double().mean())
+
+
+def write_captioned_images(folder: Path, captions: list[str], seed: int = 0) -> Path:
+    """Random 8x8 grayscale PNGs ``0.png, 1.png, ...`` with ``metadata.jsonl`` captions (the
+    Hugging Face imagefolder layout that ``data.source: captions`` reads)."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    with open(folder / "metadata.jsonl", "w") as fh:
+        for k, text in enumerate(captions):
+            pixels = (torch.rand(8, 8, generator=gen) * 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{k}.png")
+            fh.write(json.dumps({"file_name": f"{k}.png", "text": text}) + "\n")
+    return folder
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIP text model (24 wide, 1 layer, 32 positions) with a letters-only
+    tokenizer, saved as ``save_pretrained`` writes them (``text.encoder: clip``)."""
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.CLIPTextModel(config)
+    model.save_pretrained(folder)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    return folder
