@@ -140,15 +140,11 @@ def text_run_prompts(data: Mapping[str, Any] | Any) -> tuple[list[str], bool]:
     """The prompts a text run is evaluated with and whether they are classes: the class
     prompts (`class_prompts`) when the data has class labels, else its distinct captions in
     data order."""
-    import dataclasses
-
-    from difflab.data import build_dataset
-
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        data = dataclasses.asdict(data)
-    dataset, _ = build_dataset({**data, "random_flip": False})
-    if getattr(dataset, "labels", None) is not None and getattr(dataset, "class_names", None):
-        return class_prompts(data), True
+    _, dataset = _unflipped_dataset(data)
+    labels = getattr(dataset, "labels", None)
+    names = list(getattr(dataset, "class_names", []) or [])
+    if labels is not None and names:
+        return _class_prompts(dataset, labels, names), True
     texts = getattr(dataset, "texts", None)
     if texts is None:
         texts = [dataset[i].get("text") for i in range(len(dataset))]
@@ -277,13 +273,7 @@ def class_prompts(data: Mapping[str, Any] | Any) -> list[str]:
     Class ``k``'s prompt is the caption of its first captioned image (the digits: ``"a
     handwritten digit seven"``), else its class name (an image folder's subfolder name).
     """
-    import dataclasses
-
-    from difflab.data import build_dataset
-
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        data = dataclasses.asdict(data)
-    dataset, _ = build_dataset({**data, "random_flip": False})
+    data, dataset = _unflipped_dataset(data)
     labels = getattr(dataset, "labels", None)
     names = list(getattr(dataset, "class_names", []) or [])
     if labels is None or not names:
@@ -292,6 +282,22 @@ def class_prompts(data: Mapping[str, Any] | Any) -> list[str]:
             f"run is evaluated with) need data with class labels; data.source="
             f"{data.get('source')!r} has none"
         )
+    return _class_prompts(dataset, labels, names)
+
+
+def _unflipped_dataset(data: Mapping[str, Any] | Any) -> tuple[Mapping[str, Any], Any]:
+    """The data config as a mapping, and its data set with random flips off."""
+    import dataclasses
+
+    from difflab.data import build_dataset
+
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    dataset, _ = build_dataset({**data, "random_flip": False})
+    return data, dataset
+
+
+def _class_prompts(dataset: Any, labels: Sequence[int], names: Sequence[str]) -> list[str]:
     texts = getattr(dataset, "texts", None) or [""] * len(labels)
     prompts = list(names)
     found: set[int] = set()

@@ -300,8 +300,7 @@ class Trainer:
                 generator=gen,
             )  # fmt: skip
             if ft.new_word is not None:  # add_lora froze the rest, the new word included
-                table = getattr(model, WORD_PARAM, None)
-                (model.text.token.weight if table is None else table).requires_grad_(True)  # type: ignore[union-attr]
+                _word_parameter(model).requires_grad_(True)
             what.append(f"{'DoRA' if ft.dora else 'LoRA'} rank {ft.rank} on {len(names)} layers")
         if self.dist.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -904,12 +903,18 @@ class Trainer:
         teardown_distributed(self.dist)
 
 
-def word_weight(model: nn.Module) -> Tensor:
-    """The trained vector of a textual-inversion run's new word: the U-Net's ``ti_word``
-    (frozen CLIP/T5), else the last row of the text encoder's token table."""
+def _word_parameter(model: nn.Module) -> nn.Parameter:
+    """What a textual-inversion run trains: the U-Net's ``ti_word`` (frozen CLIP/T5), else
+    the text encoder's token table (its last row, through a gradient mask)."""
     if hasattr(model, WORD_PARAM):
         return getattr(model, WORD_PARAM)
-    return model.text.token.weight[-1]  # type: ignore[union-attr]
+    return model.text.token.weight  # type: ignore[union-attr,return-value]
+
+
+def word_weight(model: nn.Module) -> Tensor:
+    """The trained vector of a textual-inversion run's new word."""
+    param = _word_parameter(model)
+    return param if hasattr(model, WORD_PARAM) else param[-1]
 
 
 def _subseed(seed: int, stream: int) -> int:
