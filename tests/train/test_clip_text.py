@@ -100,6 +100,13 @@ def test_pipeline_encodes_prompts_with_the_runs_clip(clip_dir, tmp_path):
             prediction=pipe.prediction, variance=pipe.variance, progress=False,
         )  # fmt: skip
     torch.testing.assert_close(images, expected.clamp(-1, 1), rtol=0, atol=1e-6)
+    # The few-step net's samples saturate at ±1, so the images alone would not show the
+    # prompt: the network's prediction does differ between the two prompts' tokens.
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        eps = [pipe.model(x, t, context=ctx[i : i + 1], context_mask=mask[i : i + 1])
+               for i in range(2)]  # fmt: skip
+    assert not torch.allclose(eps[0], eps[1])
 
 
 def test_cached_caption_tokens_train_like_the_encoder(clip_dir, tmp_path):
@@ -157,6 +164,11 @@ def test_textual_inversion_through_the_frozen_clip(clip_dir, tmp_path):
     pipe = dl.Pipeline.from_run(base)
     assert pipe.load_embedding(out / EMBEDDING_FILE) == "sks"
     torch.testing.assert_close(pipe(**kw), tuned_images, rtol=0, atol=0)
+    # (Saturated few-step images; the tokens show the word is there.)
+    prompt = ["a handwritten digit sks"]
+    tuned_ctx = dl.Pipeline.from_run(out).text_encoder(prompt)[0]
+    assert torch.equal(pipe.text_encoder(prompt)[0], tuned_ctx)
+    assert not torch.equal(dl.Pipeline.from_run(base).text_encoder(prompt)[0], tuned_ctx)
     with pytest.raises(ValueError, match="must be one word this tokenizer does not have"):
         pipe.load_embedding(out / EMBEDDING_FILE)
     with pytest.raises(ValueError, match="is 5 tokens for this tokenizer"):

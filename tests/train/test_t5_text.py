@@ -100,6 +100,13 @@ def test_t5_run_resumes_bit_for_bit_and_samples_from_prompts(t5_dir, tmp_path):
             prediction=pipe.prediction, variance=pipe.variance, progress=False,
         )  # fmt: skip
     torch.testing.assert_close(images, expected.clamp(-1, 1), rtol=0, atol=1e-6)
+    # The few-step net's samples saturate at ±1, so the images alone would not show the
+    # prompt: the network's prediction does differ between the two prompts' tokens.
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        eps = [pipe.model(x, t, context=ctx[i : i + 1], context_mask=mask[i : i + 1])
+               for i in range(2)]  # fmt: skip
+    assert not torch.allclose(eps[0], eps[1])
 
 
 def test_an_added_word_with_a_known_words_vector_encodes_as_that_word(t5_dir):
