@@ -83,6 +83,12 @@ def test_inversion_run_trains_one_row_and_its_file_reproduces_it(base_run, insta
     pipe = dl.Pipeline.from_run(base_run)
     assert pipe.load_embedding(out / EMBEDDING_FILE) == "sks"
     assert torch.equal(pipe(**kw), tuned_images)
+    # The few-step samples saturate at ±1; the word's tokens show it is the tuned one.
+    prompt = ["a handwritten digit sks"]
+    tuned_ctx = dl.Pipeline.from_run(out).text_encoder(prompt)[0]
+    assert torch.equal(pipe.text_encoder(prompt)[0], tuned_ctx)
+    seven = dl.Pipeline.from_run(base_run).text_encoder(["a handwritten digit seven"])[0]
+    assert not torch.equal(seven, tuned_ctx)  # trained away from its init word
     assert pipe.resolve_params(**kw)["embeddings"][0]["word"] == "sks"
     with pytest.raises(ValueError, match="already in the vocabulary"):
         pipe.load_embedding(out / EMBEDDING_FILE)
