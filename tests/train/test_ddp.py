@@ -32,6 +32,7 @@ OPTS = [
 ]
 
 SCRIPT = """
+import os
 import sys
 import torch
 torch.set_num_threads(1)
@@ -39,7 +40,8 @@ from train_helpers import ToyData, tiny_config
 from difflab.train import train
 dataset = ToyData() if sys.argv[2] in ("toy", "latent") else None  # None: the config's
 result = train(tiny_config(sys.argv[1], *sys.argv[3:]), dataset=dataset)
-print("FINAL", result.final_loss, flush=True)
+if os.environ["RANK"] == "0":  # one writer: two ranks' lines can interleave on one pipe
+    print("FINAL", result.final_loss, flush=True)
 """
 
 
