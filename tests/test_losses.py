@@ -316,3 +316,25 @@ def test_bad_loss_arguments_raise_value_errors_naming_allowed_values():
         make_timestep_sampler("importance_sampling", 10)
     with pytest.raises(ValueError, match="T=50"):
         training_loss(net, SCHED, x0, timestep_sampler=UniformSampler(50))
+
+
+# ---------------------------------------------------------------------- no host reads
+@pytest.mark.parametrize("variance", ["fixedsmall", "learned_range"])
+@pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("v", "min_snr"), ("x0", "snr")])
+def test_training_loss_never_reads_a_tensor_value_on_the_host(prediction, weighting, variance):
+    """One training loss per step must not synchronise with the device (USER_NEEDS 10): on the
+    ``meta`` device any value read (``.item()``, ``bool(t)``, ``.any()`` in an ``if``) raises,
+    so a whole loss there, hybrid variational-bound term included, proves the loss reads none.
+    Timesteps the caller passes are checked on the host (a read by design), so t is drawn."""
+    from _tiny_run import tiny_unet
+
+    model = tiny_unet(num_classes=10, learn_sigma=variance != "fixedsmall").to("meta")
+    res = training_loss(
+        model, NoiseSchedule.cosine(1000), torch.zeros(2, 1, 8, 8, device="meta"),
+        prediction=prediction, weighting=weighting, variance=variance,
+        cond={"class_labels": torch.tensor([1, 2], device="meta")},
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert res.loss.device.type == "meta" and res.loss.shape == ()
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the meta device does refuse reads
+        bool((res.per_sample > 0).any())

@@ -17,6 +17,8 @@ from difflab.diffusion import (
     discretized_gaussian_log_likelihood,
     normal_kl,
     prior_bpd,
+    q_sample,
+    vlb_from_output,
     vlb_terms,
 )
 from difflab.parametrization import Denoiser, from_x0_eps
@@ -173,6 +175,36 @@ def test_vlb_hybrid_learned_range_extremes_equal_fixed_variances():
             )
             want = vlb_terms(lv, sched, x0, t, noise=noise, variance="learned")
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vlb_from_output_mixed_batch_equals_each_sample_alone_with_finite_gradients():
+    """A batch mixing t = 0 (decoder NLL) and t > 0 (KL) gives each sample the term it would
+    get alone, and the gradient each sample has alone: the term a sample does not use must
+    not leak inf·0 = NaN into the batch's gradient. The t > 0 samples predict far off the
+    data, where the decoder NLL's gradient overflows (the previous code computed it for the
+    whole batch whenever one sample had t = 0, and its gradient was NaN here)."""
+    sched = NoiseSchedule.cosine(40)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 256, (4, 2, 3, 3), generator=gen) / 127.5 - 1  # 8-bit data
+    t = torch.tensor([0, 9, 0, 39])
+    x_t, _ = q_sample(sched, x0, t, torch.randn(x0.shape, generator=gen))
+    later = (t > 0).view(-1, 1, 1, 1)
+    eps = torch.randn(x0.shape, generator=gen) * torch.where(later, 60.0, 0.1)
+    logvar = torch.where(later, torch.empty(x0.shape).uniform_(-30, 5, generator=gen), -6.0)
+    output = torch.cat([eps, logvar], 1).requires_grad_()
+    vb = vlb_from_output(sched, x0, x_t, t, output, variance="learned").vb
+    vb.sum().backward()
+    alone, grads = [], []
+    for i in range(4):
+        out_i = output.detach()[i : i + 1].clone().requires_grad_()
+        term = vlb_from_output(sched, x0[i : i + 1], x_t[i : i + 1], t[i : i + 1], out_i,
+                               variance="learned").vb  # fmt: skip
+        term.sum().backward()
+        alone.append(term.detach())
+        grads.append(out_i.grad)
+    torch.testing.assert_close(vb.detach(), torch.cat(alone))
+    assert torch.isfinite(torch.cat(grads)).all()  # so the batch's gradient must be too
+    torch.testing.assert_close(output.grad, torch.cat(grads))
 
 
 # ---------------------------------------------------------------------------- bits/dim

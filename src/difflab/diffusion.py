@@ -143,6 +143,14 @@ def reverse_log_variance(
       (Nichol & Dhariwal 2021, eq. 15).
     """
     check_choice("variance", variance, VARIANCES)
+    log_small, log_large, log_beta = _log_variances(abar_t, abar_prev, clipped_log_small)
+    return _select_log_variance(variance, log_small, log_large, log_beta, var_values)
+
+
+def _log_variances(
+    abar_t: Tensor, abar_prev: Tensor, clipped_log_small: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log β̃ clipped, log of fixedlarge's variance, log β) in float64, on the host."""
     abar_t = torch.as_tensor(abar_t, dtype=torch.float64)
     abar_prev = torch.as_tensor(abar_prev, dtype=torch.float64)
     post = posterior(abar_t, abar_prev)
@@ -150,6 +158,17 @@ def reverse_log_variance(
     beta = 1 - abar_t / abar_prev
     log_beta = beta.clamp(min=1e-300).log()
     log_large = torch.where(abar_prev >= 1, log_small, log_beta)
+    return log_small, log_large, log_beta
+
+
+def _select_log_variance(
+    variance: str,
+    log_small: Tensor,
+    log_large: Tensor,
+    log_beta: Tensor,
+    var_values: Tensor | None,
+) -> Tensor:
+    """log Σ_θ (float32) from the three fixed log-variances and the network's output."""
     if variance == "fixedsmall":
         return log_small.float()
     if variance == "fixedlarge":
@@ -257,10 +276,6 @@ class VLBTerm:
     eps: Tensor  # ε̂ the model predicted, [B, ...]
 
 
-def _gather(table: Tensor, t: Tensor, ndim: int, device: torch.device) -> Tensor:
-    return append_dims(table[t.cpu()].float().to(device), ndim)
-
-
 def vlb_from_output(
     schedule: NoiseSchedule,
     x0: Tensor,
@@ -283,46 +298,47 @@ def vlb_from_output(
     """
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("variance", variance, VARIANCES)
-    t = torch.as_tensor(t).long()
+    dev, nd = x_t.device, x_t.ndim
+    t = torch.as_tensor(t, device=dev).long()
     if t.ndim == 0:
         t = t.expand(x0.shape[0])
-    dev, nd = x_t.device, x_t.ndim
     x0, x_t = x0.float(), x_t.float()
     mean_out, var_values = split_variance(output.float(), variance)
-    ab = schedule.alphas_cumprod
-    post = schedule_posterior(schedule)
-    tc = t.cpu()
-    alpha = _gather(ab.sqrt(), tc, nd, dev)
-    sigma = _gather((1 - ab).sqrt(), tc, nd, dev)
+    rows = schedule.derived_table("vlb", lambda: _vlb_table(schedule), dev)[:, t]  # no host read
+    alpha, sigma, coef_x0, coef_xt, true_logvar, log_large, log_beta = (
+        append_dims(row, nd) for row in rows
+    )
     x0_hat, eps_hat = to_x0_eps(prediction, mean_out, x_t, alpha, sigma)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1, 1)
-    coef_x0 = _gather(post.coef_x0, tc, nd, dev)
-    coef_xt = _gather(post.coef_xt, tc, nd, dev)
-    true_logvar = _gather(post.log_variance_clipped, tc, nd, dev)
-    model_logvar = reverse_log_variance(
-        variance,
-        ab[tc],
-        schedule.alphas_cumprod_prev[tc],
-        var_values,
-        clipped_log_small=post.log_variance_clipped[tc],
-    )
-    if model_logvar.ndim == 1:
-        model_logvar = append_dims(model_logvar.to(dev), nd)
+    model_logvar = _select_log_variance(variance, true_logvar, log_large, log_beta, var_values)
+    # Both terms for every sample, then each sample's own: choosing on the host which to
+    # compute would read t, a device synchronisation per training step. The term a sample
+    # does not use is fed harmless inputs, so that its gradient, multiplied by zero, cannot
+    # be inf·0 = NaN (the decoder NLL's gradient overflows for means far off the data).
+    first = append_dims(t == 0, nd)
     # KL(q || p): the two means differ by coef_x0·(x0 - x̂0) exactly (same coef_xt·x_t term).
-    # Each part is computed only when some sample needs it (bits_per_dim has one t per call).
-    zero = tc == 0
-    vb = torch.zeros(x0.shape[0], device=dev)
-    if not bool(zero.all()):
-        kl = normal_kl(
-            coef_x0 * (x0 - x0_hat), true_logvar, torch.zeros((), device=dev), model_logvar
-        )
-        vb = mean_flat(kl) / LOG2
-    if bool(zero.any()):
-        model_mean = coef_x0 * x0_hat + coef_xt * x_t
-        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)
-        vb = torch.where(zero.to(dev), mean_flat(nll) / LOG2, vb)
+    mean_gap = torch.where(first, 0.0, coef_x0 * (x0 - x0_hat))
+    kl = normal_kl(mean_gap, true_logvar, 0.0, torch.where(first, true_logvar, model_logvar))
+    model_mean = torch.where(first, coef_x0 * x0_hat + coef_xt * x_t, x0)
+    log_std = 0.5 * torch.where(first, model_logvar, 0.0)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, log_std)
+    vb = torch.where(t == 0, mean_flat(nll), mean_flat(kl)) / LOG2
     return VLBTerm(vb=vb, x0=x0_hat, eps=eps_hat)
+
+
+def _vlb_table(schedule: NoiseSchedule) -> Tensor:
+    """Per-timestep rows of the bound, float64 ``[7, T]``: α, σ, the posterior's coef_x0,
+    coef_xt and clipped log-variance (t = 0 clipped to β̃_1), fixedlarge's log-variance
+    and log β."""
+    ab = schedule.alphas_cumprod
+    post = schedule_posterior(schedule)
+    log_small, log_large, log_beta = _log_variances(
+        ab, schedule.alphas_cumprod_prev, post.log_variance_clipped
+    )
+    return torch.stack(
+        [ab.sqrt(), (1 - ab).sqrt(), post.coef_x0, post.coef_xt, log_small, log_large, log_beta]
+    )
 
 
 def _resolve(

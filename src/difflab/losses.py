@@ -304,6 +304,8 @@ def training_loss(
         if t.is_floating_point() and not torch.equal(t, t.round()):
             raise ValueError("training timesteps t must be integers in [0, T-1]")
         t = t.long().expand(b) if t.ndim == 0 else t.long()
+        if t.shape != (b,) or ((t < 0) | (t >= T)).any():  # a host read: given t only
+            raise ValueError(f"t must be {b} integers in [0, {T - 1}], got {t.tolist()}")
     elif timestep_sampler is not None:
         t, is_weights = timestep_sampler.sample(b, dev)
     else:
@@ -312,9 +314,6 @@ def training_loss(
         raise ValueError(
             f"timestep sampler has T={timestep_sampler.num_timesteps}, the schedule T={T}"
         )
-    if t.shape != (b,) or ((t < 0) | (t >= T)).any():
-        raise ValueError(f"t must be {b} integers in [0, {T - 1}], got {t.tolist()}")
-
     if noise is None:
         noise = _randn(x0.shape, generator, dev)
     noise = noise.float()

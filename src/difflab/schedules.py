@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -222,11 +222,25 @@ class NoiseSchedule:
     ) -> Tensor:
         """A cached copy of a float64 table (``betas``, ``alphas_cumprod``, ``log_snr``)."""
         check_choice("schedule table", name, ("betas", "alphas_cumprod", "log_snr"))
-        key = (name, str(device), dtype)
-        if key not in self._cache:
-            src = self._log_snr if name == "log_snr" else getattr(self, name)
-            self._cache[key] = src.to(device=device, dtype=dtype)
-        return self._cache[key]
+        src = lambda: self._log_snr if name == "log_snr" else getattr(self, name)  # noqa: E731
+        return self.derived_table(name, src, device, dtype)
+
+    def derived_table(
+        self,
+        key: str,
+        build: Callable[[], Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """A cached device copy of a table computed from this schedule on the host (in
+        float64) by ``build()`` on first use, e.g. the posterior coefficients per timestep.
+
+        Per-step code gathers from it with device timesteps: no host read and no
+        host-to-device copy per step (a pageable copy waits for the queued GPU work)."""
+        cache_key = (key, str(device), dtype)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = build().to(device=device, dtype=dtype)
+        return self._cache[cache_key]
 
     # ------------------------------------------------------------------ continuous view
     def log_snr(self, t: TimeLike) -> TimeLike:
