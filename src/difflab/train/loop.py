@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ from .checkpoint import (
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .ema import EMA
-from .monitor import MetricsLog, sample_grid
+from .monitor import MetricsLog, log_line, sample_grid
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
@@ -706,6 +707,9 @@ class Trainer:
             self.log = MetricsLog(self.run_dir, tensorboard=tc.tensorboard)
             self.log.log({"event": "resume" if resumed else "start", "step": self.step})
         disable = (not main) or (None if self.show_progress is None else not self.show_progress)
+        # Output to a file (no terminal) gets a plain line per logged step instead of a bar.
+        plain = main and self.show_progress is None and not sys.stderr.isatty()
+        start_step, start_time = self.step, time.perf_counter()
         bar = progress_bar(
             range(self.step, last), total=max(0, last - self.step), desc="train",
             disable=disable,
@@ -736,6 +740,9 @@ class Trainer:
                 extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
                 extra.update({key: sum(v) / len(v) for key, v in parts.items()})
                 self._log({**good, **extra})
+                if plain:
+                    since = time.perf_counter() - start_time
+                    print(log_line({**good, **extra}, last, since, start_step), flush=True)
                 window, parts, tick = [], {}, time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 result.grids += self._grids()

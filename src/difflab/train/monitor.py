@@ -1,6 +1,7 @@
 """What a run reports while it trains: ``metrics.jsonl``, TensorBoard, fixed-seed sample grids.
 
-Owns the metric log (one JSON object per line, appended and flushed), the optional
+Owns the metric log (one JSON object per line, appended and flushed), the plain log line
+printed in place of the progress bar when output goes to a file (``log_line``), the optional
 TensorBoard writer (used when ``torch.utils.tensorboard`` imports), and the sample grids
 drawn from the raw and the EMA weights with the same seed every time
 (``samples/step_XXXXXX_{raw,ema}.png``).  Grids go through ``difflab.samplers.sample``;
@@ -21,7 +22,7 @@ from ..images import save_grid
 from ..schedules import NoiseSchedule
 from .config import TrainConfig
 
-__all__ = ["MetricsLog", "sample_grid"]
+__all__ = ["MetricsLog", "log_line", "sample_grid"]
 
 
 class MetricsLog:
@@ -57,6 +58,27 @@ class MetricsLog:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def log_line(record: dict[str, Any], total_steps: int, elapsed_s: float, start_step: int) -> str:
+    """One line per logged step for a log file, where a progress bar would be noise:
+    ``step 40/60 (67%)  loss 0.5138  lr 8.00e-04  grad 1.27  1480 img/s  epoch 2  ema 0.820
+    eta 0:00:01``. The ETA extrapolates this session's steps per second (``start_step`` is
+    where it started, e.g. after a resume)."""
+    step = int(record["step"])
+    parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
+    for key, fmt in (
+        ("loss", "loss {:.4f}"), ("loss_instance", "instance {:.4f}"),
+        ("loss_prior", "prior {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3g}"),
+        ("imgs_per_s", "{:.0f} img/s"), ("epoch", "epoch {}"), ("ema_decay", "ema {:.3f}"),
+    ):  # fmt: skip
+        if record.get(key) is not None:
+            parts.append(fmt.format(record[key]))
+    done = step - start_step
+    if done > 0 and step < total_steps:
+        left = round(elapsed_s / done * (total_steps - step))
+        parts.append(f"eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
+    return "  ".join(parts)
 
 
 @torch.no_grad()

@@ -1,0 +1,48 @@
+"""Runs whose output goes to a file print a plain line per logged step instead of a progress
+bar (USER_NEEDS 24); the lines agree with ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+
+from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+
+from difflab.train import train
+from difflab.train.monitor import log_line
+
+
+def _step_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("step ")]
+
+
+def test_output_to_a_file_gets_one_line_per_logged_step_matching_the_metrics(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=6", "train.log_every=2")
+    train(cfg, dataset=ToyData())  # progress=None: pytest's capture is not a terminal
+    lines = _step_lines(capsys.readouterr().out)
+    records = [
+        r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]  # fmt: skip
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert len(lines) == 3
+    for line, rec in zip(lines, records):
+        assert line.startswith(f"step {rec['step']}/6 ")
+        assert f"loss {rec['loss']:.4f}" in line and f"lr {rec['lr']:.2e}" in line
+    assert "eta" in lines[0] and "eta" not in lines[-1]  # nothing left at the last step
+
+
+def test_no_lines_when_progress_is_switched_off(tmp_path, capsys):
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.log_every=1"), dataset=ToyData(),
+          progress=False)  # fmt: skip
+    assert _step_lines(capsys.readouterr().out) == []
+
+
+def test_log_line_reads_well_and_extrapolates_the_time_left():
+    rec = {"step": 40, "loss": 0.51379, "lr": 8e-4, "grad_norm": 1.2707, "imgs_per_s": 1479.7,
+           "epoch": 2, "ema_decay": 0.82, "loss_prior": None}  # fmt: skip
+    # 30 steps since a resume at step 10 took 90 s: 3 s/step, 3,960 steps (11,880 s) left
+    line = log_line(rec, 4000, 90.0, start_step=10)
+    assert line == (
+        "step 40/4000 (1%)  loss 0.5138  lr 8.00e-04  grad 1.27  1480 img/s  epoch 2  "
+        "ema 0.820  eta 3:18:00"
+    )
