@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -198,3 +200,66 @@ def test_img2img_rejects_a_strength_without_steps():
         img2img(lambda x, t: x, _x(), strength=0.04, schedule=SCHED, steps=20)
     with pytest.raises(ValueError, match="strength must lie in"):
         img2img(lambda x, t: x, _x(), strength=1.5, schedule=SCHED)
+
+
+# ---------------------------------------------------------------------- guidance interval
+def test_guidance_interval_guides_inside_and_is_the_conditional_call_outside():
+    """Kynkäänniemi et al. 2024: CFG only for σ_lo < σ/α <= σ_hi; outside, the conditional
+    prediction from one un-batched call (no unconditional forward is spent there)."""
+    model = CondModel()
+    den = Denoiser(model, SCHED, "eps")
+    x = _x()
+    plain = ClassifierFreeGuidance(den, 3.0, UNCOND)
+    for t in (50.0, 300.0, 900.0):
+        a, s = SCHED.alpha(t), SCHED.sigma(t)
+        level = s / a
+        cases = [(0.0, level, True), (level, 1e9, False), (level / 2, level * 2, True),
+                 (level * 2, float("inf"), False), (0.0, level / 2, False)]  # fmt: skip
+        for lo, hi, inside in cases:  # σ_lo exclusive, σ_hi inclusive
+            model.batches.clear()
+            got = ClassifierFreeGuidance(den, 3.0, UNCOND, interval=(lo, hi)).at(x, t, a, s, **COND)
+            ref = plain.at(x, t, a, s, **COND) if inside else den.at(x, t, a, s, **COND)
+            assert torch.equal(got.x0, ref.x0) and torch.equal(got.eps, ref.eps), (t, lo, hi)
+            assert model.batches[0] == (6 if inside else 3)
+
+
+def test_guidance_interval_with_per_sample_levels_guides_each_sample_by_its_own_level():
+    den = Denoiser(CondModel(), SCHED, "eps")
+    x = _x()
+    t = torch.tensor([20.0, 400.0, 950.0])
+    a, s = den.coefficients(t, x)
+    interval = (float(s[1] / a[1]) * 0.9, float(s[1] / a[1]) * 1.1)  # only sample 1 inside
+    got = ClassifierFreeGuidance(den, 3.0, UNCOND, interval=interval).at(x, t, a, s, **COND)
+    guided = ClassifierFreeGuidance(den, 3.0, UNCOND).at(x, t, a, s, **COND)
+    cond = den.at(x, t, a, s, **COND)
+    for i, want in enumerate((cond, guided, cond)):
+        torch.testing.assert_close(got.x0[i], want.x0[i], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.eps[i], want.eps[i], rtol=1e-6, atol=1e-6)
+
+
+def test_sampling_with_a_guidance_interval_guides_exactly_the_steps_inside_it():
+    model = CondModel()
+    kw = dict(schedule=SCHED, sampler="euler", steps=10, spacing="karras", guidance_scale=2.5,
+              cond=COND, uncond=UNCOND, noise=_x(1), clip_x0=True)  # fmt: skip
+    everywhere = sample(model, **kw)
+    assert torch.equal(sample(model, guidance_interval=(0.0, float("inf")), **kw), everywhere)
+    levels = SCHED.noise_levels(SCHED.timesteps(10, "karras"))
+    ve = [math.exp(-lam / 2) for lam in levels.log_snr[:-1]]  # σ/α of each step
+    lo, hi = sorted(ve)[3], sorted(ve)[7]
+    model.batches.clear()
+    limited = sample(model, guidance_interval=(lo, hi), **kw)
+    assert model.batches == [6 if lo < v <= hi else 3 for v in ve]  # 4 guided steps of 10
+    assert not torch.allclose(limited, everywhere)
+
+
+@pytest.mark.parametrize(
+    "interval, match",
+    [((5.0, 1.0), "sigma_lo < sigma_hi"), ((-1.0, 2.0), "0 <= sigma_lo"),
+     ((1.0,), "two noise levels"), ("ab", "two noise levels"), ((0.0, float("nan")), "sigma_hi")],
+)  # fmt: skip
+def test_bad_guidance_intervals_are_refused_with_what_is_allowed(interval, match):
+    with pytest.raises(ValueError, match=match):
+        sample(CondModel(), schedule=SCHED, steps=2, guidance_scale=2.0, cond=COND,
+               uncond=UNCOND, noise=_x(), guidance_interval=interval)  # fmt: skip
+    with pytest.raises(ValueError, match=match):  # checked at w = 1 too, not ignored
+        sample(CondModel(), schedule=SCHED, steps=2, noise=_x(), guidance_interval=interval)

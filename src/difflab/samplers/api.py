@@ -20,7 +20,7 @@ from ..parametrization import Denoiser
 from ..schedules import NoiseLevels, NoiseSchedule
 from .common import Generators, SamplerCallback, SamplerSpec, randn
 from .common import progress as progress_bar
-from .guidance import ClassifierFreeGuidance, ClipX0, DynamicThresholding
+from .guidance import ClassifierFreeGuidance, ClipX0, DynamicThresholding, check_guidance_interval
 from .registry import SAMPLERS, check_options
 
 __all__ = [
@@ -72,6 +72,7 @@ def _plan(
     eta: float | None,
     guidance_scale: float,
     guidance_rescale: float,
+    guidance_interval: tuple[float, float] | None,
     uncond: Mapping[str, Any] | None,
     dynamic_threshold: float | None,
     clip_x0: bool | float | None,
@@ -124,9 +125,13 @@ def _plan(
                 f"guidance_scale={guidance_scale} needs uncond= (the unconditional / negative "
                 "conditioning, e.g. {'class_labels': null_class})"
             )
-        den = ClassifierFreeGuidance(den, guidance_scale, uncond, rescale=guidance_rescale)
-    elif guidance_rescale != 0.0 and not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        den = ClassifierFreeGuidance(
+            den, guidance_scale, uncond, rescale=guidance_rescale, interval=guidance_interval
+        )
+    else:  # w = 1 is the conditional prediction at every level: nothing to rescale or limit
+        if guidance_rescale != 0.0 and not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        check_guidance_interval(guidance_interval)
     if dynamic_threshold is not None and clip_x0:
         raise ValueError("pass either dynamic_threshold or clip_x0, not both")
     if dynamic_threshold is not None:
@@ -212,6 +217,7 @@ def sample(
     eta: float | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     noise: Tensor | None = None,
@@ -242,6 +248,9 @@ def sample(
         ``eta=0`` is also accepted by deterministic samplers.
     :param guidance_scale: CFG weight w (1 = plain conditional); needs ``uncond`` if not 1.
     :param guidance_rescale: φ of Lin et al. 2023 (0 = off).
+    :param guidance_interval: ``(σ_lo, σ_hi)``: guide only at noise levels σ_lo < σ/α <= σ_hi
+        (Kynkäänniemi et al. 2024), the conditional prediction alone elsewhere; None: every
+        level.
     :param dynamic_threshold: Imagen's percentile p (e.g. 0.995), or None.
     :param clip_x0: True (clip x̂0 to [-1, 1]), a float limit, or None.
     :param progress: force the progress bar on/off (None: on when stderr is a terminal).
@@ -266,6 +275,7 @@ def sample(
         eta=eta,
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval,
         uncond=uncond,
         dynamic_threshold=dynamic_threshold,
         clip_x0=clip_x0,
@@ -304,6 +314,7 @@ def img2img(
     eta: float | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     noise: Tensor | None = None,
@@ -337,6 +348,7 @@ def img2img(
         eta=eta,
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval,
         uncond=uncond,
         dynamic_threshold=dynamic_threshold,
         clip_x0=clip_x0,
