@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 from _tiny_run import make_tiny_run
 from PIL import Image
 
 from difflab.cli import main
-from difflab.images import read_png_params
+from difflab.images import make_grid, read_png_params
+from difflab.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +58,31 @@ def test_sample_writes_grid_with_params_and_separate_images(run, tmp_path, capsy
     assert (params["sampler"], params["steps"], params["guidance_scale"]) == ("ddim", 3, 1.5)
     assert params["weights"] == "ema" and params["run"] == str(run)
     assert params["spacing"] and params["difflab_version"] and params["clip_x0"] is True
+    refinements = (params["guidance_rescale"], params["guidance_interval"], params["eta"])
+    assert refinements == (0, None, None)
     with Image.open(out) as img:
         assert img.size == (2 * 9 + 1, 2 * 9 + 1)  # one row per class: 2 x 2 tiles of 8 + pad
     singles = sorted((tmp_path / "s").glob("*.png"))
     assert len(singles) == 4
     one = read_png_params(singles[3])
     assert one["seed"] == 8 and one["class_labels"] == [7] and one["n"] == 1
+
+
+def test_sample_passes_guidance_refinements_and_eta_to_the_pipeline(run, tmp_path):
+    out = tmp_path / "g.png"
+    argv = ["sample", str(run), "--sampler", "ddim", "--steps", "3", "--cfg", "2", "--class", "4",
+            "--n", "2", "--cfg-rescale", "0.5", "--cfg-interval", "0.2", "8", "--eta", "0.3",
+            "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    params = read_png_params(out)
+    assert (params["guidance_rescale"], params["guidance_interval"], params["eta"]) == (
+        0.5, [0.2, 8.0], 0.3,
+    )  # fmt: skip
+    pipe = Pipeline.from_run(run)
+    want = pipe(2, [4, 4], None, "ddim", 3, 2.0, 0, eta=0.3, guidance_rescale=0.5,
+                guidance_interval=(0.2, 8.0))  # fmt: skip
+    with Image.open(out) as img:
+        assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
 
 
 def _err(capsys) -> str:

@@ -53,6 +53,24 @@ def test_guidance_zero_is_the_unconditional_sample(pipe):
     assert not torch.allclose(labelled, uncond, atol=1e-4)
 
 
+def test_guidance_refinements_reach_the_sampler_and_are_recorded(pipe):
+    """An interval holding no step is the conditional sample (w acts nowhere), one holding
+    every step is plain CFG; rescale and eta change the images; all land in the params."""
+    kw = dict(n=2, class_labels=[3, 5], guidance_scale=3.0, seed=2)
+    guided, conditional = pipe(**kw), pipe(**{**kw, "guidance_scale": 1.0})
+    assert torch.equal(pipe(**kw, guidance_interval=(0.0, float("inf"))), guided)
+    assert torch.equal(pipe(**kw, guidance_interval=(1e6, 1e7)), conditional)
+    assert not torch.allclose(guided, conditional, atol=1e-4)
+    rescaled = pipe(**kw, guidance_rescale=0.7)
+    assert not torch.allclose(rescaled, guided, atol=1e-4)
+    assert not torch.allclose(pipe(**kw, eta=1.0), guided, atol=1e-4)  # DDIM: eta is its noise
+    p = pipe.resolve_params(**kw, guidance_rescale=0.7, guidance_interval=(0.3, 5), eta=0.5)
+    assert (p["guidance_rescale"], p["guidance_interval"], p["eta"]) == (0.7, [0.3, 5.0], 0.5)
+    assert pipe.resolve_params(**kw, s_noise=1.0)["sampler_options"] == {"s_noise": 1.0}
+    with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
+        pipe(**kw, guidance_interval=(5, 1))
+
+
 def test_raw_and_ema_weights_are_distinct_files(cond_run, pipe):
     raw = Pipeline.from_run(cond_run, weights="raw")
     assert raw.weights == "raw"

@@ -53,12 +53,14 @@ def _post(url, body):
 def test_generate_returns_the_pipelines_grid_with_its_parameters(server):
     url, run = server
     body = {"n": 3, "class_labels": [0, 1, 2], "sampler": "ddim", "steps": 3, "seed": 5,
-            "guidance_scale": 2.0, "nrow": 3}  # fmt: skip
+            "guidance_scale": 2.0, "guidance_rescale": 0.5, "guidance_interval": [0.1, 20],
+            "eta": 0.2, "nrow": 3}  # fmt: skip
     status, headers, data = _post(url, body)
     assert status == 200 and headers["Content-Type"] == "image/png"
     png = Image.open(io.BytesIO(data))
     params = json.loads(png.text[PNG_KEY])
     assert params["class_labels"] == [0, 1, 2] and params["seed"] == 5 and params["steps"] == 3
+    assert params["guidance_interval"] == [0.1, 20.0] and params["eta"] == 0.2
     assert json.loads(headers["X-Difflab-Params"])["sampler"] == "ddim"
     pipe = dl.Pipeline.from_run(run)
     kwargs = {k: v for k, v in body.items() if k != "nrow"}
@@ -74,6 +76,9 @@ def test_generate_returns_the_pipelines_grid_with_its_parameters(server):
         ({"class_labels": [9]}, "class labels must lie in 0..3"),
         ({"sampler": "warp"}, "unknown sampler"),
         ({"steps": 0}, "steps must be an integer"),
+        ({"guidance_interval": 5}, "guidance_interval must be [sigma_lo, sigma_hi]"),
+        ({"guidance_interval": [5, 1]}, "sigma_lo < sigma_hi"),
+        ({"eta": "x"}, "eta must be a number"),
         (b"not json", "not JSON"),
     ],
 )

@@ -506,6 +506,25 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--spacing", default=None, help="timestep spacing (default: the sampler's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument(
+        "--cfg-rescale",
+        type=float,
+        default=0.0,
+        metavar="PHI",
+        help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 is their choice)",
+    )
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="guide only at noise levels LO < sigma <= HI (k-diffusion/EDM sigma; "
+        "Kynkäänniemi et al. 2024); the conditional prediction alone elsewhere",
+    )
+    p.add_argument(
+        "--eta", type=float, default=None, help="stochasticity of DDIM / ancestral / SDE samplers"
+    )
+    p.add_argument(
         "--class",
         dest="classes",
         type=int,
@@ -601,6 +620,9 @@ def _sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         spacing=args.spacing,
         clip_x0=False if args.no_clip else None,  # None: clip pixels, not latents
+        eta=args.eta,
+        guidance_rescale=args.cfg_rescale,
+        guidance_interval=args.cfg_interval,
     )
     params = pipe.resolve_params(n, **kwargs)
     images = pipe(n, progress=None, **kwargs)

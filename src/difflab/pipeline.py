@@ -385,10 +385,16 @@ class Pipeline:
         seed: int = 0,
         spacing: str | None = None,
         clip_x0: bool | None = None,
+        *,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
+        **sampler_options: Any,
     ) -> dict[str, Any]:
         """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
         from . import __version__
         from .samplers import SAMPLERS
+        from .samplers.guidance import check_guidance_interval
 
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -396,6 +402,7 @@ class Pipeline:
         scale = self._guidance(guidance_scale, labels is not None or prompt is not None)
         name = sampler if sampler is not None else str(self.sample_defaults["sampler"])
         spec, implied = SAMPLERS.resolve(name)
+        interval = check_guidance_interval(guidance_interval)
         return {
             "run": self.run_dir,
             "weights": self.weights,
@@ -403,6 +410,10 @@ class Pipeline:
             "steps": int(steps if steps is not None else self.sample_defaults["steps"]),
             "spacing": spacing or implied or spec.default_spacing,
             "guidance_scale": scale,
+            "guidance_rescale": float(guidance_rescale),
+            "guidance_interval": None if interval is None else list(interval),
+            "eta": eta,
+            **({"sampler_options": dict(sampler_options)} if sampler_options else {}),
             "clip_x0": self._clip_x0(clip_x0),
             "seed": int(seed),
             "n": n,
@@ -431,29 +442,38 @@ class Pipeline:
         *,
         spacing: str | None = None,
         clip_x0: bool | None = None,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
 
-        Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral
-        noise), so it equals the same seed drawn alone.  ``class_labels`` (an int or ``n``
-        ints) conditions a class-conditional model; ``None`` samples it unconditionally
-        with the null label.  ``guidance_scale`` w is classifier-free guidance
-        (Ho & Salimans 2022): ε̃ = ε(∅) + w·(ε(c) - ε(∅)), with the null label as ∅;
-        ``None`` takes the run's ``sample.guidance_scale``.  ``clip_x0`` clips every x̂0 to
-        [-1, 1], the data range, as DDPM's sampler does (Ho et al. 2020, Alg. 2 with
-        ``clip_denoised``); without it, ε̂ → x̂0 = (x_t - σ ε̂)/α amplifies the model's error
-        by 1/α at the first step (1/α ≈ 2·10⁴ at t = T-1 of the cosine schedule) and the
-        samples saturate. ``None`` (default) clips pixel models and leaves latent models
-        alone (latents have no fixed range); a latent model's samples are then decoded by
-        its autoencoder.
+        Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral noise), so
+        it equals the same seed drawn alone. ``class_labels`` (an int or ``n`` ints) conditions a
+        class-conditional model; ``None`` samples it unconditionally with the null label.
+        ``guidance_scale`` w is classifier-free guidance (Ho & Salimans 2022): ε̃ = ε(∅) + w·(ε(c) -
+        ε(∅)), with the null label as ∅; ``None`` takes the run's ``sample.guidance_scale``;
+        ``guidance_rescale`` φ (Lin et al. 2023) and ``guidance_interval`` (σ_lo, σ_hi)
+        (Kynkäänniemi et al. 2024) refine it, and ``eta`` sets the stochasticity of the samplers
+        that take it, as in ``dl.sample`` (all recorded by ``resolve_params``, with any other
+        sampler options). ``clip_x0`` clips every x̂0 to [-1, 1], the data range, as DDPM's sampler
+        does (Ho et al. 2020, Alg. 2 with ``clip_denoised``); without it, ε̂ → x̂0 = (x_t - σ ε̂)/α
+        amplifies the model's error by 1/α at the first step (1/α ≈ 2·10⁴ at t = T-1 of the cosine
+        schedule) and the samples saturate. ``None`` (default) clips pixel models and leaves latent
+        models alone (latents have no fixed range); a latent model's samples are then decoded by its
+        autoencoder.
         """
         from .samplers import sample
         from .samplers.common import randn
 
-        p = self.resolve_params(
-            n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0
+        extra = dict(
+            eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval
         )
+        p = self.resolve_params(
+            n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0,
+            **extra, **sampler_options,
+        )  # fmt: skip
         labels = self._labels(class_labels, n)
         cond, uncond = self._conditioning(labels, prompt, n)
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
@@ -469,6 +489,9 @@ class Pipeline:
             variance=self.variance,
             spacing=spacing,
             guidance_scale=p["guidance_scale"],
+            guidance_rescale=p["guidance_rescale"],
+            guidance_interval=p["guidance_interval"],
+            eta=eta,
             cond=cond or None,
             uncond=uncond if p["guidance_scale"] != 1.0 else None,
             noise=noise,

@@ -7,7 +7,8 @@ parameter). Standard library only (``http.server``); one request samples at a ti
 - ``GET /`` — an HTML form (class / prompt, sampler, steps, CFG, seed, n) showing the grid;
 - ``GET /info`` — JSON: the run, image shape, conditioning, sampling defaults, samplers;
 - ``POST /generate`` — JSON body with any of ``n``, ``class_labels``, ``prompt``,
-  ``sampler``, ``steps``, ``guidance_scale``, ``seed``, ``spacing``, ``nrow``; answers
+  ``sampler``, ``steps``, ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``
+  (``[sigma_lo, sigma_hi]``), ``eta``, ``seed``, ``spacing``, ``nrow``; answers
   ``image/png`` (parameters also in the ``X-Difflab-Params`` header), or status 400 with
   ``{"error": ...}`` naming what was wrong.
 """
@@ -24,8 +25,9 @@ from .pipeline import Pipeline
 
 __all__ = ["REQUEST_FIELDS", "make_server"]
 
-REQUEST_FIELDS = ("n", "class_labels", "prompt", "sampler", "steps", "guidance_scale", "seed",
-                  "spacing", "nrow")  # fmt: skip
+REQUEST_FIELDS = ("n", "class_labels", "prompt", "sampler", "steps", "guidance_scale",
+                  "guidance_rescale", "guidance_interval", "eta", "seed", "spacing",
+                  "nrow")  # fmt: skip
 MAX_BODY = 1 << 16
 
 
@@ -50,10 +52,19 @@ def parse_request(body: bytes, *, max_n: int, max_steps: int) -> dict[str, Any]:
     steps = data.get("steps")
     if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= max_steps):
         raise RequestError(f"steps must be an integer in 1..{max_steps}, got {steps!r}")
-    for key, kinds in (("seed", int), ("guidance_scale", (int, float)), ("nrow", int)):
+    numbers = (("seed", int), ("guidance_scale", (int, float)), ("guidance_rescale", (int, float)),
+               ("eta", (int, float)), ("nrow", int))  # fmt: skip
+    for key, kinds in numbers:
         value = data.get(key)
         if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
             raise RequestError(f"{key} must be a number, got {value!r}")
+    interval = data.get("guidance_interval")
+    if interval is not None and not (
+        isinstance(interval, list)
+        and len(interval) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+    ):
+        raise RequestError(f"guidance_interval must be [sigma_lo, sigma_hi], got {interval!r}")
     for key in ("prompt", "sampler", "spacing"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise RequestError(f"{key} must be a string, got {data[key]!r}")
