@@ -9,7 +9,8 @@ from _tiny_run import make_tiny_run
 from PIL import Image
 
 from difflab.cli import main
-from difflab.images import make_grid, read_png_params
+from difflab.data.transforms import ImageTransform
+from difflab.images import make_grid, read_png_params, save_image
 from difflab.pipeline import Pipeline
 
 
@@ -83,6 +84,30 @@ def test_sample_passes_guidance_refinements_and_eta_to_the_pipeline(run, tmp_pat
                 guidance_interval=(0.2, 8.0))  # fmt: skip
     with Image.open(out) as img:
         assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
+
+
+def test_sample_from_an_init_image_is_the_pipelines_img2img(run, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    pipe = Pipeline.from_run(run)
+    save_image(pipe(1, [6], seed=9)[0], init)
+    out = tmp_path / "i2i.png"
+    argv = ["sample", str(run), "--init-image", str(init), "--strength", "0.5", "--class", "6",
+            "--n", "2", "--steps", "6", "--sampler", "ddim", "--seed", "3",
+            "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    params = read_png_params(out)
+    assert params["strength"] == 0.5 and params["init_image"] == str(init)
+    with Image.open(init) as img:
+        x = ImageTransform(8, 1)(img)[None].expand(2, -1, -1, -1)
+    want = pipe.img2img(x, 0.5, [6, 6], None, "ddim", 6, None, 3)
+    assert params["timesteps"] == want.timesteps and len(want.timesteps) == 3
+    with Image.open(out) as img:
+        assert np.array_equal(np.asarray(img), np.asarray(make_grid(want.images)))
+    assert main(["sample", str(run), "--init-image", str(init), "-o", str(out)]) == 2
+    assert "needs both --init-image and --strength" in _err(capsys)
+    assert main(["sample", str(run), "--init-image", str(tmp_path / "no.png"), "--strength",
+                 "0.5"]) == 2  # fmt: skip
+    assert "does not exist" in _err(capsys)
 
 
 def _err(capsys) -> str:

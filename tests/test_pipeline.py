@@ -8,6 +8,7 @@ import yaml
 from _tiny_run import make_tiny_run
 
 from difflab.pipeline import Pipeline
+from difflab.samplers import img2img
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,28 @@ def test_guidance_refinements_reach_the_sampler_and_are_recorded(pipe):
     assert pipe.resolve_params(**kw, s_noise=1.0)["sampler_options"] == {"s_noise": 1.0}
     with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
         pipe(**kw, guidance_interval=(5, 1))
+
+
+def test_img2img_equals_dl_img2img_per_image_seeds_and_returns_its_timesteps(pipe):
+    init = pipe(n=3, class_labels=[1, 4, 7], seed=0)
+    kw = dict(class_labels=[1, 4, 7], sampler="ddim", steps=10, guidance_scale=2.0, seed=5)
+    result = pipe.img2img(init, 0.4, **kw)
+    direct = img2img(
+        pipe.model, init, strength=0.4, schedule=pipe.schedule, sampler="ddim", steps=10,
+        guidance_scale=2.0, cond={"class_labels": torch.tensor([1, 4, 7])},
+        uncond={"class_labels": torch.tensor([10, 10, 10])}, clip_x0=True,
+        generator=[torch.Generator().manual_seed(5 + i) for i in range(3)], progress=False,
+    )  # fmt: skip
+    assert torch.equal(result.images, direct.images.clamp(-1, 1))
+    full = pipe.schedule.timesteps(10, pipe.resolve_params(3, **kw)["spacing"])
+    assert result.timesteps == direct.timesteps == list(full[-4:])  # int(10 · 0.4) steps
+    alone = pipe.img2img(init[2:], 0.4, **{**kw, "class_labels": [7], "seed": 7})
+    torch.testing.assert_close(alone.images[0], result.images[2], rtol=0, atol=1e-5)
+    assert pipe.resolve_params(3, [1, 4, 7], strength=0.4)["strength"] == 0.4
+    with pytest.raises(ValueError, match=r"images have shape \(3, 8, 8\) but this run makes"):
+        pipe.img2img(torch.zeros(1, 3, 8, 8), 0.5)
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
+        pipe.img2img(init, 0.0)
 
 
 def test_raw_and_ema_weights_are_distinct_files(cond_run, pipe):

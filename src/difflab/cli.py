@@ -525,6 +525,19 @@ def add_sample_parser(subparsers: Any) -> None:
         "--eta", type=float, default=None, help="stochasticity of DDIM / ancestral / SDE samplers"
     )
     p.add_argument(
+        "--init-image",
+        default=None,
+        metavar="PNG",
+        help="image-to-image (SDEdit): start from this image (resized and centre-cropped to "
+        "the run's size); each of the --n images is a variation from its own seed",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --init-image: the fraction of the steps run, in (0, 1] (1 = from pure noise)",
+    )
+    p.add_argument(
         "--class",
         dest="classes",
         type=int,
@@ -606,6 +619,25 @@ def _expand_classes(classes: list[int] | None, n: int | None) -> tuple[list[int]
     return [c for c in classes for _ in range(n // k)], n
 
 
+def _read_init_image(path: str, shape: tuple[int, int, int]) -> Any:
+    """The image at ``path`` as ``[1, C, H, W]`` in [-1, 1] at the run's pixel ``shape``:
+    converted to its channels, shorter side resized, centre cropped (as training data)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.transforms import ImageTransform
+
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"--init-image needs a square model, this run makes {h}x{w} images")
+    try:
+        with Image.open(path) as img:
+            return ImageTransform(h, c)(img)[None]
+    except FileNotFoundError:
+        raise UserError(f"--init-image {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"--init-image {path!r} is not a readable image: {err}") from None
+
+
 def _sample(args: argparse.Namespace) -> int:
     from .images import save_grid, save_image
 
@@ -624,8 +656,17 @@ def _sample(args: argparse.Namespace) -> int:
         guidance_rescale=args.cfg_rescale,
         guidance_interval=args.cfg_interval,
     )
-    params = pipe.resolve_params(n, **kwargs)
-    images = pipe(n, progress=None, **kwargs)
+    if (args.init_image is None) != (args.strength is None):
+        raise UserError("image-to-image needs both --init-image and --strength")
+    if args.init_image is None:
+        params = pipe.resolve_params(n, **kwargs)
+        images = pipe(n, progress=None, **kwargs)
+    else:
+        init = _read_init_image(args.init_image, pipe.pixel_shape)
+        params = pipe.resolve_params(n, strength=args.strength, **kwargs)
+        result = pipe.img2img(init.expand(n, -1, -1, -1), args.strength, progress=None, **kwargs)
+        images = result.images
+        params.update(init_image=str(args.init_image), timesteps=result.timesteps)
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_seed{args.seed}.png"
     nrow = args.nrow
     if nrow is None and args.classes and len(args.classes) > 1:

@@ -18,9 +18,12 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from .samplers.api import Img2ImgResult
 from .schedules import NoiseSchedule
 
 __all__ = ["Pipeline", "load_weights", "read_run_config"]
+
+_GUIDANCE_OPTIONS = ("eta", "guidance_rescale", "guidance_interval")  # given to sample() by name
 
 WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
@@ -389,6 +392,7 @@ class Pipeline:
         eta: float | None = None,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
+        strength: float | None = None,
         **sampler_options: Any,
     ) -> dict[str, Any]:
         """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
@@ -414,6 +418,7 @@ class Pipeline:
             "guidance_interval": None if interval is None else list(interval),
             "eta": eta,
             **({"sampler_options": dict(sampler_options)} if sampler_options else {}),
+            **({"strength": float(strength)} if strength is not None else {}),
             "clip_x0": self._clip_x0(clip_x0),
             "seed": int(seed),
             "n": n,
@@ -464,24 +469,88 @@ class Pipeline:
         models alone (latents have no fixed range); a latent model's samples are then decoded by its
         autoencoder.
         """
-        from .samplers import sample
+        options = dict(
+            eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+            **sampler_options,
+        )  # fmt: skip
+        args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
+        return self._generate(args, None, None, progress, options)[0]
+
+    @torch.no_grad()
+    def img2img(
+        self,
+        images: Tensor,
+        strength: float,
+        class_labels: int | Sequence[int] | Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        *,
+        spacing: str | None = None,
+        clip_x0: bool | None = None,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
+        **sampler_options: Any,
+    ) -> Img2ImgResult:
+        """SDEdit image-to-image (Meng et al. 2022) from ``images`` ``[N, C, H, W]`` in [-1, 1]
+        at this run's pixel size (:attr:`pixel_shape`): each is noised to the level of the
+        first step kept, then denoised through the last ``int(steps·strength)`` steps of the
+        sequence (``dl.img2img``); a latent model noises and denoises the autoencoder's
+        latents (posterior means) and decodes the result.  Returns ``Img2ImgResult(images,
+        timesteps)``: ``[N, C, H, W]`` in [-1, 1] and the timesteps actually used.  Other
+        arguments as in ``__call__``; image ``i`` draws its noise from seed ``seed + i``.
+        """
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a tensor [N, C, H, W], got {got}")
+        if tuple(images.shape[1:]) != self.pixel_shape:
+            raise ValueError(
+                f"images have shape {tuple(images.shape[1:])} but this run makes "
+                f"{self.pixel_shape} images; resize them first (difflab.data.ImageTransform)"
+            )
+        options = dict(
+            eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
+            **sampler_options,
+        )  # fmt: skip
+        n = images.shape[0]
+        args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
+        return Img2ImgResult(*self._generate(args, images, strength, progress, options))
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images this run makes (the decoded ones for a latent model)."""
+        if self.vae is None:
+            return self.image_shape  # type: ignore[return-value]
+        c, h, w = self.image_shape
+        f = self.vae.config.downsample_factor
+        return (self.vae.config.in_channels, h * f, w * f)
+
+    def _generate(
+        self,
+        args: tuple[Any, ...],
+        init: Tensor | None,
+        strength: float | None,
+        progress: bool | None,
+        options: dict[str, Any],
+    ) -> tuple[Tensor, list[float] | None]:
+        """Images sampled from noise (``init`` None) or from ``init`` images, and the
+        timesteps used (img2img only); the shared body of ``__call__`` and ``img2img``."""
+        from .samplers import img2img, sample
         from .samplers.common import randn
 
-        extra = dict(
-            eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval
-        )
-        p = self.resolve_params(
-            n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0,
-            **extra, **sampler_options,
-        )  # fmt: skip
+        n, class_labels, prompt, *_, spacing, _ = args
+        p = self.resolve_params(*args, strength=strength, **options)
         labels = self._labels(class_labels, n)
         cond, uncond = self._conditioning(labels, prompt, n)
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
         shape = (n, *self.image_shape)
         noise = randn(shape, gens, device=self.device)
-        x = sample(
-            self.model,
-            shape,
+        sampler_options = {k: v for k, v in options.items() if k not in _GUIDANCE_OPTIONS}
+        common = dict(
             schedule=self.schedule,
             sampler=p["sampler"],
             steps=p["steps"],
@@ -491,7 +560,7 @@ class Pipeline:
             guidance_scale=p["guidance_scale"],
             guidance_rescale=p["guidance_rescale"],
             guidance_interval=p["guidance_interval"],
-            eta=eta,
+            eta=p["eta"],
             cond=cond or None,
             uncond=uncond if p["guidance_scale"] != 1.0 else None,
             noise=noise,
@@ -501,9 +570,17 @@ class Pipeline:
             model_dtype=self.dtype,
             **sampler_options,
         )
+        if init is None:
+            x, timesteps = sample(self.model, shape, **common), None
+        else:
+            x0 = init.to(self.device, torch.float32)
+            if self.vae is not None:  # posterior means: no randomness in the encoding
+                x0 = self.vae.latents(x0.to(next(self.vae.parameters()).dtype)).float()
+            result = img2img(self.model, x0, strength=float(strength or 0.0), **common)
+            x, timesteps = result.images, result.timesteps
         if self.vae is not None:
             x = self.vae.images(x.to(next(self.vae.parameters()).dtype))
-        return x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0), timesteps
 
     def _clip_x0(self, clip_x0: bool | None) -> bool:
         if clip_x0 is None:

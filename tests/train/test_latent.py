@@ -13,7 +13,7 @@ import difflab as dl
 from difflab.cli import main as cli_main
 from difflab.data import DataConfig, build_dataset
 from difflab.models import AutoencoderKL, VAEConfig
-from difflab.samplers import sample
+from difflab.samplers import img2img, sample
 from difflab.train import Trainer, load_checkpoint, load_config, train
 from difflab.train.autoencoder import train_autoencoder
 
@@ -115,6 +115,24 @@ def test_latent_run_resumes_bit_for_bit_and_the_pipeline_decodes(vae_dir, tmp_pa
     assert params["clip_x0"] is False and params["latent"] is True
     with pytest.raises(ValueError, match="samples autoencoder latents"):
         pipe(n=1, steps=2, clip_x0=True)
+
+    # image-to-image noises and denoises the posterior-mean latents, then decodes
+    assert pipe.pixel_shape == (1, 8, 8)
+    result = pipe.img2img(images, 0.5, class_labels=[1, 3], sampler="ddim", steps=4, seed=3)
+    with torch.no_grad():
+        vae = AutoencoderKL.from_pretrained(folder)
+        direct = img2img(
+            pipe.model, vae.latents(images), strength=0.5, schedule=pipe.schedule,
+            sampler="ddim", steps=4, guidance_scale=pipe.sample_defaults["guidance_scale"],
+            cond={"class_labels": torch.tensor([1, 3])},
+            uncond={"class_labels": torch.tensor([10, 10])},
+            generator=[torch.Generator().manual_seed(3 + i) for i in range(2)], progress=False,
+        )  # fmt: skip
+        expected = vae.images(direct.images).clamp(-1, 1)
+    torch.testing.assert_close(result.images, expected, rtol=0, atol=1e-6)
+    assert result.timesteps == direct.timesteps and len(result.timesteps) == 2
+    with pytest.raises(ValueError, match=r"images have shape \(2, 4, 4\) but this run makes"):
+        pipe.img2img(torch.zeros(1, 2, 4, 4), 0.5)
 
 
 def test_cli_train_vae(tmp_path, capsys):
