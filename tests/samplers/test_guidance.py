@@ -12,9 +12,11 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from difflab.parametrization import Denoiser, x0_from_v
 from difflab.samplers import (
+    SAMPLERS,
     ClassifierFreeGuidance,
     ClipX0,
     DynamicThresholding,
+    InpaintX0,
     dynamic_threshold,
     img2img,
     rescale_cfg,
@@ -263,3 +265,48 @@ def test_bad_guidance_intervals_are_refused_with_what_is_allowed(interval, match
                uncond=UNCOND, noise=_x(), guidance_interval=interval)  # fmt: skip
     with pytest.raises(ValueError, match=match):  # checked at w = 1 too, not ignored
         sample(CondModel(), schedule=SCHED, steps=2, noise=_x(), guidance_interval=interval)
+
+
+# ---------------------------------------------------------------------------- inpainting
+def _inpaint_case():
+    gen = torch.Generator().manual_seed(8)
+    image = torch.rand(3, 2, 4, 4, generator=gen) * 2 - 1
+    hole = torch.zeros(3, 1, 4, 4)
+    hole[:, :, 1:3, 1:3] = 1.0  # generate the centre, keep the border
+    return image, hole
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_inpainting_keeps_the_known_pixels_with_every_sampler(name):
+    """x̂0 replacement (DDNM, Wang et al. 2023): outside the hole the sample reproduces the
+    image, whichever sampler walks the levels; a hole covering everything is plain sampling
+    bit for bit, so the network's output is untouched inside the hole."""
+    image, hole = _inpaint_case()
+    model = CondModel()
+
+    def run(**inpaint):  # fresh generators each time: ancestral noise is drawn from them
+        gens = [torch.Generator().manual_seed(i) for i in range(3)]
+        return sample(model, schedule=SCHED, sampler=name, steps=6, noise=_x(2, (3, 2, 4, 4)),
+                      generator=gens, clip_x0=True, **inpaint)  # fmt: skip
+
+    out = run(inpaint_image=image, inpaint_mask=hole)
+    torch.testing.assert_close(out * (1 - hole), image * (1 - hole), rtol=0, atol=1e-4)
+    assert ((out - image) * hole).abs().amax() > 1e-2  # the hole was generated, not copied
+    assert torch.equal(run(inpaint_image=image, inpaint_mask=torch.ones(1, 1, 4, 4)), run())
+
+
+def test_inpainting_blends_soft_masks_and_refuses_bad_ones():
+    image, _ = _inpaint_case()
+    den = Denoiser(CondModel(), SCHED, "eps")
+    x, a, s = _x(3, (3, 2, 4, 4)), SCHED.alpha(400.0), SCHED.sigma(400.0)
+    half = torch.full((1, 1, 4, 4), 0.25)
+    got = InpaintX0(den, image, half).at(x, 400.0, a, s)
+    plain = den.at(x, 400.0, a, s)
+    torch.testing.assert_close(got.x0, 0.25 * plain.x0 + 0.75 * image)
+    torch.testing.assert_close(got.eps, (x - a * got.x0) / s)  # still one consistent pair
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        InpaintX0(den, image, half * 8)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        InpaintX0(den, image, torch.ones(3, 1, 5, 5))
+    with pytest.raises(ValueError, match="needs both inpaint_image and inpaint_mask"):
+        sample(CondModel(), schedule=SCHED, steps=2, noise=x, inpaint_image=image)

@@ -2,8 +2,8 @@
 
 ``dl.sample`` / ``dl.img2img`` (api) resolve a sampler name through ``SAMPLERS`` (registry)
 and call its function over one explicit ``NoiseLevels`` sequence; guidance (CFG, rescale,
-thresholding) wraps the denoiser (guidance).  The algorithms live in ``ddpm``, ``pndm``,
-``karras``, ``dpm_solver``, ``unipc``; shared helpers in ``common``.
+interval, thresholding, inpainting) wraps the denoiser (guidance).  The algorithms live in
+``ddpm``, ``pndm``, ``karras``, ``dpm_solver``, ``unipc``; shared helpers in ``common``.
 """
 
 from .api import (
@@ -21,6 +21,7 @@ from .guidance import (
     ClipX0,
     DenoiserWrapper,
     DynamicThresholding,
+    InpaintX0,
     dynamic_threshold,
     rescale_cfg,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "DenoiserWrapper",
     "DynamicThresholding",
     "Img2ImgResult",
+    "InpaintX0",
     "SamplerRegistry",
     "SamplerSpec",
     "check_options",

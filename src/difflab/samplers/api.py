@@ -1,7 +1,7 @@
 """The front door: ``dl.sample`` and ``dl.img2img``.
 
 Owns: turning user arguments (model, schedule, sampler name or alias, steps, spacing,
-guidance, thresholding, noise, generators, callback, progress) into one explicit
+guidance, inpainting, thresholding, noise, generators, callback, progress) into one explicit
 ``NoiseLevels`` sequence, one denoiser (with its guidance wrappers) and one call of the
 sampler function.  Knows nothing of the algorithms' maths (they live in their modules and
 are found through the registry).
@@ -20,7 +20,13 @@ from ..parametrization import Denoiser
 from ..schedules import NoiseLevels, NoiseSchedule
 from .common import Generators, SamplerCallback, SamplerSpec, randn
 from .common import progress as progress_bar
-from .guidance import ClassifierFreeGuidance, ClipX0, DynamicThresholding, check_guidance_interval
+from .guidance import (
+    ClassifierFreeGuidance,
+    ClipX0,
+    DynamicThresholding,
+    InpaintX0,
+    check_guidance_interval,
+)
 from .registry import SAMPLERS, check_options
 
 __all__ = [
@@ -73,6 +79,7 @@ def _plan(
     guidance_scale: float,
     guidance_rescale: float,
     guidance_interval: tuple[float, float] | None,
+    inpaint: tuple[Tensor | None, Tensor | None],
     uncond: Mapping[str, Any] | None,
     dynamic_threshold: float | None,
     clip_x0: bool | float | None,
@@ -132,6 +139,11 @@ def _plan(
         if guidance_rescale != 0.0 and not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
         check_guidance_interval(guidance_interval)
+    image, mask = inpaint
+    if (image is None) != (mask is None):
+        raise ValueError("inpainting needs both inpaint_image and inpaint_mask")
+    if image is not None:
+        den = InpaintX0(den, image, mask)  # type: ignore[arg-type]
     if dynamic_threshold is not None and clip_x0:
         raise ValueError("pass either dynamic_threshold or clip_x0, not both")
     if dynamic_threshold is not None:
@@ -218,6 +230,8 @@ def sample(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
+    inpaint_image: Tensor | None = None,
+    inpaint_mask: Tensor | None = None,
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     noise: Tensor | None = None,
@@ -251,6 +265,9 @@ def sample(
     :param guidance_interval: ``(σ_lo, σ_hi)``: guide only at noise levels σ_lo < σ/α <= σ_hi
         (Kynkäänniemi et al. 2024), the conditional prediction alone elsewhere; None: every
         level.
+    :param inpaint_image: with ``inpaint_mask``: inpainting by x̂0 replacement (DDNM, Wang et
+        al. 2023): the sample keeps ``inpaint_image`` where the mask is 0 and generates
+        where it is 1 (``[B or 1, 1 or C, ...]``), with any sampler.
     :param dynamic_threshold: Imagen's percentile p (e.g. 0.995), or None.
     :param clip_x0: True (clip x̂0 to [-1, 1]), a float limit, or None.
     :param progress: force the progress bar on/off (None: on when stderr is a terminal).
@@ -276,6 +293,7 @@ def sample(
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
         guidance_interval=guidance_interval,
+        inpaint=(inpaint_image, inpaint_mask),
         uncond=uncond,
         dynamic_threshold=dynamic_threshold,
         clip_x0=clip_x0,
@@ -315,6 +333,8 @@ def img2img(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
+    inpaint_image: Tensor | None = None,
+    inpaint_mask: Tensor | None = None,
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     noise: Tensor | None = None,
@@ -349,6 +369,7 @@ def img2img(
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
         guidance_interval=guidance_interval,
+        inpaint=(inpaint_image, inpaint_mask),
         uncond=uncond,
         dynamic_threshold=dynamic_threshold,
         clip_x0=clip_x0,

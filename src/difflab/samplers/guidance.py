@@ -1,10 +1,11 @@
 """Guidance as denoiser wrappers: classifier-free guidance, CFG rescale, guidance interval,
-x̂0 thresholding.
+x̂0 thresholding, inpainting by x̂0 replacement.
 
 Owns: ``ClassifierFreeGuidance`` (cond and uncond in one batched forward; w = 0 is exactly
 the unconditional prediction and w = 1 exactly the conditional one; optional guidance
 rescale φ, Lin et al. 2023 §3.4; optional guidance interval, Kynkäänniemi et al. 2024),
-``check_guidance_interval``, ``DynamicThresholding`` (Saharia et al. 2022, Imagen §2.3)
+``check_guidance_interval``, ``InpaintX0`` (DDNM's data consistency for a mask, Wang et
+al. 2023), ``DynamicThresholding`` (Saharia et al. 2022, Imagen §2.3)
 and ``ClipX0`` (static clipping of x̂0).  Each wraps anything with the ``Denoiser.at``
 method and is itself one, so they compose:
 ``ClipX0(ClassifierFreeGuidance(Denoiser(model, sched), 5.0, uncond))``.
@@ -35,6 +36,7 @@ __all__ = [
     "ClipX0",
     "DenoiserWrapper",
     "DynamicThresholding",
+    "InpaintX0",
     "check_guidance_interval",
     "dynamic_threshold",
     "rescale_cfg",
@@ -280,3 +282,48 @@ class ClipX0(DenoiserWrapper):
         out = self.inner.at(x_t, t, alpha, sigma, **cond)
         x0 = out.x0.clamp(-self.limit, self.limit)
         return DenoiserOutput(x0, eps_from_x0(x_t.float(), x0, alpha, sigma), out.var_values)
+
+
+class InpaintX0(DenoiserWrapper):
+    """Inpainting with any sampler by replacing x̂0 outside the hole:
+    x̂0 ← (1 - m)·y + m·x̂0, ε̂ recomputed.
+
+    This is the data-consistency step of DDNM (Wang et al. 2023, "Zero-shot image
+    restoration using denoising diffusion null-space model", eq. 13) for the masking
+    operator A = 1 - m: A†y is the kept pixels of ``image`` and (I - A†A)·x̂0 the prediction
+    inside the hole.  Along the sampler's path the kept region then stays x = α·y + σ·ε on
+    the start noise's own trajectory, and the result reproduces it exactly.
+
+    :param image: y, ``[B or 1, C, ...]``: the pixels (or latents) to keep.
+    :param mask: ``[B or 1, 1 or C, ...]`` in [0, 1]: 1 where to generate, 0 where to keep
+        (the convention of diffusers' and A1111's inpainting); values between blend.
+    :raises ValueError: when the mask leaves [0, 1] or the two do not broadcast.
+    """
+
+    def __init__(self, inner: Any, image: Tensor, mask: Tensor):
+        super().__init__(inner)
+        if not isinstance(image, Tensor) or not isinstance(mask, Tensor):
+            raise ValueError("inpainting needs inpaint_image and inpaint_mask tensors")
+        image, mask = image.float(), mask.float()
+        try:
+            torch.broadcast_shapes(image.shape, mask.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"inpaint_mask of shape {tuple(mask.shape)} does not broadcast against "
+                f"inpaint_image {tuple(image.shape)}; use [B or 1, 1 or C, H, W]"
+            ) from None
+        if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):  # once, before sampling
+            raise ValueError("inpaint_mask must lie in [0, 1] (1 = generate, 0 = keep)")
+        self.image, self.mask = image, mask
+
+    def at(
+        self, x_t: Tensor, t: float | Tensor, alpha: Coef, sigma: Coef, **cond: Any
+    ) -> DenoiserOutput:
+        out = self.inner.at(x_t, t, alpha, sigma, **cond)
+        image, mask = self.image.to(x_t.device), self.mask.to(x_t.device)
+        keep = 1 - mask
+        # x̂0 and ε̂ are both affine in x̂0 at fixed x_t, so each takes the same blend; written
+        # this way the hole (m = 1) keeps the network's own output bit for bit.
+        x0 = mask * out.x0 + keep * image
+        eps = mask * out.eps + keep * eps_from_x0(x_t.float(), image, alpha, sigma)
+        return DenoiserOutput(x0, eps, out.var_values)
