@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from _tiny_run import make_tiny_run
 from PIL import Image
@@ -105,6 +106,19 @@ def test_sample_from_an_init_image_is_the_pipelines_img2img(run, tmp_path, capsy
         assert np.array_equal(np.asarray(img), np.asarray(make_grid(want.images)))
     assert main(["sample", str(run), "--init-image", str(init), "-o", str(out)]) == 2
     assert "needs both --init-image and --strength" in _err(capsys)
+
+    mask = tmp_path / "mask.png"  # white = generate: the centre 4x4
+    Image.fromarray((np.pad(np.ones((4, 4)), 2) * 255).astype(np.uint8)).save(mask)
+    argv += ["--mask", str(mask)]
+    assert main(argv) == 0
+    params = read_png_params(out)
+    assert params["inpaint"] is True and params["mask"] == str(mask)
+    hole = torch.from_numpy(np.pad(np.ones((4, 4), np.float32), 2))[None, None]
+    want = pipe.img2img(x, 0.5, [6, 6], None, "ddim", 6, None, 3, mask=hole)
+    with Image.open(out) as img:
+        assert np.array_equal(np.asarray(img), np.asarray(make_grid(want.images)))
+    assert main(["sample", str(run), "--mask", str(mask), "-o", str(out)]) == 2
+    assert "--mask (inpainting) needs --init-image" in _err(capsys)
     assert main(["sample", str(run), "--init-image", str(tmp_path / "no.png"), "--strength",
                  "0.5"]) == 2  # fmt: skip
     assert "does not exist" in _err(capsys)

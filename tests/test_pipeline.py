@@ -94,6 +94,26 @@ def test_img2img_equals_dl_img2img_per_image_seeds_and_returns_its_timesteps(pip
         pipe.img2img(init, 0.0)
 
 
+def test_inpainting_keeps_the_unmasked_pixels_and_is_dl_img2img_with_a_mask(pipe):
+    init = pipe(n=2, class_labels=[2, 8], seed=4)
+    hole = torch.zeros(1, 1, 8, 8)
+    hole[..., 2:6, 3:7] = 1.0
+    kw = dict(class_labels=[2, 8], sampler="euler_ancestral", steps=6, guidance_scale=2.0, seed=1)
+    result = pipe.img2img(init, 1.0, mask=hole, **kw)
+    assert torch.equal(result.images * (1 - hole), init * (1 - hole))
+    direct = img2img(
+        pipe.model, init, strength=1.0, schedule=pipe.schedule, sampler="euler_ancestral",
+        steps=6, guidance_scale=2.0, cond={"class_labels": torch.tensor([2, 8])},
+        uncond={"class_labels": torch.tensor([10, 10])}, clip_x0=True, inpaint_image=init,
+        inpaint_mask=hole, generator=[torch.Generator().manual_seed(1 + i) for i in range(2)],
+        progress=False,
+    )  # fmt: skip
+    assert torch.equal(result.images * hole, direct.images.clamp(-1, 1) * hole)
+    assert pipe.resolve_params(2, [2, 8], strength=1.0, inpaint=True)["inpaint"] is True
+    with pytest.raises(ValueError, match="does not fit images"):
+        pipe.img2img(init, 1.0, mask=torch.ones(1, 1, 4, 4), **kw)
+
+
 def test_raw_and_ema_weights_are_distinct_files(cond_run, pipe):
     raw = Pipeline.from_run(cond_run, weights="raw")
     assert raw.weights == "raw"

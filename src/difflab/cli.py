@@ -538,6 +538,12 @@ def add_sample_parser(subparsers: Any) -> None:
         help="with --init-image: the fraction of the steps run, in (0, 1] (1 = from pure noise)",
     )
     p.add_argument(
+        "--mask",
+        default=None,
+        metavar="PNG",
+        help="with --init-image: inpaint; white = generate, black = keep (grey blends)",
+    )
+    p.add_argument(
         "--class",
         dest="classes",
         type=int,
@@ -619,7 +625,7 @@ def _expand_classes(classes: list[int] | None, n: int | None) -> tuple[list[int]
     return [c for c in classes for _ in range(n // k)], n
 
 
-def _read_init_image(path: str, shape: tuple[int, int, int]) -> Any:
+def _read_image(path: str, shape: tuple[int, int, int], flag: str) -> Any:
     """The image at ``path`` as ``[1, C, H, W]`` in [-1, 1] at the run's pixel ``shape``:
     converted to its channels, shorter side resized, centre cropped (as training data)."""
     from PIL import Image, UnidentifiedImageError
@@ -628,14 +634,14 @@ def _read_init_image(path: str, shape: tuple[int, int, int]) -> Any:
 
     c, h, w = shape
     if h != w:
-        raise UserError(f"--init-image needs a square model, this run makes {h}x{w} images")
+        raise UserError(f"{flag} needs a square model, this run makes {h}x{w} images")
     try:
         with Image.open(path) as img:
             return ImageTransform(h, c)(img)[None]
     except FileNotFoundError:
-        raise UserError(f"--init-image {path!r} does not exist") from None
+        raise UserError(f"{flag} {path!r} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"--init-image {path!r} is not a readable image: {err}") from None
+        raise UserError(f"{flag} {path!r} is not a readable image: {err}") from None
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -658,15 +664,25 @@ def _sample(args: argparse.Namespace) -> int:
     )
     if (args.init_image is None) != (args.strength is None):
         raise UserError("image-to-image needs both --init-image and --strength")
+    if args.mask is not None and args.init_image is None:
+        raise UserError("--mask (inpainting) needs --init-image and --strength")
     if args.init_image is None:
         params = pipe.resolve_params(n, **kwargs)
         images = pipe(n, progress=None, **kwargs)
     else:
-        init = _read_init_image(args.init_image, pipe.pixel_shape)
-        params = pipe.resolve_params(n, strength=args.strength, **kwargs)
-        result = pipe.img2img(init.expand(n, -1, -1, -1), args.strength, progress=None, **kwargs)
+        init = _read_image(args.init_image, pipe.pixel_shape, "--init-image")
+        mask = None
+        if args.mask is not None:  # white = generate: [-1, 1] grey levels to [0, 1]
+            _, h, w = pipe.pixel_shape
+            mask = (_read_image(args.mask, (1, h, w), "--mask") + 1) / 2
+        params = pipe.resolve_params(n, strength=args.strength, inpaint=mask is not None, **kwargs)
+        result = pipe.img2img(
+            init.expand(n, -1, -1, -1), args.strength, progress=None, mask=mask, **kwargs
+        )
         images = result.images
         params.update(init_image=str(args.init_image), timesteps=result.timesteps)
+        if args.mask is not None:
+            params["mask"] = str(args.mask)
     out = Path(args.out) if args.out else Path(args.run) / "samples" / f"sample_seed{args.seed}.png"
     nrow = args.nrow
     if nrow is None and args.classes and len(args.classes) > 1:

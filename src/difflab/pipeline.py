@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -393,6 +394,7 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         strength: float | None = None,
+        inpaint: bool = False,
         **sampler_options: Any,
     ) -> dict[str, Any]:
         """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
@@ -419,6 +421,7 @@ class Pipeline:
             "eta": eta,
             **({"sampler_options": dict(sampler_options)} if sampler_options else {}),
             **({"strength": float(strength)} if strength is not None else {}),
+            **({"inpaint": True} if inpaint else {}),
             "clip_x0": self._clip_x0(clip_x0),
             "seed": int(seed),
             "n": n,
@@ -494,6 +497,7 @@ class Pipeline:
         eta: float | None = None,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
+        mask: Tensor | None = None,
         **sampler_options: Any,
     ) -> Img2ImgResult:
         """SDEdit image-to-image (Meng et al. 2022) from ``images`` ``[N, C, H, W]`` in [-1, 1]
@@ -503,6 +507,13 @@ class Pipeline:
         latents (posterior means) and decodes the result.  Returns ``Img2ImgResult(images,
         timesteps)``: ``[N, C, H, W]`` in [-1, 1] and the timesteps actually used.  Other
         arguments as in ``__call__``; image ``i`` draws its noise from seed ``seed + i``.
+
+        With ``mask`` (``[N or 1, 1 or C, H, W]`` in [0, 1], 1 = generate, 0 = keep) this is
+        inpainting (``dl.sample``'s ``inpaint_mask``, DDNM's x̂0 replacement): the kept
+        pixels are reproduced and the hole is generated consistently with them
+        (``strength=1`` regenerates the hole from pure noise).  A latent run generates every
+        latent cell that touches the hole, then pastes the kept pixels back over the decoded
+        images, so they come out exactly.
         """
         if not isinstance(images, Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -512,13 +523,27 @@ class Pipeline:
                 f"images have shape {tuple(images.shape[1:])} but this run makes "
                 f"{self.pixel_shape} images; resize them first (difflab.data.ImageTransform)"
             )
+        if mask is not None:
+            mask = self._check_mask(mask, images)
         options = dict(
             eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
             **sampler_options,
         )  # fmt: skip
         n = images.shape[0]
         args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
-        return Img2ImgResult(*self._generate(args, images, strength, progress, options))
+        return Img2ImgResult(*self._generate(args, images, strength, progress, options, mask))
+
+    def _check_mask(self, mask: Tensor, images: Tensor) -> Tensor:
+        if not isinstance(mask, Tensor) or mask.ndim != 4:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a tensor [N or 1, 1 or C, H, W], got {got}")
+        n, c, h, w = images.shape
+        if mask.shape[0] not in (1, n) or mask.shape[1] not in (1, c) or mask.shape[2:] != (h, w):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit images {tuple(images.shape)}; "
+                f"use [{n} or 1, 1 or {c}, {h}, {w}] with 1 = generate, 0 = keep"
+            )
+        return mask.float()
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -536,6 +561,7 @@ class Pipeline:
         strength: float | None,
         progress: bool | None,
         options: dict[str, Any],
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, list[float] | None]:
         """Images sampled from noise (``init`` None) or from ``init`` images, and the
         timesteps used (img2img only); the shared body of ``__call__`` and ``img2img``."""
@@ -543,7 +569,7 @@ class Pipeline:
         from .samplers.common import randn
 
         n, class_labels, prompt, *_, spacing, _ = args
-        p = self.resolve_params(*args, strength=strength, **options)
+        p = self.resolve_params(*args, strength=strength, inpaint=mask is not None, **options)
         labels = self._labels(class_labels, n)
         cond, uncond = self._conditioning(labels, prompt, n)
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
@@ -573,14 +599,23 @@ class Pipeline:
         if init is None:
             x, timesteps = sample(self.model, shape, **common), None
         else:
-            x0 = init.to(self.device, torch.float32)
+            pixels = init.to(self.device, torch.float32)
+            x0, hole = pixels, None if mask is None else mask.to(self.device)
             if self.vae is not None:  # posterior means: no randomness in the encoding
                 x0 = self.vae.latents(x0.to(next(self.vae.parameters()).dtype)).float()
+                if hole is not None:  # a latent cell is generated if any of its pixels is
+                    f = self.vae.config.downsample_factor
+                    hole = F.max_pool2d(hole.amax(1, keepdim=True), f)
+            if hole is not None:
+                common.update(inpaint_image=x0, inpaint_mask=hole)
             result = img2img(self.model, x0, strength=float(strength or 0.0), **common)
             x, timesteps = result.images, result.timesteps
         if self.vae is not None:
             x = self.vae.images(x.to(next(self.vae.parameters()).dtype))
-        return x.clamp(-1.0, 1.0), timesteps
+        x = x.clamp(-1.0, 1.0)
+        if mask is not None:  # the kept pixels exactly (the decoder only approximates them)
+            x = mask.to(x.device) * x + (1 - mask.to(x.device)) * pixels
+        return x, timesteps
 
     def _clip_x0(self, clip_x0: bool | None) -> bool:
         if clip_x0 is None:

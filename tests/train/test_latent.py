@@ -134,6 +134,29 @@ def test_latent_run_resumes_bit_for_bit_and_the_pipeline_decodes(vae_dir, tmp_pa
     with pytest.raises(ValueError, match=r"images have shape \(2, 4, 4\) but this run makes"):
         pipe.img2img(torch.zeros(1, 2, 4, 4), 0.5)
 
+    # inpainting a latent run: the latent cells touching the hole are generated (a 2x2 pixel
+    # hole at rows/cols 3-4 touches the 4 cells at 1-2 of the 4x4 latent grid), the kept
+    # pixels are pasted back exactly
+    hole = torch.zeros(1, 1, 8, 8)
+    hole[..., 3:5, 3:5] = 1.0
+    inpainted = pipe.img2img(images, 1.0, class_labels=[1, 3], sampler="ddim", steps=4, seed=3,
+                             mask=hole)  # fmt: skip
+    assert torch.equal(inpainted.images * (1 - hole), images * (1 - hole))
+    cells = torch.zeros(1, 1, 4, 4)
+    cells[..., 1:3, 1:3] = 1.0
+    with torch.no_grad():
+        latents = vae.latents(images)
+        direct = img2img(
+            pipe.model, latents, strength=1.0, schedule=pipe.schedule, sampler="ddim", steps=4,
+            guidance_scale=pipe.sample_defaults["guidance_scale"],
+            cond={"class_labels": torch.tensor([1, 3])},
+            uncond={"class_labels": torch.tensor([10, 10])}, inpaint_image=latents,
+            inpaint_mask=cells, generator=[torch.Generator().manual_seed(3 + i) for i in range(2)],
+            progress=False,
+        )  # fmt: skip
+        expected = vae.images(direct.images).clamp(-1, 1)
+    torch.testing.assert_close(inpainted.images * hole, expected * hole, rtol=0, atol=1e-6)
+
 
 def test_cli_train_vae(tmp_path, capsys):
     out = tmp_path / "vae"
