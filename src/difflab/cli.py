@@ -505,25 +505,7 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--spacing", default=None, help="timestep spacing (default: the sampler's)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument(
-        "--cfg-rescale",
-        type=float,
-        default=0.0,
-        metavar="PHI",
-        help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 is their choice)",
-    )
-    p.add_argument(
-        "--cfg-interval",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("LO", "HI"),
-        help="guide only at noise levels LO < sigma <= HI (k-diffusion/EDM sigma; "
-        "Kynkäänniemi et al. 2024); the conditional prediction alone elsewhere",
-    )
-    p.add_argument(
-        "--eta", type=float, default=None, help="stochasticity of DDIM / ancestral / SDE samplers"
-    )
+    add_refinement_args(p)
     p.add_argument(
         "--init-image",
         default=None,
@@ -563,6 +545,39 @@ def add_sample_parser(subparsers: Any) -> None:
     _add_device_args(p)
     _add_adapter_args(p)
     p.set_defaults(func=_sample)
+
+
+def add_refinement_args(p: argparse.ArgumentParser) -> None:
+    """``--cfg-rescale``, ``--cfg-interval LO HI``, ``--eta`` (``sample``, ``eval``, ``sweep``)."""
+    p.add_argument(
+        "--cfg-rescale",
+        type=float,
+        default=0.0,
+        metavar="PHI",
+        help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 is their choice)",
+    )
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="guide only at noise levels LO < sigma <= HI (k-diffusion/EDM sigma; "
+        "Kynkäänniemi et al. 2024); the conditional prediction alone elsewhere",
+    )
+    p.add_argument(
+        "--eta", type=float, default=None, help="stochasticity of DDIM / ancestral / SDE samplers"
+    )
+
+
+def refinement_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline keywords of :func:`add_refinement_args`'s flags that were given."""
+    given = {
+        "guidance_rescale": args.cfg_rescale or None,
+        "guidance_interval": None if args.cfg_interval is None else tuple(args.cfg_interval),
+        "eta": args.eta,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -658,9 +673,7 @@ def _sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         spacing=args.spacing,
         clip_x0=False if args.no_clip else None,  # None: clip pixels, not latents
-        eta=args.eta,
-        guidance_rescale=args.cfg_rescale,
-        guidance_interval=args.cfg_interval,
+        **refinement_options(args),
     )
     if (args.init_image is None) != (args.strength is None):
         raise UserError("image-to-image needs both --init-image and --strength")

@@ -66,6 +66,12 @@ def test_eval_defaults_come_from_the_run(run_dir, capsys):
     written = run_dir / "eval" / "ddim-4steps-cfg2-n4-seed0.json"  # the run's sample defaults
     assert json.loads(written.read_text())["nfe"] == 4
     assert str(written) in capsys.readouterr().out
+    args = parse(["eval", str(run_dir), "--metrics", "accuracy", "--n", "4", "--cfg-interval",
+                  "0.5", "20", "--cfg-rescale", "0.7"])  # fmt: skip
+    assert args.func(args) == 0
+    name = "ddim-4steps-cfg2-guidance_interval0.5-20-guidance_rescale0.7-n4-seed0.json"
+    options = json.loads((run_dir / "eval" / name).read_text())["sampler_options"]
+    assert options == {"guidance_interval": [0.5, 20.0], "guidance_rescale": 0.7}
 
 
 def test_sweep_writes_files_and_resumes(run_dir, tmp_path, capsys):

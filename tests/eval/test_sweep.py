@@ -62,14 +62,17 @@ class CountingPipe:
     """Delegates to a Pipeline and records every sampling call's settings."""
 
     def __init__(self, pipe: Pipeline):
-        self.pipe, self.calls = pipe, []
+        self.pipe, self.calls, self.options = pipe, [], []
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, n, class_labels, prompt, sampler, steps, guidance_scale, seed, progress):
+    def __call__(self, n, class_labels, prompt, sampler, steps, guidance_scale, seed, progress,
+                 **options):  # fmt: skip
         self.calls.append((sampler, steps, guidance_scale))
-        return self.pipe(n, class_labels, prompt, sampler, steps, guidance_scale, seed, progress)
+        self.options.append(options)
+        return self.pipe(n, class_labels, prompt, sampler, steps, guidance_scale, seed, progress,
+                         **options)  # fmt: skip
 
 
 def _sweep(pipe, out, digits, **kw):
@@ -186,6 +189,31 @@ def test_nfe_matches_the_sampler_spec_and_batches_equal_one_call(run_dir):
         assert labels.tolist() == [0, 1, 2, 3, 4]
         whole = to_uint8(pipe(5, labels, None, name, steps, 2.0, 1))
         assert (images.int() - whole.int()).abs().max() <= 1  # batch size only moves rounding
+
+
+def test_sampler_options_reach_every_call_and_are_part_of_each_cells_key(run_dir, digits, tmp_path):
+    interval = {"guidance_interval": (0.5, 50.0), "eta": 0.5}
+    images, _, _ = sample_images(Pipeline.from_run(run_dir), 4, sampler="ddim", steps=3,
+                                 guidance_scale=2.0, seed=1, sampler_options=interval)  # fmt: skip
+    pipe = Pipeline.from_run(run_dir)
+    labels = torch.arange(4)
+    assert torch.equal(images, to_uint8(pipe(4, labels, None, "ddim", 3, 2.0, 1, **interval)))
+    assert not torch.equal(images, to_uint8(pipe(4, labels, None, "ddim", 3, 2.0, 1)))
+
+    counting = CountingPipe(pipe)
+    kw = dict(samplers="ddim", steps="2", cfg_scales="2", metrics="accuracy")
+    limited = _sweep(counting, tmp_path, digits, sampler_options=interval, **kw)
+    as_json = {"eta": 0.5, "guidance_interval": [0.5, 50.0]}  # as recorded in sweep.jsonl
+    assert counting.options and all(o == as_json for o in counting.options)
+    assert limited.rows[0]["sampler_options"] == as_json
+    counting.calls.clear()
+    assert _sweep(counting, tmp_path, digits, sampler_options=interval, **kw).computed == []
+    plain = _sweep(counting, tmp_path, digits, **kw)  # no options: another cell
+    assert len(plain.computed) == 1 and plain.rows[0]["sampler_options"] is None
+    result = evaluate_pipeline(pipe, metrics="accuracy", n=10, sampler="ddim", steps=2,
+                               guidance_scale=2.0, seed=3, classifier=digits,
+                               sampler_options=interval)  # fmt: skip
+    assert result["accuracy[digits-cnn]"] == limited.rows[0]["accuracy[digits-cnn]"]
 
 
 def test_tables_and_plots_written(run_dir, digits, tmp_path):

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from difflab.cli import add_refinement_args, refinement_options
 from difflab.eval.features import RESIZE_MODES, FeatureExtractor
 
 __all__ = ["add_eval_parser", "add_sweep_parser", "format_results", "run_eval", "run_sweep_cli"]
@@ -117,6 +118,7 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--sampler", default=None, help="sampler name (default: the run's)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
+    add_refinement_args(p)
     p.add_argument(
         "-o", "--out", default=None, help="results JSON (default RUN/eval/<settings>.json)"
     )
@@ -175,6 +177,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 clip_model=_clip(args) if "clip_score" in metrics else None,
                 reference_cache=args.reference_cache,
                 batch_size=args.batch_size,
+                sampler_options=refinement_options(args),
             )
         )
     if args.likelihood is not None:
@@ -190,9 +193,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
     elif "sampler" in results:
+        extra = "".join(
+            f"-{key}{'-'.join(f'{v:g}' for v in (value if isinstance(value, list) else [value]))}"
+            for key, value in (results.get("sampler_options") or {}).items()
+        )  # e.g. -guidance_interval0.3-5
         name = (
             f"{results['sampler']}-{results['steps']}steps-cfg{results['guidance_scale']:g}"
-            f"-n{args.n}-seed{args.seed}.json"
+            f"{extra}-n{args.n}-seed{args.seed}.json"
         )
         out = Path(args.run) / "eval" / name
     else:
@@ -221,6 +228,7 @@ def add_sweep_parser(subparsers: Any) -> None:
     p.add_argument("--samplers", default="dpmpp_2m,ddim,heun", help="comma-separated names")
     p.add_argument("--steps", default="5,10,20,50", help="comma-separated step counts")
     p.add_argument("--cfg", default="1,2,4", help="comma-separated guidance scales")
+    add_refinement_args(p)
     p.add_argument(
         "--metrics",
         default="fid,accuracy",
@@ -254,6 +262,7 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
         plots=args.plots,
         weights=args.weights,
         device=args.device,
+        sampler_options=refinement_options(args),
     )
     print(result.to_markdown())
     reused = len(result.rows) - len(result.computed)

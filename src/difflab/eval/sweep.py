@@ -169,11 +169,14 @@ def sample_images(
     guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 256,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor | None, float | None]:
     """Draw ``n`` images as ``uint8 [n, C, H, W]`` in batches; labels cycle over the classes.
 
     Batch ``[s, e)`` is drawn with seed ``seed + s``, so (per-image generators) the images equal
     one call ``pipe(n, labels, None, sampler, steps, guidance_scale, seed)``.
+    ``sampler_options`` go to every call (``guidance_interval``, ``guidance_rescale``, ``eta``,
+    a sampler's own options).
 
     :return: ``(images, labels or None, nfe)``: ``nfe`` is the mean number of network forward
         calls per batch (a classifier-free-guidance call on a doubled batch counts once, as
@@ -194,7 +197,8 @@ def sample_images(
         for s in range(0, n, batch_size):
             e = min(s + batch_size, n)
             batch_labels = None if labels is None else labels[s:e]
-            x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s, False)
+            x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s, False,
+                     **(sampler_options or {}))  # fmt: skip
             chunks.append(to_uint8(x.cpu()))  # (b, C, H, W) uint8: what a PNG would hold
     finally:
         if handle is not None:
@@ -444,6 +448,7 @@ def evaluate_pipeline(
     weights: str = "ema",
     device: torch.device | str | None = None,
     clip_model: Any = None,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from a run and score them with `difflab.eval.metrics.evaluate`.
 
@@ -456,9 +461,12 @@ def evaluate_pipeline(
         ``kid_subset_size``, ``pr_k``, ``is_splits``).
     :param clip_model: for ``"clip_score"``: a `CLIPScorer` or a local CLIP model folder; each
         sample is scored against its class's prompt (`class_prompts`).
+    :param sampler_options: further sampling arguments of the pipeline call, e.g.
+        ``{"guidance_interval": (0.3, 5.0), "guidance_rescale": 0.7, "eta": 1.0}``.
     :return: the resolved sampling settings (``sampler``, ``steps``, ``guidance_scale``,
-        ``seed``, ``nfe``, ``sample_seconds``, ``eval_seconds``) and everything ``evaluate``
-        returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...). JSON-able.
+        ``sampler_options``, ``seed``, ``nfe``, ``sample_seconds``, ``eval_seconds``) and
+        everything ``evaluate`` returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...).
+        JSON-able.
     """
     pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device)
     ev = _Evaluator.build(
@@ -472,7 +480,9 @@ def evaluate_pipeline(
         metric_options=metric_options,
         clip_model=clip_model,
     )
-    return _evaluate_cell(pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size)
+    return _evaluate_cell(
+        pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size, sampler_options
+    )
 
 
 def evaluate_likelihood(
@@ -562,12 +572,20 @@ def evaluate_likelihood(
     return out
 
 
-def _resolved(pipe: PipeLike, n: int, labels: Tensor | None, sampler, steps, scale, seed):
-    """Sampler, steps and guidance a call will use (the run's defaults filled in)."""
+def _resolved(pipe: PipeLike, n: int, labels: Tensor | None, sampler, steps, scale, seed, options):
+    """Sampler, steps and guidance a call will use (the run's defaults filled in; the options
+    checked)."""
     if hasattr(pipe, "resolve_params"):
-        p = pipe.resolve_params(n, labels, None, sampler, steps, scale, seed)
+        p = pipe.resolve_params(n, labels, None, sampler, steps, scale, seed, **options)
         return p["sampler"], p["steps"], p["guidance_scale"]
     return sampler, steps, scale
+
+
+def _json_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Sampler options as JSON values (tuples as lists), sorted; None when there are none."""
+    if not options:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())}
 
 
 def _evaluate_cell(
@@ -579,10 +597,12 @@ def _evaluate_cell(
     guidance_scale: float | None,
     seed: int,
     batch_size: int,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     labels = _cycle_labels(pipe, n)
+    options = _json_options(sampler_options)
     sampler, steps, guidance_scale = _resolved(
-        pipe, n, labels, sampler, steps, guidance_scale, seed
+        pipe, n, labels, sampler, steps, guidance_scale, seed, options or {}
     )
     tick = time.perf_counter()
     images, labels, nfe = sample_images(
@@ -593,6 +613,7 @@ def _evaluate_cell(
         guidance_scale=guidance_scale,
         seed=seed,
         batch_size=batch_size,
+        sampler_options=options,
     )
     sampled = time.perf_counter()
     scores = ev(images, labels)
@@ -600,6 +621,7 @@ def _evaluate_cell(
         "sampler": sampler,
         "steps": steps,
         "guidance_scale": guidance_scale,
+        "sampler_options": options,
         "seed": seed,
         "nfe": nfe,
         "sample_seconds": round(sampled - tick, 3),
@@ -630,7 +652,8 @@ def periodic_eval(
 # Sweeps
 # --------------------------------------------------------------------------------------------
 
-_KEY_FIELDS = ("sampler", "steps", "guidance_scale", "n", "seed", "metrics", "scorers", "options")
+_KEY_FIELDS = ("sampler", "steps", "guidance_scale", "n", "seed", "metrics", "scorers", "options",
+               "sampler_options")  # fmt: skip
 
 
 def _cell_key(row: Mapping[str, Any]) -> str:
@@ -734,6 +757,7 @@ def run_sweep(
     weights: str = "ema",
     device: torch.device | str | None = None,
     clip_model: Any = None,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> SweepResult:
     """Evaluate every sampler × steps × guidance-scale cell and tabulate and plot the results.
 
@@ -745,9 +769,9 @@ def run_sweep(
     when both FID and accuracy are measured, ``sweep_tradeoff.png`` (FID against accuracy
     across guidance scales, a line per sampler, a panel per steps).
 
-    Every cell uses the same ``n`` samples' seeds and labels (see `sample_images`); metrics are
-    those of `evaluate_pipeline`. ``progress``: a bar over cells (None: on when stderr is a
-    terminal).
+    Every cell uses the same ``n`` samples' seeds and labels (see `sample_images`) and the same
+    ``sampler_options`` (part of each cell's key); metrics are those of `evaluate_pipeline`.
+    ``progress``: a bar over cells (None: on when stderr is a terminal).
     """
     from difflab.samplers import SAMPLERS
 
@@ -789,6 +813,7 @@ def run_sweep(
             | ({ev.clip.id} if ev.clip is not None else set())
         ),
         "options": dict(sorted(ev.options.items())),
+        "sampler_options": _json_options(sampler_options),
     }
     cells = list(itertools.product(sampler_list, step_list, scale_list))
     rows, computed = [], []
@@ -803,7 +828,8 @@ def run_sweep(
                 with warnings.catch_warnings():
                     if computed:  # the sample-count warning was given for the first cell
                         warnings.filterwarnings("ignore", message=_FEW_SAMPLES_WARNING)
-                    row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed, batch_size)
+                    row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed,
+                                         batch_size, sampler_options)  # fmt: skip
                 row.update(shared, sampler=sampler, steps=n_steps, guidance_scale=scale)
                 _append_jsonl(log_path, row)
                 done[key] = row
