@@ -24,8 +24,6 @@ from .schedules import NoiseSchedule
 
 __all__ = ["Pipeline", "load_weights", "read_run_config"]
 
-_GUIDANCE_OPTIONS = ("eta", "guidance_rescale", "guidance_interval")  # given to sample() by name
-
 WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
 
@@ -575,7 +573,6 @@ class Pipeline:
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
         shape = (n, *self.image_shape)
         noise = randn(shape, gens, device=self.device)
-        sampler_options = {k: v for k, v in options.items() if k not in _GUIDANCE_OPTIONS}
         common = dict(
             schedule=self.schedule,
             sampler=p["sampler"],
@@ -584,9 +581,6 @@ class Pipeline:
             variance=self.variance,
             spacing=spacing,
             guidance_scale=p["guidance_scale"],
-            guidance_rescale=p["guidance_rescale"],
-            guidance_interval=p["guidance_interval"],
-            eta=p["eta"],
             cond=cond or None,
             uncond=uncond if p["guidance_scale"] != 1.0 else None,
             noise=noise,
@@ -594,7 +588,7 @@ class Pipeline:
             progress=progress,
             clip_x0=p["clip_x0"] or None,
             model_dtype=self.dtype,
-            **sampler_options,
+            **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
         if init is None:
             x, timesteps = sample(self.model, shape, **common), None

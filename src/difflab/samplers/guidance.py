@@ -83,7 +83,7 @@ def check_guidance_interval(interval: Any) -> tuple[float, float] | None:
         raise ValueError(
             f"guidance_interval must be two noise levels (sigma_lo, sigma_hi), got {interval!r}"
         ) from None
-    if not (0.0 <= lo < hi) or lo != lo or hi != hi:
+    if not 0.0 <= lo < hi:  # NaN fails every comparison
         raise ValueError(
             f"guidance_interval needs 0 <= sigma_lo < sigma_hi (sigma_hi may be inf), got "
             f"({lo}, {hi})"
