@@ -13,6 +13,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from difflab.parametrization import Denoiser, x0_from_v
 from difflab.samplers import (
     SAMPLERS,
+    AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClipX0,
     DynamicThresholding,
@@ -310,3 +311,63 @@ def test_inpainting_blends_soft_masks_and_refuses_bad_ones():
         InpaintX0(den, image, torch.ones(3, 1, 5, 5))
     with pytest.raises(ValueError, match="needs both inpaint_image and inpaint_mask"):
         sample(CondModel(), schedule=SCHED, steps=2, noise=x, inpaint_image=image)
+
+
+# ---------------------------------------------------------------------------- APG
+def _apg_setup():
+    den = Denoiser(CondModel(), SCHED, "eps")
+    x, a, s = _x(4), SCHED.alpha(300.0), SCHED.sigma(300.0)
+    c, u = den.at(x, 300.0, a, s, **COND), den.at(x, 300.0, a, s, **UNCOND)
+    return den, x, a, s, c, u
+
+
+def test_apg_with_eta_1_and_no_momentum_or_cap_is_cfg():
+    den, x, a, s, c, u = _apg_setup()
+    apg = AdaptiveProjectedGuidance(den, 3.0, UNCOND, eta=1.0, momentum=0.0)
+    got = apg.at(x, 300.0, a, s, **COND)
+    want = ClassifierFreeGuidance(den, 3.0, UNCOND).at(x, 300.0, a, s, **COND)
+    torch.testing.assert_close(got.x0, want.x0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.eps, want.eps, rtol=1e-5, atol=1e-5)
+    one = AdaptiveProjectedGuidance(den, 1.0, UNCOND).at(x, 300.0, a, s, **COND)
+    assert torch.equal(one.x0, c.x0)  # w = 1: the conditional call alone
+
+
+def test_apg_drops_the_parallel_part_caps_the_norm_and_carries_momentum():
+    """Sadat et al. 2025, Alg. 1, checked against its definitions per sample."""
+    den, x, a, s, c, u = _apg_setup()
+    diff = (c.x0 - u.x0).double()
+    flat = lambda v: v.double().flatten(1)  # noqa: E731
+    # η = 0: the update is orthogonal to x̂0(c)
+    got = AdaptiveProjectedGuidance(den, 3.0, UNCOND, momentum=0.0).at(x, 300.0, a, s, **COND)
+    update = flat(got.x0 - c.x0)
+    cosine = (update * flat(c.x0)).sum(1) / (update.norm(dim=1) * flat(c.x0).norm(dim=1))
+    assert (cosine.abs() < 1e-5).all()
+    torch.testing.assert_close(got.eps, (x - a * got.x0) / s)
+    # r: with η = 1 the update is (w - 1)·Δ with |Δ| capped at r
+    r = 0.5 * float(flat(diff).norm(dim=1).min())
+    capped = AdaptiveProjectedGuidance(den, 3.0, UNCOND, eta=1.0, momentum=0.0, norm_threshold=r)
+    norms = flat(capped.at(x, 300.0, a, s, **COND).x0 - c.x0).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 2.0 * r), rtol=1e-5, atol=0)
+    # β: the second call guides with Δ2 + β·Δ1
+    apg = AdaptiveProjectedGuidance(den, 3.0, UNCOND, eta=1.0, momentum=-0.5)
+    apg.at(x, 300.0, a, s, **COND)
+    x2, a2, s2 = _x(5), SCHED.alpha(200.0), SCHED.sigma(200.0)
+    c2, u2 = den.at(x2, 200.0, a2, s2, **COND), den.at(x2, 200.0, a2, s2, **UNCOND)
+    second = apg.at(x2, 200.0, a2, s2, **COND)
+    want = c2.x0 + 2.0 * ((c2.x0 - u2.x0) - 0.5 * (c.x0 - u.x0))
+    torch.testing.assert_close(second.x0, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_with_apg_and_its_bad_options():
+    kw = dict(schedule=SCHED, sampler="dpmpp_2m", steps=6, guidance_scale=4.0, cond=COND,
+              uncond=UNCOND, noise=_x(6), clip_x0=True)  # fmt: skip
+    as_cfg = sample(CondModel(), apg={"eta": 1.0, "momentum": 0.0}, **kw)
+    torch.testing.assert_close(as_cfg, sample(CondModel(), **kw), rtol=1e-4, atol=1e-4)
+    projected = sample(CondModel(), apg={}, **kw)  # the paper's η = 0, β = -0.5
+    assert torch.isfinite(projected).all() and not torch.allclose(projected, as_cfg, atol=1e-3)
+    with pytest.raises(ValueError, match=r"unknown APG option\(s\) \['beta'\]"):
+        sample(CondModel(), apg={"beta": 0.1}, **kw)
+    with pytest.raises(ValueError, match="norm_threshold must be >= 0"):
+        sample(CondModel(), apg={"norm_threshold": -1.0}, **kw)
+    with pytest.raises(ValueError, match="pass it or apg, not both"):
+        sample(CondModel(), apg={}, guidance_rescale=0.7, **kw)

@@ -2,7 +2,7 @@
 
 ``dl.sample`` / ``dl.img2img`` (api) resolve a sampler name through ``SAMPLERS`` (registry)
 and call its function over one explicit ``NoiseLevels`` sequence; guidance (CFG, rescale,
-interval, thresholding, inpainting) wraps the denoiser (guidance).  The algorithms live in
+interval, APG, thresholding, inpainting) wraps the denoiser (guidance).  The algorithms live in
 ``ddpm``, ``pndm``, ``karras``, ``dpm_solver``, ``unipc``; shared helpers in ``common``.
 """
 
@@ -17,6 +17,8 @@ from .api import (
 )
 from .common import SamplerSpec
 from .guidance import (
+    APG_DEFAULTS,
+    AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClipX0,
     DenoiserWrapper,
@@ -28,12 +30,14 @@ from .guidance import (
 from .registry import OWN_GRID, SAMPLERS, SamplerRegistry, check_options, resolve
 
 __all__ = [
+    "APG_DEFAULTS",
     "DEFAULT_OPTIONS",
     "DEFAULT_SAMPLER",
     "DEFAULT_SPACING",
     "DEFAULT_SPACING_OPTIONS",
     "OWN_GRID",
     "SAMPLERS",
+    "AdaptiveProjectedGuidance",
     "ClassifierFreeGuidance",
     "ClipX0",
     "DenoiserWrapper",

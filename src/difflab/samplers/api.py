@@ -21,10 +21,12 @@ from ..schedules import NoiseLevels, NoiseSchedule
 from .common import Generators, SamplerCallback, SamplerSpec, randn
 from .common import progress as progress_bar
 from .guidance import (
+    AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClipX0,
     DynamicThresholding,
     InpaintX0,
+    check_apg_options,
     check_guidance_interval,
 )
 from .registry import SAMPLERS, check_options
@@ -79,6 +81,7 @@ def _plan(
     guidance_scale: float,
     guidance_rescale: float,
     guidance_interval: tuple[float, float] | None,
+    apg: Mapping[str, float] | None,
     inpaint: tuple[Tensor | None, Tensor | None],
     uncond: Mapping[str, Any] | None,
     dynamic_threshold: float | None,
@@ -132,13 +135,22 @@ def _plan(
                 f"guidance_scale={guidance_scale} needs uncond= (the unconditional / negative "
                 "conditioning, e.g. {'class_labels': null_class})"
             )
-        den = ClassifierFreeGuidance(
-            den, guidance_scale, uncond, rescale=guidance_rescale, interval=guidance_interval
-        )
+        if apg is not None and guidance_rescale != 0.0:
+            raise ValueError("guidance_rescale applies to plain CFG; pass it or apg, not both")
+        if apg is not None:
+            den = AdaptiveProjectedGuidance(
+                den, guidance_scale, uncond, interval=guidance_interval, **apg
+            )
+        else:
+            den = ClassifierFreeGuidance(
+                den, guidance_scale, uncond, rescale=guidance_rescale, interval=guidance_interval
+            )
     else:  # w = 1 is the conditional prediction at every level: nothing to rescale or limit
         if guidance_rescale != 0.0 and not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
         check_guidance_interval(guidance_interval)
+        if apg is not None:
+            check_apg_options(apg)
     image, mask = inpaint
     if (image is None) != (mask is None):
         raise ValueError("inpainting needs both inpaint_image and inpaint_mask")
@@ -230,6 +242,7 @@ def sample(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
+    apg: Mapping[str, float] | None = None,
     inpaint_image: Tensor | None = None,
     inpaint_mask: Tensor | None = None,
     cond: Mapping[str, Any] | None = None,
@@ -265,6 +278,9 @@ def sample(
     :param guidance_interval: ``(σ_lo, σ_hi)``: guide only at noise levels σ_lo < σ/α <= σ_hi
         (Kynkäänniemi et al. 2024), the conditional prediction alone elsewhere; None: every
         level.
+    :param apg: adaptive projected guidance in place of plain CFG (Sadat et al. 2025):
+        ``{}`` for the defaults or any of ``eta``, ``momentum``, ``norm_threshold``
+        (``AdaptiveProjectedGuidance``); None: plain CFG.
     :param inpaint_image: with ``inpaint_mask``: inpainting by x̂0 replacement (DDNM, Wang et
         al. 2023): the sample keeps ``inpaint_image`` where the mask is 0 and generates
         where it is 1 (``[B or 1, 1 or C, ...]``), with any sampler.
@@ -293,6 +309,7 @@ def sample(
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
         guidance_interval=guidance_interval,
+        apg=apg,
         inpaint=(inpaint_image, inpaint_mask),
         uncond=uncond,
         dynamic_threshold=dynamic_threshold,
@@ -333,6 +350,7 @@ def img2img(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     guidance_interval: tuple[float, float] | None = None,
+    apg: Mapping[str, float] | None = None,
     inpaint_image: Tensor | None = None,
     inpaint_mask: Tensor | None = None,
     cond: Mapping[str, Any] | None = None,
@@ -369,6 +387,7 @@ def img2img(
         guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale,
         guidance_interval=guidance_interval,
+        apg=apg,
         inpaint=(inpaint_image, inpaint_mask),
         uncond=uncond,
         dynamic_threshold=dynamic_threshold,
