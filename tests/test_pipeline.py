@@ -68,6 +68,12 @@ def test_guidance_refinements_reach_the_sampler_and_are_recorded(pipe):
     p = pipe.resolve_params(**kw, guidance_rescale=0.7, guidance_interval=(0.3, 5), eta=0.5)
     assert (p["guidance_rescale"], p["guidance_interval"], p["eta"]) == (0.7, [0.3, 5.0], 0.5)
     assert pipe.resolve_params(**kw, s_noise=1.0)["sampler_options"] == {"s_noise": 1.0}
+    as_cfg = pipe(**kw, apg={"eta": 1.0, "momentum": 0.0})  # APG's CFG special case
+    torch.testing.assert_close(as_cfg, guided, rtol=0, atol=1e-4)
+    assert not torch.allclose(pipe(**kw, apg={}), guided, atol=1e-3)
+    assert pipe.resolve_params(**kw, apg={"momentum": 0.0})["apg"] == {
+        "eta": 0.0, "momentum": 0.0, "norm_threshold": 0.0,
+    }  # fmt: skip
     with pytest.raises(ValueError, match="sigma_lo < sigma_hi"):
         pipe(**kw, guidance_interval=(5, 1))
 

@@ -548,7 +548,8 @@ def add_sample_parser(subparsers: Any) -> None:
 
 
 def add_refinement_args(p: argparse.ArgumentParser) -> None:
-    """``--cfg-rescale``, ``--cfg-interval LO HI``, ``--eta`` (``sample``, ``eval``, ``sweep``)."""
+    """``--cfg-rescale``, ``--cfg-interval LO HI``, ``--eta``, ``--apg`` and its options
+    (``sample``, ``eval``, ``sweep``)."""
     p.add_argument(
         "--cfg-rescale",
         type=float,
@@ -568,14 +569,35 @@ def add_refinement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eta", type=float, default=None, help="stochasticity of DDIM / ancestral / SDE samplers"
     )
+    p.add_argument(
+        "--apg",
+        action="store_true",
+        help="adaptive projected guidance in place of plain CFG (Sadat et al. 2025; "
+        "defaults eta 0, momentum -0.5, no norm cap)",
+    )
+    for name, text in (
+        ("eta", "weight of the update's part parallel to the prediction (1 = CFG's)"),
+        ("momentum", "momentum beta of the guidance direction over the steps"),
+        ("threshold", "cap on the norm of the guidance direction (0 = none)"),
+    ):
+        p.add_argument(
+            f"--apg-{name}", type=float, default=None, help=f"APG: {text}; implies --apg"
+        )
 
 
 def refinement_options(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline keywords of :func:`add_refinement_args`'s flags that were given."""
+    apg = {
+        key: value
+        for key, value in (("eta", args.apg_eta), ("momentum", args.apg_momentum),
+                           ("norm_threshold", args.apg_threshold))
+        if value is not None
+    }  # fmt: skip
     given = {
         "guidance_rescale": args.cfg_rescale or None,
         "guidance_interval": None if args.cfg_interval is None else tuple(args.cfg_interval),
         "eta": args.eta,
+        "apg": apg if apg or args.apg else None,
     }
     return {k: v for k, v in given.items() if v is not None}
 

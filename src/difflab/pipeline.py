@@ -391,6 +391,7 @@ class Pipeline:
         eta: float | None = None,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
+        apg: Mapping[str, float] | None = None,
         strength: float | None = None,
         inpaint: bool = False,
         **sampler_options: Any,
@@ -398,7 +399,7 @@ class Pipeline:
         """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
         from . import __version__
         from .samplers import SAMPLERS
-        from .samplers.guidance import check_guidance_interval
+        from .samplers.guidance import check_apg_options, check_guidance_interval
 
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -416,6 +417,7 @@ class Pipeline:
             "guidance_scale": scale,
             "guidance_rescale": float(guidance_rescale),
             "guidance_interval": None if interval is None else list(interval),
+            "apg": None if apg is None else check_apg_options(apg),
             "eta": eta,
             **({"sampler_options": dict(sampler_options)} if sampler_options else {}),
             **({"strength": float(strength)} if strength is not None else {}),
@@ -451,6 +453,7 @@ class Pipeline:
         eta: float | None = None,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
+        apg: Mapping[str, float] | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
@@ -460,8 +463,9 @@ class Pipeline:
         class-conditional model; ``None`` samples it unconditionally with the null label.
         ``guidance_scale`` w is classifier-free guidance (Ho & Salimans 2022): ε̃ = ε(∅) + w·(ε(c) -
         ε(∅)), with the null label as ∅; ``None`` takes the run's ``sample.guidance_scale``;
-        ``guidance_rescale`` φ (Lin et al. 2023) and ``guidance_interval`` (σ_lo, σ_hi)
-        (Kynkäänniemi et al. 2024) refine it, and ``eta`` sets the stochasticity of the samplers
+        ``guidance_rescale`` φ (Lin et al. 2023), ``guidance_interval`` (σ_lo, σ_hi)
+        (Kynkäänniemi et al. 2024) and ``apg`` (adaptive projected guidance's options, Sadat et
+        al. 2025) refine it, and ``eta`` sets the stochasticity of the samplers
         that take it, as in ``dl.sample`` (all recorded by ``resolve_params``, with any other
         sampler options). ``clip_x0`` clips every x̂0 to [-1, 1], the data range, as DDPM's sampler
         does (Ho et al. 2020, Alg. 2 with ``clip_denoised``); without it, ε̂ → x̂0 = (x_t - σ ε̂)/α
@@ -472,7 +476,7 @@ class Pipeline:
         """
         options = dict(
             eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
-            **sampler_options,
+            apg=apg, **sampler_options,
         )  # fmt: skip
         args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
         return self._generate(args, None, None, progress, options)[0]
@@ -495,6 +499,7 @@ class Pipeline:
         eta: float | None = None,
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
+        apg: Mapping[str, float] | None = None,
         mask: Tensor | None = None,
         **sampler_options: Any,
     ) -> Img2ImgResult:
@@ -525,7 +530,7 @@ class Pipeline:
             mask = self._check_mask(mask, images)
         options = dict(
             eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
-            **sampler_options,
+            apg=apg, **sampler_options,
         )  # fmt: skip
         n = images.shape[0]
         args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)

@@ -8,7 +8,8 @@ parameter). Standard library only (``http.server``); one request samples at a ti
 - ``GET /info`` — JSON: the run, image shape, conditioning, sampling defaults, samplers;
 - ``POST /generate`` — JSON body with any of ``n``, ``class_labels``, ``prompt``,
   ``sampler``, ``steps``, ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``
-  (``[sigma_lo, sigma_hi]``), ``eta``, ``seed``, ``spacing``, ``nrow``; answers
+  (``[sigma_lo, sigma_hi]``), ``apg`` (``{}`` or ``{"eta": ..., "momentum": ...,
+  "norm_threshold": ...}``), ``eta``, ``seed``, ``spacing``, ``nrow``; answers
   ``image/png`` (parameters also in the ``X-Difflab-Params`` header), or status 400 with
   ``{"error": ...}`` naming what was wrong.
 """
@@ -26,7 +27,7 @@ from .pipeline import Pipeline
 __all__ = ["REQUEST_FIELDS", "make_server"]
 
 REQUEST_FIELDS = ("n", "class_labels", "prompt", "sampler", "steps", "guidance_scale",
-                  "guidance_rescale", "guidance_interval", "eta", "seed", "spacing",
+                  "guidance_rescale", "guidance_interval", "apg", "eta", "seed", "spacing",
                   "nrow")  # fmt: skip
 MAX_BODY = 1 << 16
 
@@ -65,6 +66,12 @@ def parse_request(body: bytes, *, max_n: int, max_steps: int) -> dict[str, Any]:
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
     ):
         raise RequestError(f"guidance_interval must be [sigma_lo, sigma_hi], got {interval!r}")
+    apg = data.get("apg")
+    if apg is not None and not (
+        isinstance(apg, dict)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in apg.values())
+    ):
+        raise RequestError(f"apg must be an object of numbers (eta, momentum, ...), got {apg!r}")
     for key in ("prompt", "sampler", "spacing"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise RequestError(f"{key} must be a string, got {data[key]!r}")
