@@ -573,7 +573,7 @@ def add_refinement_args(p: argparse.ArgumentParser) -> None:
         "--apg",
         action="store_true",
         help="adaptive projected guidance in place of plain CFG (Sadat et al. 2025; "
-        "defaults eta 0, momentum -0.5, no norm cap)",
+        "defaults eta 0, no momentum, no norm cap)",
     )
     for name, text in (
         ("eta", "weight of the update's part parallel to the prediction (1 = CFG's)"),

@@ -363,7 +363,7 @@ def test_sampling_with_apg_and_its_bad_options():
               uncond=UNCOND, noise=_x(6), clip_x0=True)  # fmt: skip
     as_cfg = sample(CondModel(), apg={"eta": 1.0, "momentum": 0.0}, **kw)
     torch.testing.assert_close(as_cfg, sample(CondModel(), **kw), rtol=1e-4, atol=1e-4)
-    projected = sample(CondModel(), apg={}, **kw)  # the paper's η = 0, β = -0.5
+    projected = sample(CondModel(), apg={"momentum": -0.5}, **kw)  # the paper's η = 0, β
     assert torch.isfinite(projected).all() and not torch.allclose(projected, as_cfg, atol=1e-3)
     with pytest.raises(ValueError, match=r"unknown APG option\(s\) \['beta'\]"):
         sample(CondModel(), apg={"beta": 0.1}, **kw)

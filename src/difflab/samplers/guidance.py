@@ -259,7 +259,10 @@ def _half(v: Tensor | None, b: int) -> Tensor | None:
     return None if v is None else v[:b]
 
 
-APG_DEFAULTS: dict[str, float] = {"eta": 0.0, "momentum": -0.5, "norm_threshold": 0.0}
+# η = 0 as the paper recommends; no momentum and no norm cap by default: the paper's β = -0.5
+# needs a cap r on schedules whose first level is very noisy (x̂0 differences there are large and
+# negative momentum carries them into every later step; docs/samplers.md has the measurements).
+APG_DEFAULTS: dict[str, float] = {"eta": 0.0, "momentum": 0.0, "norm_threshold": 0.0}
 
 
 def check_apg_options(apg: Mapping[str, Any]) -> dict[str, float]:
@@ -283,8 +286,8 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
     oversaturation and artifacts of high guidance scales in diffusion models", Alg. 1).
 
     In the denoised (x̂0) space, with Δ = x̂0(c) - x̂0(∅) per sample:
-    momentum Δ ← Δ + β·Δ_prev (a running sum over the calls of one sampling run, β < 0 in
-    the paper); the norm of Δ capped at r (r = 0: no cap); Δ split into Δ∥, its projection on
+    momentum Δ ← Δ + β·Δ_prev (a running sum over the calls of one sampling run; the paper
+    uses β = -0.5); the norm of Δ capped at r (r = 0: no cap); Δ split into Δ∥, its projection on
     x̂0(c), and Δ⊥ = Δ - Δ∥; then x̂0 = x̂0(c) + (w - 1)·(Δ⊥ + η·Δ∥) and ε̂ recomputed.
     η = 1, β = 0, r = 0 is classifier-free guidance exactly (up to rounding); the default η = 0
     drops the parallel part, which the paper finds drives the oversaturation of high w.
