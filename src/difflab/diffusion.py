@@ -304,10 +304,9 @@ def vlb_from_output(
         t = t.expand(x0.shape[0])
     x0, x_t = x0.float(), x_t.float()
     mean_out, var_values = split_variance(output.float(), variance)
-    rows = schedule.derived_table("vlb", lambda: _vlb_table(schedule), dev)[:, t]  # no host read
-    alpha, sigma, coef_x0, coef_xt, true_logvar, log_large, log_beta = (
-        append_dims(row, nd) for row in rows
-    )
+    table = schedule.derived_table("vlb", lambda: _vlb_table(schedule), dev)
+    rows = table[:, t].reshape(len(table), -1, *(1,) * (nd - 1))  # gathered on the device
+    alpha, sigma, coef_x0, coef_xt, true_logvar, log_large, log_beta = rows.unbind(0)
     x0_hat, eps_hat = to_x0_eps(prediction, mean_out, x_t, alpha, sigma)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1, 1)
@@ -316,10 +315,11 @@ def vlb_from_output(
     # compute would read t, a device synchronisation per training step. The term a sample
     # does not use is fed harmless inputs, so that its gradient, multiplied by zero, cannot
     # be inf·0 = NaN (the decoder NLL's gradient overflows for means far off the data).
-    first = append_dims(t == 0, nd)
+    first = (t == 0).reshape(-1, *(1,) * (nd - 1))
     # KL(q || p): the two means differ by coef_x0·(x0 - x̂0) exactly (same coef_xt·x_t term).
     mean_gap = torch.where(first, 0.0, coef_x0 * (x0 - x0_hat))
-    kl = normal_kl(mean_gap, true_logvar, 0.0, torch.where(first, true_logvar, model_logvar))
+    zero = torch.zeros((), device=dev)
+    kl = normal_kl(mean_gap, true_logvar, zero, torch.where(first, true_logvar, model_logvar))
     model_mean = torch.where(first, coef_x0 * x0_hat + coef_xt * x_t, x0)
     log_std = 0.5 * torch.where(first, model_logvar, 0.0)
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, log_std)

@@ -534,7 +534,8 @@ class Pipeline:
         )  # fmt: skip
         n = images.shape[0]
         args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
-        return Img2ImgResult(*self._generate(args, images, strength, progress, options, mask))
+        out, timesteps = self._generate(args, images, strength, progress, options, mask)
+        return Img2ImgResult(out, timesteps or [])
 
     def _check_mask(self, mask: Tensor, images: Tensor) -> Tensor:
         if not isinstance(mask, Tensor) or mask.ndim != 4:
@@ -554,8 +555,9 @@ class Pipeline:
         if self.vae is None:
             return self.image_shape  # type: ignore[return-value]
         c, h, w = self.image_shape
-        f = self.vae.config.downsample_factor
-        return (self.vae.config.in_channels, h * f, w * f)
+        config: Any = self.vae.config
+        f = int(config.downsample_factor)
+        return (int(config.in_channels), h * f, w * f)
 
     def _generate(
         self,
