@@ -21,7 +21,7 @@ from train_helpers import ToyData, tiny_config  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.images import PNG_KEY, make_grid  # noqa: E402
-from difflab.serve import make_server  # noqa: E402
+from difflab.serve import REQUEST_FIELDS, make_server  # noqa: E402
 from difflab.train import train  # noqa: E402
 
 
@@ -99,6 +99,9 @@ def test_info_page_and_unknown_paths(server):
     with urllib.request.urlopen(url + "/", timeout=30) as resp:
         page = resp.read().decode()
     assert "<form" in page and 'name="class_labels"' in page
+    assert 'name="interval_lo"' in page and 'name="apg"' in page  # the refinements, as fields
+    for field in ("guidance_interval", "apg"):  # ... posted under the API's own names
+        assert f"body.{field} =" in page and field in REQUEST_FIELDS
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(url + "/nothing", timeout=30)
     assert err.value.code == 404

@@ -4,7 +4,8 @@ Owns the request format and the server; sampling is ``Pipeline.__call__`` and th
 the same as ``difflab sample`` writes (its ``difflab`` text chunk holds every generation
 parameter). Standard library only (``http.server``); one request samples at a time.
 
-- ``GET /`` — an HTML form (class / prompt, sampler, steps, CFG, seed, n) showing the grid;
+- ``GET /`` — an HTML form (class / prompt, sampler, steps, CFG, seed, n, guidance interval,
+  APG) showing the grid;
 - ``GET /info`` — JSON: the run, image shape, conditioning, sampling defaults, samplers;
 - ``POST /generate`` — JSON body with any of ``n``, ``class_labels``, ``prompt``,
   ``sampler``, ``steps``, ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``
@@ -182,13 +183,20 @@ img{{image-rendering:pixelated;width:512px;margin-top:1em}}</style>
   value="{d["guidance_scale"]}"></label>
 <label>seed <input name="seed" type="number" value="0"></label>
 <label>n <input name="n" type="number" value="16" min="1"></label>
+<br><label>guide only at σ from <input name="interval_lo" type="number" step="any" size="6">
+  to <input name="interval_hi" type="number" step="any" size="6"></label>
+<label><input name="apg" type="checkbox"> APG</label>
 <button>generate</button></form><p id="msg"></p><img id="out" alt="">
 <script>
 document.getElementById("f").onsubmit = async (e) => {{
   e.preventDefault();
-  const body = {{}};
-  for (const [k, v] of new FormData(e.target)) if (v !== "")
+  const body = {{}}, form = new FormData(e.target);
+  for (const [k, v] of form) if (v !== "" && !["interval_lo", "interval_hi", "apg"].includes(k))
     body[k] = ["prompt", "sampler"].includes(k) ? v : Number(v);
+  if (form.get("interval_lo") !== "" || form.get("interval_hi") !== "")
+    body.guidance_interval = [Number(form.get("interval_lo") || 0),
+                              Number(form.get("interval_hi") || 1e30)];
+  if (form.get("apg")) body.apg = {{}};
   const msg = document.getElementById("msg");
   msg.textContent = "sampling...";
   const r = await fetch("/generate", {{method: "POST", body: JSON.stringify(body)}});
