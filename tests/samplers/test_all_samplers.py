@@ -210,6 +210,33 @@ def test_sampling_loop_never_reads_a_tensor_value_on_the_host(spec):
     assert torch.float64 not in seen.dtypes, seen.dtypes
 
 
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_guidance_refinements_and_inpainting_never_read_a_tensor_value_on_the_host(sampler):
+    """The same proof for the wrappers: guidance interval, APG (momentum and norm cap) and
+    inpainting add no host read and no float64 inside the loop (the mask's range is checked
+    once, on the tensor given, before sampling)."""
+    from _tiny_run import tiny_unet
+
+    from difflab.samplers.common import randn
+
+    model = tiny_unet(num_classes=10).to("meta")
+    shape = (2, 1, 8, 8)
+    hole = torch.zeros(1, 1, 8, 8)
+    hole[..., 2:6, 2:6] = 1.0
+    with _DeviceDtypes() as seen:
+        out = sample(
+            model, schedule=NoiseSchedule.cosine(1000), sampler=sampler, steps=6,
+            noise=randn(shape).to("meta"),
+            generator=[torch.Generator().manual_seed(i) for i in (0, 1)], guidance_scale=3.0,
+            cond={"class_labels": torch.tensor([1, 2], device="meta")},
+            uncond={"class_labels": torch.tensor([10, 10], device="meta")},
+            guidance_interval=(0.1, 10.0), apg={"momentum": -0.5, "norm_threshold": 1.0},
+            inpaint_image=torch.zeros(shape), inpaint_mask=hole, clip_x0=True, progress=False,
+        )  # fmt: skip
+    assert out.shape == shape and out.device.type == "meta"
+    assert torch.float64 not in seen.dtypes, seen.dtypes
+
 class _DeviceDtypes(TorchDispatchMode):
     """Records the dtypes of every tensor an op produces off the CPU."""
 

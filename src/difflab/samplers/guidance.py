@@ -261,7 +261,7 @@ def _half(v: Tensor | None, b: int) -> Tensor | None:
 
 # η = 0 as the paper recommends; no momentum and no norm cap by default: the paper's β = -0.5
 # needs a cap r on schedules whose first level is very noisy (x̂0 differences there are large and
-# negative momentum carries them into every later step; docs/samplers.md has the measurements).
+# negative momentum carries them into every later step; measured in docs/evaluation.md).
 APG_DEFAULTS: dict[str, float] = {"eta": 0.0, "momentum": 0.0, "norm_threshold": 0.0}
 
 
@@ -291,7 +291,7 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
     x̂0(c), and Δ⊥ = Δ - Δ∥; then x̂0 = x̂0(c) + (w - 1)·(Δ⊥ + η·Δ∥) and ε̂ recomputed.
     η = 1, β = 0, r = 0 is classifier-free guidance exactly (up to rounding); the default η = 0
     drops the parallel part, which the paper finds drives the oversaturation of high w.
-    Norms and projections run over all dimensions but the batch, in float64.  Keeps the
+    Norms and projections run over all dimensions but the batch, in float32.  Keeps the
     guidance interval of :class:`ClassifierFreeGuidance`; guidance rescale is an alternative.
 
     :param apg: ``eta`` (η), ``momentum`` (β), ``norm_threshold`` (r); missing keys take
@@ -322,7 +322,7 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
         alpha: Coef,
         sigma: Coef,
     ) -> DenoiserOutput:
-        diff = (c.x0 - u.x0).double()
+        diff = (c.x0 - u.x0).float()
         if self.momentum != 0.0 and self._running is not None:
             diff = diff + self.momentum * self._running
         self._running = diff
@@ -330,10 +330,10 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
         if self.norm_threshold > 0:
             norm = torch.linalg.vector_norm(diff, dim=dims, keepdim=True)
             diff = diff * (self.norm_threshold / norm).clamp(max=1.0)
-        unit = torch.nn.functional.normalize(c.x0.double().flatten(1), dim=1).view_as(diff)
+        unit = torch.nn.functional.normalize(c.x0.float().flatten(1), dim=1).view_as(diff)
         parallel = (diff * unit).sum(dim=dims, keepdim=True) * unit
         update = (diff - parallel) + self.eta * parallel
-        x0 = c.x0 + (w * 1.0 - 1) * update.to(c.x0.dtype)
+        x0 = c.x0 + (w - 1) * update
         return DenoiserOutput(x0, eps_from_x0(x_t.float(), x0, alpha, sigma), c.var_values)
 
 
@@ -409,12 +409,19 @@ class InpaintX0(DenoiserWrapper):
         if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):  # once, before sampling
             raise ValueError("inpaint_mask must lie in [0, 1] (1 = generate, 0 = keep)")
         self.image, self.mask = image, mask
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _image_and_mask(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(image, mask)`` on ``device``, copied there once (not in every step)."""
+        if device not in self._on:
+            self._on[device] = (self.image.to(device), self.mask.to(device))
+        return self._on[device]
 
     def at(
         self, x_t: Tensor, t: float | Tensor, alpha: Coef, sigma: Coef, **cond: Any
     ) -> DenoiserOutput:
         out = self.inner.at(x_t, t, alpha, sigma, **cond)
-        image, mask = self.image.to(x_t.device), self.mask.to(x_t.device)
+        image, mask = self._image_and_mask(x_t.device)
         keep = 1 - mask
         # x̂0 and ε̂ are both affine in x̂0 at fixed x_t, so each takes the same blend; written
         # this way the hole (m = 1) keeps the network's own output bit for bit.
