@@ -94,8 +94,15 @@ def run_example(code: str, filename: str) -> dict:
 
 
 # --------------------------------------------------------------------- the README example
-def test_readme_python_api_example_runs():
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    from _tiny_run import make_tiny_run
+
+    make_tiny_run(tmp_path / "runs" / "demo", num_classes=10)  # the example's trained run
+    monkeypatch.chdir(tmp_path)
     ns = run_example(fenced_block((ROOT / "README.md").read_text(), API_HEADING), "README.md")
+    digits, filled, hole = ns["digits"], ns["filled"], ns["hole"]
+    assert digits.shape == filled.shape == (10, 1, 8, 8)
+    assert torch.equal(filled * (1 - hole), digits * (1 - hole))  # the kept upper half
     x = ns["x"]
     assert isinstance(x, torch.Tensor) and x.shape == (4, 3, 32, 32)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
