@@ -206,6 +206,8 @@ def test_sampler_options_reach_every_call_and_are_part_of_each_cells_key(run_dir
     as_json = {"eta": 0.5, "guidance_interval": [0.5, 50.0]}  # as recorded in sweep.jsonl
     assert counting.options and all(o == as_json for o in counting.options)
     assert limited.rows[0]["sampler_options"] == as_json
+    summary = (tmp_path / "sweep.md").read_text()
+    assert 'sampling options {"eta": 0.5, "guidance_interval": [0.5, 50.0]}' in summary
     counting.calls.clear()
     assert _sweep(counting, tmp_path, digits, sampler_options=interval, **kw).computed == []
     plain = _sweep(counting, tmp_path, digits, **kw)  # no options: another cell

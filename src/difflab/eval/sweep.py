@@ -911,6 +911,8 @@ def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         settings.pop("sample_seconds", None)
         settings.pop("eval_seconds", None)
         note = ", ".join(f"{k}={v}" for k, v in settings.items())
+        if r0.get("sampler_options"):  # the same for every cell of one sweep
+            note = f"sampling options {json.dumps(r0['sampler_options'])}, {note}"
         lines += [
             "",
             f"n={r0.get('n')} samples per cell, seed {r0.get('seed')} (image i: seed+i), "
