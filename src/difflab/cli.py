@@ -575,14 +575,15 @@ def add_refinement_args(p: argparse.ArgumentParser) -> None:
         help="adaptive projected guidance in place of plain CFG (Sadat et al. 2025; "
         "defaults eta 0, no momentum, no norm cap)",
     )
-    for name, text in (
-        ("eta", "weight of the update's part parallel to the prediction (1 = CFG's)"),
-        ("momentum", "momentum beta of the guidance direction over the steps"),
-        ("threshold", "cap on the norm of the guidance direction (0 = none)"),
+    for name, metavar, text in (
+        ("eta", "ETA", "weight of the update's part parallel to the prediction (1 = CFG's)"),
+        ("momentum", "BETA", "momentum of the guidance direction over the steps (paper: -0.5)"),
+        ("threshold", "R", "cap on the norm of the guidance direction (0 = none)"),
     ):
         p.add_argument(
-            f"--apg-{name}", type=float, default=None, help=f"APG: {text}; implies --apg"
-        )
+            f"--apg-{name}", type=float, default=None, metavar=metavar,
+            help=f"APG: {text}; implies --apg",
+        )  # fmt: skip
 
 
 def refinement_options(args: argparse.Namespace) -> dict[str, Any]:
