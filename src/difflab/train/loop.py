@@ -904,7 +904,8 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Close logs and the process group this trainer created."""
+        """Close logs, the data loader's workers and the process group this trainer created."""
+        self.stream.close()
         if self.log is not None:
             self.log.close()
         teardown_distributed(self.dist)

@@ -77,25 +77,48 @@ class BatchStream:
             self._it = self._batches()
         return next(self._it)
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def close(self) -> None:
+        """Stop the loader's worker processes (if any); ``next`` starts a new one."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    def _plan(self) -> Iterator[tuple[int, int, list[int]]]:
+        """``(epoch, start, this rank's rows)`` of every batch from the current position on."""
         per_epoch = (self.n // self.batch_size) * self.batch_size
+        epoch, index = self.epoch, self.index
+        lo = self.rank * self.local
         while True:
-            if self.index >= per_epoch:
-                self.epoch, self.index = self.epoch + 1, 0
-            order = epoch_order(self.seed, self.epoch, self.n)
-            starts = list(range(self.index, per_epoch, self.batch_size))
-            lo = self.rank * self.local
-            rows = [order[s + lo : s + lo + self.local].tolist() for s in starts]
-            loader: Any
-            if self.num_workers > 0:
-                loader = DataLoader(
-                    self.dataset,
-                    batch_sampler=rows,
-                    num_workers=self.num_workers,
-                    collate_fn=default_collate,
-                )
-            else:
-                loader = (default_collate([self.dataset[i] for i in ids]) for ids in rows)
-            for start, batch in zip(starts, loader):
-                self.index = start + self.batch_size
-                yield batch
+            if index >= per_epoch:
+                epoch, index = epoch + 1, 0
+            order = epoch_order(self.seed, epoch, self.n)
+            for start in range(index, per_epoch, self.batch_size):
+                yield epoch, start, order[start + lo : start + lo + self.local].tolist()
+            index = per_epoch
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        loader: Any
+        if self.num_workers > 0:
+            # One loader over every epoch: its workers start once (a loader per epoch would
+            # respawn them each epoch) and read ahead across epoch boundaries.
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=_Rows(self._plan()),
+                num_workers=self.num_workers,
+                collate_fn=default_collate,
+            )
+        else:
+            loader = (default_collate([self.dataset[i] for i in r]) for _, _, r in self._plan())
+        for (epoch, start, _), batch in zip(self._plan(), loader):
+            self.epoch, self.index = epoch, start + self.batch_size
+            yield batch
+
+
+class _Rows:
+    """The row lists of a plan, as the (endless) batch sampler of one DataLoader."""
+
+    def __init__(self, plan: Iterator[tuple[int, int, list[int]]]) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (rows for _, _, rows in self.plan)
