@@ -263,6 +263,16 @@ def test_periodic_eval_is_pure_and_uses_pipeline_defaults(run_dir, digits):
         periodic_eval(pipe, ["fid"], 10, 0, classifier=digits)  # no run dir to read data from
 
 
+def test_the_default_digits_scorer_refuses_colour_runs_and_says_what_to_pass():
+    class ColourPipe:  # what evaluate_pipeline reads of a 3-channel, 2-class run
+        num_classes, pixel_shape = 2, (3, 16, 16)
+
+    with pytest.raises(ValueError, match="run makes 3x16x16 images; pass --inception-weights"):
+        evaluate_pipeline(ColourPipe(), metrics="fid,kid", n=4)
+    with pytest.raises(ValueError, match="'accuracy' scores with the digits classifier by"):
+        evaluate_pipeline(ColourPipe(), metrics="accuracy", n=4)
+
+
 def test_bad_input_raises_clear_errors(run_dir, tmp_path, digits):
     pipe = Pipeline.from_run(run_dir)
     with pytest.raises(ValueError, match="did you mean 'dpmpp_2m'"):

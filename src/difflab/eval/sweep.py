@@ -312,6 +312,17 @@ def _class_prompts(dataset: Any, labels: Sequence[int], names: Sequence[str]) ->
     return prompts
 
 
+def _check_digits_scorer(pipe: PipeLike, what: str, instead: str) -> None:
+    """The digits classifier, the default scorer, reads grayscale digits: refuse to score
+    other images with it, saying what to pass ``instead``."""
+    shape = getattr(pipe, "pixel_shape", None)
+    if shape is not None and shape[0] != 1:
+        raise ValueError(
+            f"{what} the digits classifier by default, which reads 1-channel digits, but this "
+            f"run makes {'x'.join(map(str, shape))} images; {instead}"
+        )
+
+
 @dataclass
 class _Evaluator:
     """Extractor, classifier and (lazily) the reference features shared by many cells."""
@@ -354,13 +365,26 @@ class _Evaluator:
                     "metric 'accuracy' needs classes, and this text run's data has captions "
                     "only; use fid, kid, precision_recall or clip_score"
                 )
-            classifier = classifier if classifier is not None else DigitsClassifier()
+            if classifier is None:
+                _check_digits_scorer(
+                    pipe, "metric 'accuracy' scores with",
+                    "pass classifier= (a FeatureExtractor with class logits for this data) "
+                    "or leave accuracy out",
+                )  # fmt: skip
+                classifier = DigitsClassifier()
             if classifier.num_classes != num_classes:
                 raise ValueError(
                     f"metric 'accuracy': the classifier {classifier.id!r} knows "
                     f"{classifier.num_classes} classes but the model has {num_classes}"
                 )
         if extractor is None:
+            if classifier is None:
+                _check_digits_scorer(
+                    pipe, "FID/KID/precision-recall/IS take their features from",
+                    "pass --inception-weights PATH (extractor= in Python): a local FID "
+                    "Inception-v3 weights file (pytorch-fid's pt_inception-2015-12-05, .pth or "
+                    ".safetensors; never downloaded)",
+                )  # fmt: skip
             extractor = classifier if classifier is not None else DigitsClassifier()
         if REFERENCE_METRICS & set(metrics) and reference is None:
             # the run's data, unless only a cache file is available (no run directory)
