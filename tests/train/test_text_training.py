@@ -4,10 +4,16 @@ for bit, and a run samples from prompts through Pipeline and the CLI."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
-from train_helpers import one_thread, tiny_config, train_with_a_cut  # noqa: F401
+from train_helpers import (  # noqa: F401
+    one_thread,
+    tiny_config,
+    train_with_a_cut,
+    write_captioned_images,
+)
 
 import difflab as dl
 from difflab.cli import main as cli_main
@@ -50,6 +56,19 @@ def test_context_dim_without_text_encoder_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, "model.context_dim=8", "data.source=digits")
     with pytest.raises(ValueError, match="set text.encoder: transformer"):
         Trainer(cfg)
+
+
+def test_captioned_data_without_a_text_encoder_warns_that_captions_go_unused(tmp_path):
+    folder = write_captioned_images(tmp_path / "data", ["a tall bar", "a small ring"] * 4)
+    data = ["data.source=captions", f"data.path={folder}", "data.image_size=8",
+            "train.batch_size=4"]  # fmt: skip
+    cfg = tiny_config(tmp_path / "run", *data, "model.num_classes=null")
+    with pytest.warns(UserWarning, match="captions are read and do not condition the model"):
+        Trainer(cfg).close()
+    text = tiny_config(tmp_path / "run2", *TEXT, *data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*do not condition the model")
+        Trainer(text).close()  # a text run uses them: no warning
 
 
 def test_caption_dropout_uses_the_empty_prompt(tmp_path):

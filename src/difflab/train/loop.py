@@ -149,6 +149,14 @@ class Trainer:
             dataset, report = build_dataset(cfg.data, generator=self.data_gen)
             if self.dist.is_main:
                 print(report)
+            if cfg.data.source == "captions" and not cfg.text.enabled:
+                warnings.warn(
+                    "data.source=captions, but text.encoder is none: the captions are read and "
+                    "do not condition the model, which trains unconditionally; set "
+                    "text.encoder=transformer (trained on these captions), clip or t5 to "
+                    "condition on them",
+                    stacklevel=2,
+                )
         else:
             gen = getattr(dataset, "generator", None)
             self.data_gen = gen if isinstance(gen, torch.Generator) else self.data_gen
