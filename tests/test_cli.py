@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,26 @@ def _err(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err
+
+
+def test_difflabs_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
+    """difflab's own warnings reach a terminal as ``difflab COMMAND: warning: ...``, without
+    the source path and code line of Python's default format."""
+    import warnings
+
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    small = ["model.preset=tiny", "model.model_channels=16", "model.norm_groups=4",
+             "train.batch_size=8", "train.device=cpu", "train.sample_every=0"]  # fmt: skip
+    argv = ["train", str(config), "--set", f"run_dir={tmp_path}",
+            *[f"--set={o}" for o in small]]  # fmt: skip
+    assert main([*argv, "--set", "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main([*argv, "--set", "train.max_steps=2", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "difflab train: warning: resuming with changed config keys: train.max_steps" in err
+    assert "loop.py" not in err and "UserWarning" not in err
 
 
 def test_error_paths_exit_2_with_a_message(run, tmp_path, capsys):

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -803,6 +804,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_printer(command: str, fallback: Any) -> Any:
+    """``warnings.showwarning`` for the command line: difflab's own warnings as one line,
+    ``difflab COMMAND: warning: ...`` (no source path and code line); others as before."""
+    package = str(Path(__file__).parent)
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if str(filename).startswith(package):
+            print(f"difflab {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, *rest)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``difflab`` console script; returns the exit status."""
     parser = build_parser()
@@ -814,7 +829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as err:
         if os.environ.get("DIFFLAB_DEBUG"):
             raise
