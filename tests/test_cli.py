@@ -236,8 +236,6 @@ def test_train_from_config_with_overrides(tmp_path, capsys):
 
 
 def test_configs_digits_yaml_is_the_demo_config():
-    from pathlib import Path
-
     from difflab.cli import DEMO_CONFIG
     from difflab.train import load_config
 
