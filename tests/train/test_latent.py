@@ -58,8 +58,13 @@ def test_config_follows_the_latent_and_refuses_contradictions(vae_dir, tmp_path)
     cfg = load_config(None, [f"latent.vae={folder}", "data.image_size=8",
                              "model.attention_resolutions=[2]"])  # fmt: skip
     assert (cfg.model_config().in_channels, cfg.model_config().image_size) == (2, 4)
-    with pytest.raises(ValueError, match="contradicts the autoencoder's latent"):
+    with pytest.raises(ValueError, match=r"contradicts the autoencoder's latent .* --set mod"):
         load_config(None, [f"latent.vae={folder}", "data.image_size=8", "model.in_channels=1"])
+    # a config that sets the pixel sizes (configs/image_folder.yaml) is overridden with null
+    cleared = load_config(None, [f"latent.vae={folder}", "data.image_size=8",
+                                 "model.attention_resolutions=[2]", "model.in_channels=null",
+                                 "model.image_size=null"])  # fmt: skip
+    assert (cleared.model_config().in_channels, cleared.model_config().image_size) == (2, 4)
     with pytest.raises(ValueError, match="encodes 1-channel images"):
         load_config(None, [f"latent.vae={folder}", "data.channels=3", "data.image_size=8",
                            "model.attention_resolutions=[2]"])  # fmt: skip

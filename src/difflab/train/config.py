@@ -509,10 +509,11 @@ class TrainConfig:
                 "image_size": self.data.image_size // vae.downsample_factor,
             }
             for key, value in latent.items():
-                if spec.get(key, value) != value:
+                if spec.get(key) not in (None, value):  # null: take it from the latent
                     raise ValueError(
                         f"model.{key}={spec[key]} contradicts the autoencoder's latent "
-                        f"({key} {value}); leave it out for latent diffusion"
+                        f"({key} {value}); leave it out for latent diffusion (or --set "
+                        f"model.{key}=null when the config sets it)"
                     )
                 spec[key] = value
         spec.setdefault("image_size", self.data.image_size)
