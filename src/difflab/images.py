@@ -1,8 +1,10 @@
 """Images out: tensors in [-1, 1] -> uint8, grids, PNGs that carry their generation parameters.
 
 Owns ``to_uint8``, ``make_grid``, ``save_png`` / ``read_png_params`` (a PNG text chunk
-``difflab`` holding every generation parameter as JSON, so any image can be reproduced) and
-``save_grid``.  PIL only.  Knows nothing of models or samplers.
+``difflab`` holding every generation parameter as JSON, so any image can be reproduced),
+``save_grid``, and the figures of plots (``new_figure`` / ``save_figure``: matplotlib's object
+API on an Agg canvas, no pyplot and no global backend change; written atomically).  Knows
+nothing of models or samplers.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from torch import Tensor
 __all__ = [
     "PNG_KEY",
     "make_grid",
+    "new_figure",
     "png_bytes",
     "read_png_params",
+    "save_figure",
     "save_grid",
     "save_image",
     "save_png",
@@ -140,3 +144,23 @@ def save_grid(
 def save_image(image: Tensor, path: str | Path, params: Mapping[str, Any] | None = None) -> Path:
     """One image ``[C, H, W]`` in [-1, 1] as a PNG with its parameters."""
     return save_png(_pil(to_uint8(image)[0]), path, params)
+
+
+def new_figure(n_rows: int, n_cols: int, width: float = 3.6, height: float = 2.8) -> Any:
+    """A matplotlib ``(figure, axes[n_rows][n_cols])`` on its own Agg canvas (no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * n_cols, height * n_rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(n_rows, n_cols, squeeze=False)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path

@@ -34,6 +34,7 @@ from torch import Tensor
 from difflab._validate import check_choice
 from difflab.eval.features import DigitsClassifier, FeatureExtractor, cache_dir
 from difflab.eval.metrics import METRICS, evaluate, to_uint8
+from difflab.images import new_figure, save_figure
 
 __all__ = [
     "LIKELIHOOD_METHODS",
@@ -974,23 +975,6 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) 
 # --------------------------------------------------------------------------------------------
 
 
-def _figure(n_rows: int, n_cols: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3.6 * n_cols, 2.8 * n_rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    return fig, axes
-
-
-def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
-
-
 def _series(rows, x: str, y: str, **fixed: Any) -> tuple[list[float], list[float]]:
     pts = sorted(
         (r[x], r[y])
@@ -1032,7 +1016,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) ->
     step_list = sorted({r["steps"] for r in rows})
     files = {}
 
-    fig, axes = _figure(len(metrics), len(scales))  # metric vs NFE
+    fig, axes = new_figure(len(metrics), len(scales))  # metric vs NFE
     for i, m in enumerate(metrics):
         for j, w in enumerate(scales):
             ax = axes[i][j]
@@ -1042,9 +1026,9 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) ->
             ax.set(xlabel="NFE", ylabel=m, title=f"CFG {w:g}")
             _log_ticks(ax, [r["nfe"] for r in rows if r.get("nfe")])
     axes[0][0].legend(fontsize="small")
-    files["nfe_plot"] = _save(fig, out / SWEEP_FILES["nfe_plot"])
+    files["nfe_plot"] = save_figure(fig, out / SWEEP_FILES["nfe_plot"])
 
-    fig, axes = _figure(len(metrics), len(step_list))  # metric vs guidance
+    fig, axes = new_figure(len(metrics), len(step_list))  # metric vs guidance
     for i, m in enumerate(metrics):
         for j, k in enumerate(step_list):
             ax = axes[i][j]
@@ -1053,11 +1037,11 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) ->
                 ax.plot(xs, ys, marker="o", label=s)
             ax.set(xlabel="guidance scale", ylabel=m, title=f"{k} steps")
     axes[0][0].legend(fontsize="small")
-    files["guidance_plot"] = _save(fig, out / SWEEP_FILES["guidance_plot"])
+    files["guidance_plot"] = save_figure(fig, out / SWEEP_FILES["guidance_plot"])
 
     fid, acc = _find(metrics, "fid"), _find(metrics, "accuracy")
     if fid and acc:  # the guidance trade-off: quality of the distribution vs class fidelity
-        fig, axes = _figure(1, len(step_list))
+        fig, axes = new_figure(1, len(step_list))
         for j, k in enumerate(step_list):
             ax = axes[0][j]
             for s in samplers:
@@ -1068,5 +1052,5 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike) ->
                     ax.annotate(f"{r['guidance_scale']:g}", (r[fid], r[acc]), fontsize="x-small")
             ax.set(xlabel=fid, ylabel=acc, title=f"{k} steps (labels: CFG scale)")
         axes[0][0].legend(fontsize="small")
-        files["tradeoff_plot"] = _save(fig, out / SWEEP_FILES["tradeoff_plot"])
+        files["tradeoff_plot"] = save_figure(fig, out / SWEEP_FILES["tradeoff_plot"])
     return files
