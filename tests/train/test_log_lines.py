@@ -1,5 +1,5 @@
 """Runs whose output goes to a file print a plain line per logged step instead of a progress
-bar (USER_NEEDS 24); the lines agree with ``metrics.jsonl``."""
+bar (USER_NEEDS 24); the lines agree with ``metrics.jsonl``, which ``metrics.png`` draws."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
 from difflab.train import train
-from difflab.train.monitor import log_line
+from difflab.train.monitor import log_line, plot_metrics
 
 
 def _step_lines(text: str) -> list[str]:
@@ -46,3 +46,22 @@ def test_log_line_reads_well_and_extrapolates_the_time_left():
         "step 40/4000 (1%)  loss 0.5138  lr 8.00e-04  grad 1.27  1480 img/s  epoch 2  "
         "ema 0.820  eta 3:18:00"
     )
+
+
+def test_metrics_png_has_a_panel_per_logged_quantity(tmp_path):
+    """``metrics.png`` at each checkpoint: training loss, learning rate and, with validation,
+    its loss: three panels of 3.4 in at 100 dpi. Switched off, none is drawn."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    cfg = tiny_config(run, "train.max_steps=4", "train.log_every=1", "train.plot_metrics=true",
+                      "train.val_fraction=0.25", "train.val_every=2")  # fmt: skip
+    train(cfg, dataset=ToyData(), progress=False)
+    with Image.open(run / "metrics.png") as img:
+        assert img.format == "PNG" and img.size[0] == 3 * 340
+    assert plot_metrics(run, tmp_path / "again.png") == tmp_path / "again.png"
+    (run / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n')
+    assert plot_metrics(run, tmp_path / "none.png") is None  # no training step logged yet
+    off = tmp_path / "off"
+    train(tiny_config(off, "train.max_steps=2"), dataset=ToyData(), progress=False)
+    assert not (off / "metrics.png").exists()

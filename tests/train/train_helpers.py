@@ -14,6 +14,7 @@ from difflab.train.validation import validation_timesteps
 
 TINY_MODEL = [
     "train.device=cpu",  # the same on every machine; tests/train/test_cuda.py uses CUDA
+    "train.plot_metrics=false",  # 0.2 s a checkpoint; tests/train/test_log_lines.py draws it
     "model.preset=tiny",
     "model.image_size=8",
     "model.model_channels=16",

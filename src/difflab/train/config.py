@@ -191,6 +191,7 @@ class LoopConfig:
     save_every: int = 500  # 0 = only at the end
     num_workers: int = 0
     tensorboard: bool = True
+    plot_metrics: bool = True  # RUN/metrics.png at every checkpoint
     # Metrics of eval_n EMA samples every eval_every steps, logged to metrics.jsonl
     # (difflab.eval.periodic_eval); FID/KID in the digits classifier's feature space unless
     # eval_inception_weights names a local pytorch-fid Inception file.

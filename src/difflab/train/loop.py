@@ -61,7 +61,7 @@ from .checkpoint import (
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .ema import EMA
-from .monitor import MetricsLog, log_line, sample_grid
+from .monitor import MetricsLog, log_line, plot_metrics, sample_grid
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
@@ -627,6 +627,8 @@ class Trainer:
                 meta=meta,
             )
             save_checkpoint(self.run_dir, ckpt)
+            if self.cfg.train.plot_metrics and self.log is not None:
+                plot_metrics(self.run_dir)  # the picture of metrics.jsonl so far
             if self.cfg.finetune.base_run is not None:
                 from ..finetune import save_lora
 

@@ -1,7 +1,9 @@
 """What a run reports while it trains: ``metrics.jsonl``, TensorBoard, fixed-seed sample grids.
 
 Owns the metric log (one JSON object per line, appended and flushed), the plain log line
-printed in place of the progress bar when output goes to a file (``log_line``), the optional
+printed in place of the progress bar when output goes to a file (``log_line``), the picture
+of a run's metrics (``plot_metrics``: ``metrics.png``, training loss, learning rate,
+validation loss and periodic evaluations against the step), the optional
 TensorBoard writer (used when ``torch.utils.tensorboard`` imports), and the sample grids
 drawn from the raw and the EMA weights with the same seed every time
 (``samples/step_XXXXXX_{raw,ema}.png``).  Grids go through ``difflab.samplers.sample``;
@@ -18,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..images import save_grid
+from ..images import new_figure, save_figure, save_grid
 from ..schedules import NoiseSchedule
 from .config import TrainConfig
 
-__all__ = ["MetricsLog", "log_line", "sample_grid"]
+__all__ = ["MetricsLog", "log_line", "plot_metrics", "sample_grid"]
 
 
 class MetricsLog:
@@ -79,6 +81,49 @@ def log_line(record: dict[str, Any], total_steps: int, elapsed_s: float, start_s
         left = round(elapsed_s / done * (total_steps - step))
         parts.append(f"eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
     return "  ".join(parts)
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Draw ``run_dir/metrics.jsonl`` as ``metrics.png`` (or ``out``): one panel each for the
+    training loss (log scale; DreamBooth's instance and prior losses too; steps skipped for a
+    non-finite loss marked), the learning rate, the validation loss (raw and EMA weights) and
+    every periodic-evaluation metric, against the optimiser step. Returns the path, or None
+    when the log holds no training step yet."""
+    from ..eval.sweep import metric_columns
+
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    train = [r for r in records if "event" not in r and isinstance(r.get("loss"), (int, float))]
+    if not train:
+        return None
+    validation = [r for r in records if r.get("event") == "validation"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    skipped = [r["step"] for r in records if r.get("event") == "nonfinite" or r.get("skipped")]
+    panels: list[tuple[str, list[tuple[str, list[dict[str, Any]], str]]]] = [
+        ("training loss", [("loss", train, "loss"), ("instance", train, "loss_instance"),
+                           ("prior", train, "loss_prior")]),
+        ("learning rate", [("lr", train, "lr")]),
+    ]  # fmt: skip
+    if validation:
+        panels.append(("validation loss", [("raw", validation, "val_loss"),
+                                           ("EMA", validation, "val_loss_ema")]))  # fmt: skip
+    panels += [(key, [(key, evals, key)]) for key in metric_columns(evals)]
+    fig, axes = new_figure(1, len(panels), width=3.4, height=2.6)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, rows, key in lines:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            pts = [(x, y) for x, y in pts if math.isfinite(y)]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
+        if title == "training loss":
+            ax.set_yscale("log")
+            for step in skipped:
+                ax.axvline(step, color="tab:red", alpha=0.3, linewidth=0.8)
+        if sum(1 for _, rows, key in lines if any(key in r for r in rows)) > 1:
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    return save_figure(fig, out or Path(run_dir) / "metrics.png")
 
 
 @torch.no_grad()
