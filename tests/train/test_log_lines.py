@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
 from difflab.train import train
@@ -65,3 +66,16 @@ def test_metrics_png_has_a_panel_per_logged_quantity(tmp_path):
     off = tmp_path / "off"
     train(tiny_config(off, "train.max_steps=2"), dataset=ToyData(), progress=False)
     assert not (off / "metrics.png").exists()
+
+
+def test_a_failing_plot_warns_and_training_goes_on(tmp_path, monkeypatch):
+    from difflab.train import loop
+
+    def broken(run_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loop, "plot_metrics", broken)
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.plot_metrics=true")
+    with pytest.warns(UserWarning, match="metrics.png not drawn: OSError"):
+        result = train(cfg, dataset=ToyData(), progress=False)
+    assert result.step == 2 and (tmp_path / "ema.safetensors").is_file()

@@ -628,7 +628,10 @@ class Trainer:
             )
             save_checkpoint(self.run_dir, ckpt)
             if self.cfg.train.plot_metrics and self.log is not None:
-                plot_metrics(self.run_dir)  # the picture of metrics.jsonl so far
+                try:  # the picture of metrics.jsonl so far; never worth stopping a run for
+                    plot_metrics(self.run_dir)
+                except Exception as err:  # noqa: BLE001 - reported, and training goes on
+                    warnings.warn(f"metrics.png not drawn: {err!r}", stacklevel=2)
             if self.cfg.finetune.base_run is not None:
                 from ..finetune import save_lora
 
