@@ -105,6 +105,7 @@ def test_sample_from_an_init_image_is_the_pipelines_img2img(run, tmp_path, capsy
             "--n", "2", "--steps", "6", "--sampler", "ddim", "--seed", "3",
             "-o", str(out)]  # fmt: skip
     assert main(argv) == 0
+    assert f"(2 images, ddim, 3 of 6 steps from {init})" in capsys.readouterr().out
     params = read_png_params(out)
     assert params["strength"] == 0.5 and params["init_image"] == str(init)
     with Image.open(init) as img:

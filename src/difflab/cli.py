@@ -725,7 +725,11 @@ def _sample(args: argparse.Namespace) -> int:
     if nrow is None and args.classes and len(args.classes) > 1:
         nrow = n // len(args.classes)  # one row per class
     save_grid(images, out, nrow=nrow, params=params)
-    print(f"wrote {out} ({n} images, {params['sampler']}, {params['steps']} steps)")
+    steps = f"{params['steps']} steps"
+    if args.init_image is not None:  # the steps actually run, and what they started from
+        what = "inpainting" if args.mask is not None else "from"
+        steps = f"{len(params['timesteps'])} of {steps} {what} {args.init_image}"
+    print(f"wrote {out} ({n} images, {params['sampler']}, {steps})")
     if args.separate:
         folder = out.with_suffix("")
         for i in range(n):
