@@ -149,7 +149,7 @@ class Trainer:
             dataset, report = build_dataset(cfg.data, generator=self.data_gen)
             if self.dist.is_main:
                 print(report)
-            if cfg.data.source == "captions" and not cfg.text.enabled:
+            if self.dist.is_main and cfg.data.source == "captions" and not cfg.text.enabled:
                 warnings.warn(
                     "data.source=captions, but text.encoder is none: the captions are read and "
                     "do not condition the model, which trains unconditionally; set "
@@ -752,10 +752,11 @@ class Trainer:
                 mean = sum(window) / len(window)
                 extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
                 extra.update({key: sum(v) / len(v) for key, v in parts.items()})
-                self._log({**good, **extra})
+                record = {**good, **extra}
+                self._log(record)
                 if plain:
                     since = time.perf_counter() - start_time
-                    print(log_line({**good, **extra}, last, since, start_step), flush=True)
+                    print(log_line(record, last, since, start_step), flush=True)
                 window, parts, tick = [], {}, time.perf_counter()
             if tc.sample_every and step % tc.sample_every == 0:
                 result.grids += self._grids()
