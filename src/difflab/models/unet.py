@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from difflab.models.layers import (
     AttentionBlock,
+    Dropout,
     SpatialTransformer,
     group_norm,
     timestep_embedding,
@@ -232,7 +233,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = group_norm(out_ch, norm_groups)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
         self.resample = resample  # None | "down" | "up"
