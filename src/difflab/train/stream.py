@@ -9,7 +9,7 @@ rank walks the same global order and loads only its own rows.  Knows nothing of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
@@ -64,7 +64,7 @@ class BatchStream:
         self.local = batch_size // world_size
         self.seed, self.rank, self.num_workers = seed, rank, num_workers
         self.epoch, self.index = epoch, index
-        self._it: Iterator[Any] | None = None
+        self._it: Generator[dict[str, Any], None, None] | None = None
 
     @property
     def position(self) -> dict[str, int]:
@@ -96,7 +96,7 @@ class BatchStream:
                 yield epoch, start, order[start + lo : start + lo + self.local].tolist()
             index = per_epoch
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def _batches(self) -> Generator[dict[str, Any], None, None]:
         loader: Any
         if self.num_workers > 0:
             # One loader over every epoch: its workers start once (a loader per epoch would
