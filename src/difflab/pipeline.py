@@ -478,7 +478,10 @@ class Pipeline:
             eta=eta, guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
             apg=apg, **sampler_options,
         )  # fmt: skip
-        args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
+        args = dict(
+            n=n, class_labels=class_labels, prompt=prompt, sampler=sampler, steps=steps,
+            guidance_scale=guidance_scale, seed=seed, spacing=spacing, clip_x0=clip_x0,
+        )  # fmt: skip
         return self._generate(args, None, None, progress, options)[0]
 
     @torch.no_grad()
@@ -533,7 +536,10 @@ class Pipeline:
             apg=apg, **sampler_options,
         )  # fmt: skip
         n = images.shape[0]
-        args = (n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, clip_x0)
+        args = dict(
+            n=n, class_labels=class_labels, prompt=prompt, sampler=sampler, steps=steps,
+            guidance_scale=guidance_scale, seed=seed, spacing=spacing, clip_x0=clip_x0,
+        )  # fmt: skip
         out, timesteps = self._generate(args, images, strength, progress, options, mask)
         return Img2ImgResult(out, timesteps or [])
 
@@ -561,7 +567,7 @@ class Pipeline:
 
     def _generate(
         self,
-        args: tuple[Any, ...],
+        args: dict[str, Any],
         init: Tensor | None,
         strength: float | None,
         progress: bool | None,
@@ -573,10 +579,10 @@ class Pipeline:
         from .samplers import img2img, sample
         from .samplers.common import randn
 
-        n, class_labels, prompt, *_, spacing, _ = args
-        p = self.resolve_params(*args, strength=strength, inpaint=mask is not None, **options)
-        labels = self._labels(class_labels, n)
-        cond, uncond = self._conditioning(labels, prompt, n)
+        n = args["n"]
+        p = self.resolve_params(**args, strength=strength, inpaint=mask is not None, **options)
+        labels = self._labels(args["class_labels"], n)
+        cond, uncond = self._conditioning(labels, args["prompt"], n)
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
         shape = (n, *self.image_shape)
         noise = randn(shape, gens, device=self.device)
@@ -586,7 +592,7 @@ class Pipeline:
             steps=p["steps"],
             prediction=self.prediction,
             variance=self.variance,
-            spacing=spacing,
+            spacing=args["spacing"],
             guidance_scale=p["guidance_scale"],
             cond=cond or None,
             uncond=uncond if p["guidance_scale"] != 1.0 else None,
