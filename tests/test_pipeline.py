@@ -54,6 +54,52 @@ def test_guidance_zero_is_the_unconditional_sample(pipe):
     assert not torch.allclose(labelled, uncond, atol=1e-4)
 
 
+def test_negative_class_replaces_the_null_label_in_guidance(pipe):
+    """CFG with a negative class c' is eps(c') + w (eps(c) - eps(c')): the same sample as
+    dl.sample with c' as the unconditional side; w = 0 gives the negative class's sample."""
+    from difflab.samplers import sample
+
+    kw = dict(n=2, class_labels=[3, 4], guidance_scale=2.5, seed=5, sampler="ddim", steps=4)
+    got = pipe(**kw, negative_class=[8, 1])
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    expected = sample(
+        pipe.model, (2, 1, 8, 8), schedule=pipe.schedule, sampler="ddim", steps=4,
+        guidance_scale=2.5, cond={"class_labels": torch.tensor([3, 4])},
+        uncond={"class_labels": torch.tensor([8, 1])}, generator=gens,
+        prediction=pipe.prediction, variance=pipe.variance, clip_x0=True, progress=False,
+    )  # fmt: skip
+    torch.testing.assert_close(got, expected.clamp(-1, 1), rtol=0, atol=1e-5)
+    zero = pipe(**{**kw, "guidance_scale": 0.0}, negative_class=8)
+    torch.testing.assert_close(zero, pipe(**{**kw, "class_labels": 8, "guidance_scale": 1.0}))
+    assert pipe.resolve_params(2, [3, 4], negative_class=8)["negative_class"] == [8, 8]
+    with pytest.raises(ValueError, match="class labels must lie in 0..9"):
+        pipe(**kw, negative_class=10)
+    with pytest.raises(ValueError, match="negative_class needs class_labels"):
+        pipe(n=2, negative_class=1, steps=2)
+
+
+def test_noise_and_size_arguments(pipe):
+    """noise= equal to the seeded draw reproduces the seeded images; other noise differs;
+    height/width sample another size (the U-Net is convolutional) and are recorded."""
+    from difflab.samplers.common import randn
+
+    gens = [torch.Generator().manual_seed(9 + i) for i in range(2)]
+    noise = randn((2, 1, 8, 8), gens)
+    seeded = pipe(n=2, class_labels=[1, 2], seed=9)
+    torch.testing.assert_close(pipe(n=2, class_labels=[1, 2], seed=9, noise=noise), seeded)
+    other = pipe(n=2, class_labels=[1, 2], seed=9, noise=torch.zeros(2, 1, 8, 8))
+    assert not torch.allclose(other, seeded, atol=1e-4)
+    assert pipe.resolve_params(2, [1, 2], custom_noise=True)["noise"] == "custom"
+    with pytest.raises(ValueError, match=r"noise must be a tensor of shape \(2, 1, 8, 8\)"):
+        pipe(n=2, class_labels=[1, 2], noise=torch.zeros(2, 1, 4, 4))
+    wide = pipe(n=1, class_labels=3, height=8, width=16, seed=0)
+    assert wide.shape == (1, 1, 8, 16)
+    assert pipe.resolve_params(1, 3, size=(8, 16))["size"] == [8, 16]
+    assert pipe.resolve_params(1, 3)["size"] == [8, 8]
+    with pytest.raises(ValueError, match="width must be a positive multiple of 2"):
+        pipe(n=1, class_labels=3, width=9)
+
+
 def test_guidance_refinements_reach_the_sampler_and_are_recorded(pipe):
     """An interval holding no step is the conditional sample (w acts nowhere), one holding
     every step is plain CFG; rescale and eta change the images; all land in the params."""
@@ -94,8 +140,10 @@ def test_img2img_equals_dl_img2img_per_image_seeds_and_returns_its_timesteps(pip
     alone = pipe.img2img(init[2:], 0.4, **{**kw, "class_labels": [7], "seed": 7})
     torch.testing.assert_close(alone.images[0], result.images[2], rtol=0, atol=1e-5)
     assert pipe.resolve_params(3, [1, 4, 7], strength=0.4)["strength"] == 0.4
-    with pytest.raises(ValueError, match=r"images have shape \(3, 8, 8\) but this run makes"):
+    with pytest.raises(ValueError, match=r"images have 3 channels but this model makes 1-channel"):
         pipe.img2img(torch.zeros(1, 3, 8, 8), 0.5)
+    with pytest.raises(ValueError, match=r"height must be a positive multiple of 2"):
+        pipe.img2img(torch.zeros(1, 1, 7, 8), 0.5)
     with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
         pipe.img2img(init, 0.0)
 

@@ -335,14 +335,51 @@ class Pipeline:
             )
         return scale
 
+    def _negative_labels(
+        self, negative_class: int | Sequence[int] | Tensor | None, n: int
+    ) -> Tensor | None:
+        if negative_class is None:
+            return None
+        if self.num_classes is None:
+            raise ValueError(
+                "negative_class given, but this model has no class conditioning "
+                "(num_classes=None); a text model takes negative_prompt="
+            )
+        return self._labels(negative_class, n)
+
+    @staticmethod
+    def _prompts(prompt: str | Sequence[str] | None, n: int, what: str) -> list[str] | None:
+        if prompt is None:
+            return None
+        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{what} must be a string or {n} strings (one per image)")
+        return prompts
+
     def _conditioning(
-        self, labels: Tensor | None, prompt: str | Sequence[str] | None, n: int
+        self,
+        labels: Tensor | None,
+        prompt: str | Sequence[str] | None,
+        n: int,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_labels: Tensor | None = None,
+        size: tuple[int, int] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(cond, uncond)`` keyword conditioning of one call: the class labels or prompt
+        embeddings, and the unconditional side of classifier-free guidance (the null label
+        or the empty prompt, unless a negative class / negative prompt replaces them)."""
         cond: dict[str, Any] = {}
         uncond: dict[str, Any] = {}
         if labels is not None:
             cond["class_labels"] = labels.to(self.device)
-            uncond["class_labels"] = torch.full_like(cond["class_labels"], self.num_classes)
+            null = torch.full_like(cond["class_labels"], self.num_classes)  # type: ignore[arg-type]
+            negative = null if negative_labels is None else negative_labels.to(self.device)
+            uncond["class_labels"] = negative
+        elif negative_labels is not None:
+            raise ValueError("negative_class needs class_labels for the positive side")
+        negatives = self._prompts(negative_prompt, n, "negative_prompt")
+        if prompt is None and negatives is not None:
+            raise ValueError("negative_prompt needs a prompt for the positive side")
         if prompt is not None:
             if self.context_dim is None:
                 raise ValueError(
@@ -354,26 +391,37 @@ class Pipeline:
                     "this model is text-conditional but the Pipeline has no text_encoder; "
                     "pass text_encoder= to Pipeline.from_run"
                 )
-            prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-            if len(prompts) != n:
-                raise ValueError(f"got {len(prompts)} prompts for n={n} images")
+            prompts = self._prompts(prompt, n, "prompt")
+            assert prompts is not None
             unknown = getattr(getattr(self.text_encoder, "tokenizer", None), "unknown_words", None)
-            if unknown is not None and unknown(prompts):
+            seen = prompts + (negatives or [])
+            if unknown is not None and unknown(seen):
                 warnings.warn(
-                    f"words never seen in the training captions: {', '.join(unknown(prompts))} "
+                    f"words never seen in the training captions: {', '.join(unknown(seen))} "
                     "(each is encoded as <unk>)",
                     stacklevel=3,
                 )
-            ctx, mask = self.text_encoder(prompts)
-            empty, empty_mask = self.text_encoder([""] * n)
-            cond["context"] = ctx.to(self.device, self.dtype)
-            uncond["context"] = empty.to(self.device, self.dtype)
-            if mask is not None and empty_mask is not None:
-                cond["context_mask"] = mask.to(self.device)
-                uncond["context_mask"] = empty_mask.to(self.device)
+            rich = getattr(self.text_encoder, "conditioning", None)
+            if rich is not None:  # an encoder that builds whole keyword dicts (SD, SDXL)
+                pos, neg = rich(prompts, negatives, size=size)
+            else:
+                ctx, mask = self.text_encoder(prompts)
+                empty, empty_mask = self.text_encoder(negatives or [""] * n)
+                pos, neg = {"context": ctx}, {"context": empty}
+                if mask is not None and empty_mask is not None:
+                    pos["context_mask"], neg["context_mask"] = mask, empty_mask
+            cond.update(self._on_device(pos))
+            uncond.update(self._on_device(neg))
         elif self.context_dim is not None:
             raise ValueError("this model is text-conditional: pass prompt=")
         return cond, uncond
+
+    def _on_device(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Conditioning tensors on the pipeline's device; floating ones in its dtype."""
+        return {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in tensors.items()
+        }
 
     # ------------------------------------------------------------------ sampling
     def resolve_params(
@@ -394,9 +442,16 @@ class Pipeline:
         apg: Mapping[str, float] | None = None,
         strength: float | None = None,
         inpaint: bool = False,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_class: int | Sequence[int] | Tensor | None = None,
+        size: tuple[int, int] | None = None,
+        custom_noise: bool = False,
         **sampler_options: Any,
     ) -> dict[str, Any]:
-        """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks)."""
+        """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks).
+
+        ``size`` is the ``(height, width)`` in pixels of the images (``None``: the model's
+        own); ``custom_noise`` records that the caller passed the initial ``noise``."""
         from . import __version__
         from .samplers import SAMPLERS
         from .samplers.guidance import check_apg_options, check_guidance_interval
@@ -404,10 +459,13 @@ class Pipeline:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         labels = self._labels(class_labels, n)
+        negative_labels = self._negative_labels(negative_class, n)
+        negatives = self._prompts(negative_prompt, n, "negative_prompt")
         scale = self._guidance(guidance_scale, labels is not None or prompt is not None)
         name = sampler if sampler is not None else str(self.sample_defaults["sampler"])
         spec, implied = SAMPLERS.resolve(name)
         interval = check_guidance_interval(guidance_interval)
+        height, width = self.pixel_size(size)
         return {
             "run": self.run_dir,
             "weights": self.weights,
@@ -427,6 +485,12 @@ class Pipeline:
             "n": n,
             "class_labels": None if labels is None else labels.tolist(),
             "prompt": prompt if prompt is None or isinstance(prompt, str) else list(prompt),
+            **({"negative_prompt": _one_or_all(negatives)} if negatives is not None else {}),
+            **(
+                {"negative_class": negative_labels.tolist()} if negative_labels is not None else {}
+            ),
+            "size": [height, width],
+            **({"noise": "custom"} if custom_noise else {}),
             "prediction": self.prediction,
             **({"latent": True} if self.vae is not None else {}),
             **({"lora": self.loras} if self.loras else {}),
@@ -454,9 +518,22 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[float, float] | None = None,
         apg: Mapping[str, float] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_class: int | Sequence[int] | Tensor | None = None,
+        noise: Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
+
+        ``negative_prompt`` (one string or one per image) replaces the empty prompt on the
+        unconditional side of classifier-free guidance, and ``negative_class`` the null
+        label of a class model: guidance then pushes away from them.  ``noise`` is the
+        initial state ``[n, *image_shape]`` (unit variance; latents for a latent model) instead
+        of the seeded draw; ancestral samplers still draw their later noise from the seeds.
+        ``height`` / ``width`` choose another image size in pixels (multiples of the
+        network's and autoencoder's downsampling), for models that allow it.
 
         Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral noise), so
         it equals the same seed drawn alone. ``class_labels`` (an int or ``n`` ints) conditions a
@@ -481,8 +558,10 @@ class Pipeline:
         args = dict(
             n=n, class_labels=class_labels, prompt=prompt, sampler=sampler, steps=steps,
             guidance_scale=guidance_scale, seed=seed, spacing=spacing, clip_x0=clip_x0,
+            negative_prompt=negative_prompt, negative_class=negative_class,
+            size=None if height is None and width is None else (height, width),
         )  # fmt: skip
-        return self._generate(args, None, None, progress, options)[0]
+        return self._generate(args, None, None, progress, options, noise=noise)[0]
 
     @torch.no_grad()
     def img2img(
@@ -504,6 +583,8 @@ class Pipeline:
         guidance_interval: tuple[float, float] | None = None,
         apg: Mapping[str, float] | None = None,
         mask: Tensor | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_class: int | Sequence[int] | Tensor | None = None,
         **sampler_options: Any,
     ) -> Img2ImgResult:
         """SDEdit image-to-image (Meng et al. 2022) from ``images`` ``[N, C, H, W]`` in [-1, 1]
@@ -524,11 +605,14 @@ class Pipeline:
         if not isinstance(images, Tensor) or images.ndim != 4:
             got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor [N, C, H, W], got {got}")
-        if tuple(images.shape[1:]) != self.pixel_shape:
+        c, h, w = images.shape[1:]
+        if c != self.pixel_shape[0]:
             raise ValueError(
-                f"images have shape {tuple(images.shape[1:])} but this run makes "
-                f"{self.pixel_shape} images; resize them first (difflab.data.ImageTransform)"
+                f"images have {c} channels but this model makes {self.pixel_shape[0]}-channel "
+                "images"
             )
+        if (h, w) != self.pixel_shape[1:]:
+            self.pixel_size((h, w))  # another size: it must fit the network
         if mask is not None:
             mask = self._check_mask(mask, images)
         options = dict(
@@ -539,6 +623,8 @@ class Pipeline:
         args = dict(
             n=n, class_labels=class_labels, prompt=prompt, sampler=sampler, steps=steps,
             guidance_scale=guidance_scale, seed=seed, spacing=spacing, clip_x0=clip_x0,
+            negative_prompt=negative_prompt, negative_class=negative_class,
+            size=None if (h, w) == self.pixel_shape[1:] else (int(h), int(w)),
         )  # fmt: skip
         out, timesteps = self._generate(args, images, strength, progress, options, mask)
         return Img2ImgResult(out, timesteps or [])
@@ -565,6 +651,39 @@ class Pipeline:
         f = int(config.downsample_factor)
         return (int(config.in_channels), h * f, w * f)
 
+    @property
+    def downsample_factor(self) -> int:
+        """Image sides must be multiples of this: the network's downsampling times the
+        autoencoder's for a latent model."""
+        f = int(getattr(getattr(self.model, "config", None), "downsample_factor", 1))
+        if self.vae is not None:
+            f *= int(self.vae.config.downsample_factor)  # type: ignore[union-attr]
+        return f
+
+    def pixel_size(self, size: tuple[int | None, int | None] | None) -> tuple[int, int]:
+        """``(height, width)`` in pixels of a call's images: ``size`` checked, its ``None``
+        sides taken from the model's own size."""
+        _, h0, w0 = self.pixel_shape
+        if size is None:
+            return h0, w0
+        f = self.downsample_factor
+        h, w = (h0 if size[0] is None else size[0]), (w0 if size[1] is None else size[1])
+        for name, v in (("height", h), ("width", w)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {f} (this model's downsampling), "
+                    f"got {v!r}"
+                )
+        return int(h), int(w)
+
+    def latent_shape(self, size: tuple[int, int] | None) -> tuple[int, ...]:
+        """The sampled state's ``(C, h, w)`` for images of ``size`` pixels."""
+        if size is None:
+            return tuple(self.image_shape)
+        h, w = self.pixel_size(size)
+        f = 1 if self.vae is None else int(self.vae.config.downsample_factor)  # type: ignore[union-attr]
+        return (self.image_shape[0], h // f, w // f)
+
     def _generate(
         self,
         args: dict[str, Any],
@@ -573,6 +692,7 @@ class Pipeline:
         progress: bool | None,
         options: dict[str, Any],
         mask: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, list[float] | None]:
         """Images sampled from noise (``init`` None) or from ``init`` images, and the
         timesteps used (img2img only); the shared body of ``__call__`` and ``img2img``."""
@@ -580,12 +700,26 @@ class Pipeline:
         from .samplers.common import randn
 
         n = args["n"]
-        p = self.resolve_params(**args, strength=strength, inpaint=mask is not None, **options)
+        p = self.resolve_params(
+            **args, strength=strength, inpaint=mask is not None, custom_noise=noise is not None,
+            **options,
+        )  # fmt: skip
         labels = self._labels(args["class_labels"], n)
-        cond, uncond = self._conditioning(labels, args["prompt"], n)
+        negative_labels = self._negative_labels(args["negative_class"], n)
+        size = args["size"]
+        cond, uncond = self._conditioning(
+            labels, args["prompt"], n, args["negative_prompt"], negative_labels,
+            size=tuple(p["size"]),
+        )  # fmt: skip
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
-        shape = (n, *self.image_shape)
-        noise = randn(shape, gens, device=self.device)
+        shape = (n, *self.latent_shape(size))
+        if noise is None:
+            noise = randn(shape, gens, device=self.device)
+        elif not isinstance(noise, Tensor) or tuple(noise.shape) != shape:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a tensor of shape {shape}, got {got}")
+        else:
+            noise = noise.to(self.device, torch.float32)
         common = dict(
             schedule=self.schedule,
             sampler=p["sampler"],
@@ -643,6 +777,11 @@ class Pipeline:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _one_or_all(texts: list[str]) -> str | list[str]:
+    """One string when every image shares it, else the list (for PNG parameters)."""
+    return texts[0] if len(set(texts)) == 1 else texts
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

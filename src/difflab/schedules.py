@@ -423,10 +423,26 @@ class NoiseSchedule:
             ts = [float(self.num_timesteps - 1)] + ts
         return ts
 
-    def noise_levels(self, timesteps: Sequence[float]) -> NoiseLevels:
-        """The ``NoiseLevels`` of a timestep sequence, ending in the clean level (α=1, σ=0)."""
+    def noise_levels(
+        self, timesteps: Sequence[float], *, final_timestep: float | None = None
+    ) -> NoiseLevels:
+        """The ``NoiseLevels`` of a timestep sequence, ending in the clean level (α=1, σ=0).
+
+        ``final_timestep`` ends the walk at that timestep's noise level instead: diffusers'
+        DDIM and PNDM schedulers with ``set_alpha_to_one=False`` (Stable Diffusion's
+        ``scheduler_config.json``) step last to ᾱ_0, not to ᾱ = 1, and ``final_timestep=0``
+        reproduces them.  It must lie below the last sampling timestep.
+        """
         ts = [float(t) for t in timesteps]
-        lams = [float(self.log_snr(t)) for t in ts] + [math.inf]
+        final = math.inf
+        if final_timestep is not None:
+            if not ts or not 0 <= final_timestep < ts[-1]:
+                raise ValueError(
+                    f"final_timestep={final_timestep} must lie in [0, {ts[-1] if ts else 0}) "
+                    "(below the last sampling timestep)"
+                )
+            final = float(self.log_snr(float(final_timestep)))
+        lams = [float(self.log_snr(t)) for t in ts] + [final]
         return NoiseLevels(t=ts, log_snr=lams)
 
 

@@ -132,7 +132,7 @@ def text_run(tmp_path_factory):
     return run
 
 
-def test_pipeline_prompts_equal_sampling_with_the_encoded_context(text_run):
+def test_pipeline_prompts_equal_sampling_with_the_encoded_context(text_run, monkeypatch):
     pipe = dl.Pipeline.from_run(text_run)
     assert isinstance(pipe.model, TextConditionedUNet)
     prompts = ["a handwritten digit seven", "a handwritten digit two"]
@@ -157,6 +157,37 @@ def test_pipeline_prompts_equal_sampling_with_the_encoded_context(text_run):
     torch.testing.assert_close(images, expected.clamp(-1, 1), rtol=0, atol=1e-6)
     with pytest.warns(UserWarning, match="never seen in the training captions: zebra"):
         pipe(n=1, prompt="a zebra", steps=2)
+
+    # A negative prompt takes the empty prompt's place on the unconditional side.
+    negatives = ["a handwritten digit one", "a handwritten digit eight"]
+    with torch.no_grad():
+        neg, neg_mask = model.encode(*tokenizer.encode(negatives))
+        expected = sample(
+            model, (2, 1, 8, 8), schedule=pipe.schedule, sampler="ddim", steps=4,
+            guidance_scale=2.0, cond={"context": ctx, "context_mask": mask},
+            uncond={"context": neg, "context_mask": neg_mask},
+            generator=[torch.Generator().manual_seed(3 + i) for i in range(2)],
+            prediction=pipe.prediction, variance=pipe.variance, progress=False,
+        )  # fmt: skip
+    negative = pipe(n=2, prompt=prompts, negative_prompt=negatives, sampler="ddim", steps=4,
+                    guidance_scale=2.0, seed=3, clip_x0=False)  # fmt: skip
+    torch.testing.assert_close(negative, expected.clamp(-1, 1), rtol=0, atol=1e-6)
+    seen = {}  # the 3-step model's images saturate: check what reaches the sampler too
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr("difflab.samplers.sample", spy)
+    pipe(n=2, prompt=prompts, negative_prompt=negatives, steps=2, guidance_scale=2.0)
+    torch.testing.assert_close(seen["uncond"]["context"], neg)
+    torch.testing.assert_close(seen["cond"]["context"], ctx)
+    params = pipe.resolve_params(2, prompt=prompts, negative_prompt="a handwritten digit one")
+    assert params["negative_prompt"] == "a handwritten digit one"
+    with pytest.raises(ValueError, match="negative_prompt must be a string or 2 strings"):
+        pipe(n=2, prompt=prompts, negative_prompt=["x"], steps=2)
+    with pytest.raises(ValueError, match="negative_prompt needs a prompt"):
+        pipe(n=2, negative_prompt="x", steps=2)
     with pytest.raises(ValueError, match="pass prompt="):
         pipe(n=1, steps=2)
 

@@ -58,6 +58,9 @@ DEFAULT_STEPS = 20
 
 # Options of ``NoiseSchedule.timesteps`` that may be passed through ``**sampler_options``.
 _SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max", "steps_offset")
+# Samplers whose last step may end at a timestep's noise level instead of the clean one
+# (``final_timestep``; diffusers' DDPM/DDIM/PNDM schedulers with ``set_alpha_to_one=False``).
+_FINAL_TIMESTEP_SAMPLERS = frozenset({"ddpm", "ddim", "pndm", "plms"})
 
 
 @dataclass
@@ -102,6 +105,12 @@ def _plan(
         spec, implied = SAMPLERS.resolve(sampler)
         options = dict(sampler_options)
     spacing_kwargs = {k: options.pop(k) for k in _SPACING_OPTIONS if k in options}
+    final_timestep = options.pop("final_timestep", None)
+    if final_timestep is not None and spec.name not in _FINAL_TIMESTEP_SAMPLERS:
+        raise ValueError(
+            f"final_timestep applies to {', '.join(sorted(_FINAL_TIMESTEP_SAMPLERS))} (diffusers' "
+            f"set_alpha_to_one=False), not to {spec.name!r}"
+        )
     if eta is not None:
         # eta = 0 asks for exactly what a deterministic sampler without ``eta`` does.
         if "eta" in _accepted(spec) or eta != 0 or spec.stochastic:
@@ -123,7 +132,7 @@ def _plan(
                 f"{sorted(spacing_kwargs)} apply to named spacings, not a custom timestep list"
             )
         timesteps = schedule.timesteps(steps, list(spacing))  # checks order and length
-    levels = schedule.noise_levels(timesteps)
+    levels = schedule.noise_levels(timesteps, final_timestep=final_timestep)
 
     if isinstance(model, Denoiser):
         den: Any = model
@@ -291,7 +300,10 @@ def sample(
         ``noise`` and the conditioning); off by default, so no autograd graph is kept over
         the steps, as k-diffusion's and diffusers' samplers do.
     :param sampler_options: options of the sampler function (``s_churn=`` ...) and of the
-        spacing (``rho``, ``sigma_min``, ``sigma_max``, ``steps_offset``); unused ones raise.
+        spacing (``rho``, ``sigma_min``, ``sigma_max``, ``steps_offset``), and
+        ``final_timestep`` (DDPM/DDIM/PNDM end at that timestep's noise level instead of
+        the clean one, as diffusers' schedulers do with ``set_alpha_to_one=False``); unused
+        ones raise.
     """
     if noise is None and shape is None:
         raise ValueError("pass shape= or noise=")
