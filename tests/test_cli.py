@@ -94,6 +94,14 @@ def test_sample_passes_guidance_refinements_and_eta_to_the_pipeline(run, tmp_pat
     want = pipe(2, [4, 4], None, "ddim", 3, 3.0, 0, apg={"momentum": -0.25})
     with Image.open(out) as img:
         assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
+    argv = ["sample", str(run), "--sampler", "ddim", "--steps", "3", "--cfg", "3", "--class", "4",
+            "--n", "2", "--negative-class", "7", "--width", "16", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    params = read_png_params(out)
+    assert params["negative_class"] == [7, 7] and params["size"] == [8, 16]
+    want = pipe(2, [4, 4], None, "ddim", 3, 3.0, 0, negative_class=7, width=16)
+    with Image.open(out) as img:
+        assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
 
 
 def test_sample_from_an_init_image_is_the_pipelines_img2img(run, tmp_path, capsys):

@@ -79,6 +79,8 @@ def test_generate_returns_the_pipelines_grid_with_its_parameters(server):
         ({"guidance_interval": 5}, "guidance_interval must be [sigma_lo, sigma_hi]"),
         ({"guidance_interval": [5, 1]}, "sigma_lo < sigma_hi"),
         ({"eta": "x"}, "eta must be a number"),
+        ({"negative_prompt": 3}, "negative_prompt must be a string"),
+        ({"class_labels": 1, "negative_class": 4}, "class labels must lie in 0..3"),
         ({"apg": [1, 2]}, "apg must be an object of numbers"),
         ({"apg": {"beta": 1}}, "unknown APG option"),
         (b"not json", "not JSON"),

@@ -540,6 +540,11 @@ def add_sample_parser(subparsers: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--n", type=int, default=None, help="number of images (default 16)")
+    for side in ("height", "width"):
+        p.add_argument(
+            f"--{side}", type=int, default=None, metavar="PX",
+            help=f"image {side} in pixels (default: the model's own)",
+        )  # fmt: skip
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("-o", "--out", default=None, help="output PNG (default RUN/samples/...)")
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
@@ -571,6 +576,19 @@ def add_refinement_args(p: argparse.ArgumentParser) -> None:
         "--eta", type=float, default=None, help="stochasticity of DDIM / ancestral / SDE samplers"
     )
     p.add_argument(
+        "--negative-prompt",
+        default=None,
+        metavar="TEXT",
+        help="text models: what guidance steers away from (in place of the empty prompt)",
+    )
+    p.add_argument(
+        "--negative-class",
+        type=int,
+        default=None,
+        metavar="K",
+        help="class models: the class guidance steers away from (in place of the null label)",
+    )
+    p.add_argument(
         "--apg",
         action="store_true",
         help="adaptive projected guidance in place of plain CFG (Sadat et al. 2025; "
@@ -600,6 +618,8 @@ def refinement_options(args: argparse.Namespace) -> dict[str, Any]:
         "guidance_interval": None if args.cfg_interval is None else tuple(args.cfg_interval),
         "eta": args.eta,
         "apg": apg if apg or args.apg else None,
+        "negative_prompt": args.negative_prompt,
+        "negative_class": args.negative_class,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -704,8 +724,9 @@ def _sample(args: argparse.Namespace) -> int:
     if args.mask is not None and args.init_image is None:
         raise UserError("--mask (inpainting) needs --init-image and --strength")
     if args.init_image is None:
-        params = pipe.resolve_params(n, **kwargs)
-        images = pipe(n, progress=None, **kwargs)
+        size = None if args.height is None and args.width is None else (args.height, args.width)
+        params = pipe.resolve_params(n, size=size, **kwargs)
+        images = pipe(n, progress=None, height=args.height, width=args.width, **kwargs)
     else:
         init = _read_image(args.init_image, pipe.pixel_shape, "--init-image")
         mask = None

@@ -10,7 +10,8 @@ parameter). Standard library only (``http.server``); one request samples at a ti
 - ``POST /generate`` — JSON body with any of ``n``, ``class_labels``, ``prompt``,
   ``sampler``, ``steps``, ``guidance_scale``, ``guidance_rescale``, ``guidance_interval``
   (``[sigma_lo, sigma_hi]``), ``apg`` (``{}`` or ``{"eta": ..., "momentum": ...,
-  "norm_threshold": ...}``), ``eta``, ``seed``, ``spacing``, ``nrow``; answers
+  "norm_threshold": ...}``), ``eta``, ``seed``, ``spacing``, ``nrow``, ``negative_prompt``,
+  ``negative_class``; answers
   ``image/png`` (parameters also in the ``X-Difflab-Params`` header), or status 400 with
   ``{"error": ...}`` naming what was wrong.
 """
@@ -29,7 +30,7 @@ __all__ = ["REQUEST_FIELDS", "make_server"]
 
 REQUEST_FIELDS = ("n", "class_labels", "prompt", "sampler", "steps", "guidance_scale",
                   "guidance_rescale", "guidance_interval", "apg", "eta", "seed", "spacing",
-                  "nrow")  # fmt: skip
+                  "nrow", "negative_prompt", "negative_class")  # fmt: skip
 MAX_BODY = 1 << 16
 
 
@@ -55,7 +56,7 @@ def parse_request(body: bytes, *, max_n: int, max_steps: int) -> dict[str, Any]:
     if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= max_steps):
         raise RequestError(f"steps must be an integer in 1..{max_steps}, got {steps!r}")
     numbers = (("seed", int), ("guidance_scale", (int, float)), ("guidance_rescale", (int, float)),
-               ("eta", (int, float)), ("nrow", int))  # fmt: skip
+               ("eta", (int, float)), ("nrow", int), ("negative_class", int))  # fmt: skip
     for key, kinds in numbers:
         value = data.get(key)
         if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
@@ -73,7 +74,7 @@ def parse_request(body: bytes, *, max_n: int, max_steps: int) -> dict[str, Any]:
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in apg.values())
     ):
         raise RequestError(f"apg must be an object of numbers (eta, momentum, ...), got {apg!r}")
-    for key in ("prompt", "sampler", "spacing"):
+    for key in ("prompt", "negative_prompt", "sampler", "spacing"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise RequestError(f"{key} must be a string, got {data[key]!r}")
     return data
@@ -169,8 +170,11 @@ def _page(pipe: Pipeline) -> str:
         top = info["num_classes"] - 1
         cond += f'<label>class <input name="class_labels" type="number" min="0" max="{top}">'
         cond += "</label>"
+        cond += '<label>negative class <input name="negative_class" type="number" min="0" '
+        cond += f'max="{top}"></label>'
     if info["text"]:
         cond += '<label>prompt <input name="prompt" size="40"></label>'
+        cond += '<label>negative prompt <input name="negative_prompt" size="30"></label>'
     d = info["defaults"]
     return f"""<!doctype html><meta charset="utf-8"><title>difflab: {info["run"]}</title>
 <style>body{{font:14px sans-serif;margin:2em}} label{{margin-right:1em}}
@@ -192,7 +196,7 @@ document.getElementById("f").onsubmit = async (e) => {{
   e.preventDefault();
   const body = {{}}, form = new FormData(e.target);
   for (const [k, v] of form) if (v !== "" && !["interval_lo", "interval_hi", "apg"].includes(k))
-    body[k] = ["prompt", "sampler"].includes(k) ? v : Number(v);
+    body[k] = ["prompt", "negative_prompt", "sampler"].includes(k) ? v : Number(v);
   if (form.get("interval_lo") !== "" || form.get("interval_hi") !== "")
     body.guidance_interval = [Number(form.get("interval_lo") || 0),
                               Number(form.get("interval_hi") || 1e30)];
