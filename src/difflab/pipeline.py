@@ -129,6 +129,10 @@ class Pipeline:
         text-conditional model.
     :param vae: for latent diffusion, the autoencoder whose latents the model samples
         (``image_shape`` is then the latent's); calls return its decoded images.
+    :param scheduler_config: a diffusers ``scheduler_config.json`` (models loaded with
+        :meth:`from_pretrained`): a sampler named without a spacing then walks the timesteps
+        diffusers' scheduler for that sampler would (``interop.scheduler.sampling_plan``), so
+        the same sampler name gives the same images as diffusers.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class Pipeline:
         weights: str | None = None,
         device: torch.device | str | None = None,
         vae: nn.Module | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.to(self.device).eval()
@@ -167,6 +172,7 @@ class Pipeline:
         self.loras: list[dict[str, Any]] = []  # adapters applied by load_lora (PNG params)
         self.embeddings: list[dict[str, Any]] = []  # words added by load_embedding
         self.dtype = torch.float32  # the networks' weights (Pipeline.to changes it)
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
@@ -256,6 +262,55 @@ class Pipeline:
             device=device,
             vae=vae,
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        tokenizer: str | Path | None = None,
+        prediction: str | None = None,
+        weights: str = "ema",
+    ) -> Pipeline:
+        """A difflab run, a diffusers Stable Diffusion folder (``model_index.json``) or an
+        original single ``.safetensors`` checkpoint (SD 1.x, 2.x, SDXL), from a local path.
+
+        SD models run on difflab's own U-Net and autoencoder (so LoRA, channels-last and
+        difflab's speed work apply) with their text encoders from ``transformers``; the
+        folder's scheduler config decides the timesteps of each sampler as in diffusers.
+
+        :param dtype: ``"fp32"`` (default), ``"bf16"``, ``"fp16"`` or a torch dtype.
+        :param tokenizer: single files only: a local folder with the tokenizer(s) (e.g. a
+            diffusers folder of the same family).
+        :param prediction: override the prediction type (an SD 2.x single file needs it).
+        :param weights: difflab runs only: ``"ema"`` or ``"raw"``.
+        """
+        from .interop.sd import load_stable_diffusion, path_kind
+
+        if path_kind(path) == "run":
+            pipe = cls.from_run(path, weights=weights, device=device)
+            return pipe if dtype is None else pipe.to(dtype=dtype)
+        parts = load_stable_diffusion(path, tokenizer=tokenizer, prediction=prediction)
+        from .interop.scheduler import default_sampler, schedule_from_diffusers
+
+        f = int(parts.vae.config.downsample_factor)  # type: ignore[union-attr]
+        latent = parts.image_size // f
+        pipe = cls(
+            parts.unet,
+            schedule_from_diffusers(parts.scheduler),
+            prediction=parts.prediction,
+            image_shape=(int(parts.unet.config.in_channels), latent, latent),  # type: ignore[union-attr]
+            context_dim=parts.unet.config.context_dim,  # type: ignore[union-attr]
+            sample_defaults={"sampler": default_sampler(parts.scheduler), **parts.sample_defaults},
+            text_encoder=parts.conditioner,
+            run_dir=str(path),
+            device=device,
+            vae=parts.vae,
+            scheduler_config=parts.scheduler,
+        )
+        return pipe if dtype is None else pipe.to(dtype=dtype)
 
     def load_lora(self, path: str | Path, scale: float = 1.0, *, strict: bool = True) -> Any:
         """Apply a LoRA adapter file (``difflab.finetune.load_lora``) at strength ``scale``.
@@ -472,6 +527,7 @@ class Pipeline:
             "sampler": name,
             "steps": int(steps if steps is not None else self.sample_defaults["steps"]),
             "spacing": spacing or implied or spec.default_spacing,
+            **self._scheduler_plan(name, steps, spacing),
             "guidance_scale": scale,
             "guidance_rescale": float(guidance_rescale),
             "guidance_interval": None if interval is None else list(interval),
@@ -629,6 +685,21 @@ class Pipeline:
         out, timesteps = self._generate(args, images, strength, progress, options, mask)
         return Img2ImgResult(out, timesteps or [])
 
+    def _scheduler_plan(self, sampler: str, steps: int | None, spacing: Any) -> dict[str, Any]:
+        """The timesteps (and options) diffusers' scheduler for ``sampler`` would use with
+        this model's scheduler config; empty without one, or when the call (or the sampler's
+        name, e.g. "... Karras") chooses the spacing itself."""
+        if self.scheduler_config is None or spacing is not None:
+            return {}
+        from .interop.scheduler import sampling_plan
+        from .samplers import SAMPLERS
+
+        if SAMPLERS.resolve(sampler)[1] is not None:  # the name implies its spacing
+            return {}
+
+        n = int(steps if steps is not None else self.sample_defaults["steps"])
+        return dict(sampling_plan(self.scheduler_config, sampler, n))
+
     def _check_mask(self, mask: Tensor, images: Tensor) -> Tensor:
         if not isinstance(mask, Tensor) or mask.ndim != 4:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
@@ -737,6 +808,7 @@ class Pipeline:
             model_dtype=self.dtype,
             **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
+        common.update(self._scheduler_plan(p["sampler"], p["steps"], args["spacing"]))
         if init is None:
             x, timesteps = sample(self.model, shape, **common), None
         else:
