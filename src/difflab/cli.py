@@ -500,8 +500,12 @@ def add_sample_parser(subparsers: Any) -> None:
         description="Sample a run directory. The PNG's 'difflab' text chunk holds every "
         "generation parameter as JSON.",
     )
-    p.add_argument("run", help="run directory (with config.yaml and *.safetensors)")
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument(
+        "run",
+        help="a run directory, a diffusers Stable Diffusion folder or an SD .safetensors file",
+    )
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="runs: which weights")
+    _add_model_args(p)
     p.add_argument("--sampler", default=None, help="sampler name or alias")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--spacing", default=None, help="timestep spacing (default: the sampler's)")
@@ -634,11 +638,32 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--tokenizer`` / ``--prediction``: what a Stable Diffusion single file does not hold."""
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="single-file SD checkpoints: a local folder with the tokenizer(s), e.g. a "
+        "diffusers folder of the same family (its scheduler/ config is read too)",
+    )
+    p.add_argument(
+        "--prediction",
+        default=None,
+        choices=["eps", "v", "x0"],
+        help="override the model's prediction type (SD 2.x single files need it)",
+    )
+
+
 def _load_pipeline(args: argparse.Namespace) -> Any:
-    """``Pipeline.from_run`` with ``--weights/--device``, the adapters, then ``--dtype``."""
+    """``Pipeline.from_pretrained`` (a run, a diffusers folder or an SD single file) with
+    ``--weights/--device/--tokenizer/--prediction``, the adapters, then ``--dtype``."""
     from .pipeline import Pipeline
 
-    pipe = Pipeline.from_run(args.run, weights=args.weights, device=args.device)
+    pipe = Pipeline.from_pretrained(
+        args.run, weights=args.weights, device=args.device,
+        tokenizer=getattr(args, "tokenizer", None), prediction=getattr(args, "prediction", None),
+    )  # fmt: skip
     _apply_adapters(pipe, args)
     return pipe.to(dtype=args.dtype)
 
@@ -770,10 +795,14 @@ def add_serve_parser(subparsers: Any) -> None:
         "settings, POST /generate (JSON: n, class_labels, prompt, sampler, steps, "
         "guidance_scale, seed, spacing, nrow) returns a PNG grid with its parameters.",
     )
-    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "run",
+        help="a run directory, a diffusers Stable Diffusion folder or an SD .safetensors file",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1: this machine)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="runs: which weights")
+    _add_model_args(p)
     _add_device_args(p)
     _add_adapter_args(p)
     p.add_argument("--max-n", type=int, default=64, help="largest n one request may ask for")
