@@ -237,7 +237,7 @@ class Pipeline:
 
                 text_encoder = PretrainedTextEncoder(
                     text_cfg["path"], text_cfg.get("max_length", 77), device,
-                    kind=text_cfg["encoder"],
+                    kind=text_cfg["encoder"], mask_padding=text_cfg.get("mask_padding", True),
                 )  # fmt: skip
                 word = (cfg.get("finetune") or {}).get("new_word")
                 if word is not None:  # a textual-inversion run: its trained word

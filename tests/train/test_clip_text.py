@@ -58,6 +58,22 @@ def test_encoder_equals_the_clip_text_models_own_output(clip_dir):
         enc(["a handwritten digit seven and one more"])
 
 
+def test_unmasked_encoder_is_stable_diffusions_clip_call(clip_dir):
+    """mask_padding=False: the CLIP model runs without an attention mask, as diffusers'
+    StableDiffusionPipeline.encode_prompt calls it, and every token is kept for the U-Net."""
+    enc = PretrainedTextEncoder(clip_dir, max_length=32, mask_padding=False)
+    context, mask = enc(PROMPTS)
+    tok = transformers.CLIPTokenizer.from_pretrained(clip_dir)
+    ref_model = transformers.CLIPTextModel.from_pretrained(clip_dir).eval()
+    ids = tok(PROMPTS, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = ref_model(ids).last_hidden_state
+    assert mask.all()
+    torch.testing.assert_close(context, ref, rtol=0, atol=0)
+    masked, _ = PretrainedTextEncoder(clip_dir, max_length=32)(PROMPTS)
+    torch.testing.assert_close(masked[:, :2], context[:, :2])  # causal: the prefix agrees
+
+
 def test_config_takes_the_width_from_the_folder(clip_dir, tmp_path):
     cfg = load_config(None, clip_opts(clip_dir))
     assert cfg.model_config().context_dim == 24

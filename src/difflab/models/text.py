@@ -147,6 +147,10 @@ class TextConfig:
     :param min_count: ``transformer``: words rarer than this in the captions map to ``<unk>``.
     :param path: ``clip`` / ``t5``: a local folder with the tokenizer and the (text or full)
         model, as ``save_pretrained`` writes it; nothing is downloaded.
+    :param mask_padding: ``clip`` / ``t5``: mask the padding tokens out of the encoder and of
+        the U-Net's cross-attention (default).  ``false`` is Stable Diffusion's recipe: the
+        U-Net attends to all ``max_length`` tokens, padding included, which a run needs to
+        give the same images once exported to diffusers (``difflab export``).
     """
 
     encoder: str = "none"
@@ -156,6 +160,7 @@ class TextConfig:
     max_length: int = 16
     min_count: int = 1
     path: str | None = None
+    mask_padding: bool = True
 
     def __post_init__(self) -> None:
         if self.encoder not in TEXT_ENCODERS:
@@ -321,7 +326,8 @@ class PromptEncoder:
 
 class PretrainedTextEncoder:
     """A frozen pretrained text encoder from a local folder: ``prompts -> (last_hidden_state
-    [B, max_length, D], attention_mask [B, max_length])``.
+    [B, max_length, D], attention_mask [B, max_length])`` (all True when ``mask_padding`` is
+    off, as Stable Diffusion attends to the padding tokens too).
 
     ``kind="clip"``: a CLIP text model, Stable Diffusion's conditioning (Rombach et al. 2022
     sec. 4.3.2); ``kind="t5"``: a T5 encoder, Imagen's (Saharia et al. 2022 sec. 2.1). The
@@ -336,6 +342,8 @@ class PretrainedTextEncoder:
         max_length: int = 77,
         device: torch.device | str | None = None,
         kind: str = "clip",
+        *,
+        mask_padding: bool = True,
     ) -> None:
         if kind not in PRETRAINED_ENCODERS:
             raise ValueError(f"kind must be one of {', '.join(PRETRAINED_ENCODERS)}, got {kind!r}")
@@ -357,6 +365,7 @@ class PretrainedTextEncoder:
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = int(max_length) if positions is None else min(int(max_length), positions)
         self.words: dict[int, Tensor] = {}  # textual-inversion words: token id -> vector
+        self.mask_padding = bool(mask_padding)
 
     @property
     def width(self) -> int:
@@ -388,6 +397,8 @@ class PretrainedTextEncoder:
         )  # fmt: skip
         device = next(self.model.parameters()).device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if not self.mask_padding:  # Stable Diffusion: every token, padding included
+            mask = torch.ones_like(mask)
         words = self.words if words is None else words
         if not words:
             hidden = self.model(input_ids=ids, attention_mask=mask)

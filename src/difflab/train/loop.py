@@ -185,8 +185,9 @@ class Trainer:
             self.grid_prompts = [distinct[i % len(distinct)] for i in range(n)]
             if cfg.text.pretrained:
                 self.frozen_text = PretrainedTextEncoder(
-                    str(cfg.text.path), cfg.text.max_length, self.device, kind=cfg.text.encoder
-                )
+                    str(cfg.text.path), cfg.text.max_length, self.device, kind=cfg.text.encoder,
+                    mask_padding=cfg.text.mask_padding,
+                )  # fmt: skip
             else:
                 self.tokenizer = self._build_tokenizer(texts)
         self.vae: AutoencoderKL | None = None  # latent diffusion: the frozen autoencoder
@@ -436,6 +437,8 @@ class Trainer:
             ft = self.frozen_text
             settings = (f"max_length={ft.max_length}", type(ft.tokenizer).__name__,
                         str(len(ft.tokenizer)), "float32")  # fmt: skip
+            if not ft.mask_padding:  # other values; masked runs keep their old cache names
+                settings += ("unmasked",)
             text = EncoderCache("text-" + module_digest(ft.model, *settings), folder)
         return latent, text
 
