@@ -223,6 +223,7 @@ class AdapterLayer(nn.Module):
         self.multipliers: dict[str, float] = {}
         self.fused = False
         self._unfused_weight: Tensor | None = None
+        self._cached: Tensor | None = None  # Σ m ΔW; dropped whenever an adapter or m changes
 
     @property
     def weight(self) -> Tensor:
@@ -264,7 +265,10 @@ class AdapterLayer(nn.Module):
         live = [(n, m) for n, m in self.multipliers.items() if m != 0.0]
         if not live:
             return None
-        return sum(m * self.adapter_weight(n) for n, m in live)  # type: ignore[return-value]
+        device = self.base.weight.device
+        if self._cached is None or self._cached.device != device:
+            self._cached = sum(m * self.adapter_weight(n) for n, m in live)  # type: ignore[assignment]
+        return self._cached
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
@@ -296,7 +300,9 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _refuse(self) -> None:
-        """When fused, rebuild the fused weight from the kept original (after any change)."""
+        """After any change: drop the cached sum; when fused, rebuild the fused weight from
+        the kept original."""
+        self._cached = None
         if not self.fused:
             return
         assert self._unfused_weight is not None
@@ -414,7 +420,7 @@ class AdapterTarget:
 
     :param model: the network (its ``Linear`` / ``Conv2d`` layers are wrapped).
     :param name_map: ``external module name -> module name in model``; None = the model's own
-        names (a diffusers U-Net or a transformers CLIP text model).
+        names for the U-Net, :func:`clip_text_name_map` for a text encoder.
     """
 
     model: nn.Module
@@ -558,6 +564,8 @@ class AdapterSet:
             state, meta, label = dict(source), {}, "tensors"
             name = name or f"adapter_{len(self.scales)}"
         meta = {**meta, **(metadata or {})}
+        if not state:
+            raise ValueError(f"adapter {label} holds no tensors")
         if name in self.scales:
             raise ValueError(f"an adapter named {name!r} is loaded already; remove() it first")
         report = AdapterReport(name=name, source=label, metadata=meta)
