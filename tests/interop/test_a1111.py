@@ -208,9 +208,10 @@ def test_png_carries_both_chunks_and_reader_prefers_difflabs_json(tmp_path):
     one = save_image(torch.zeros(1, 5, 4), tmp_path / "one.png", {**params, "n": 1})
     with Image.open(one) as img:
         assert "Size: 4x5" in img.text["parameters"]
-    bare = save_image(torch.zeros(1, 2, 2), tmp_path / "bare.png", {"seed": 1})
-    with Image.open(bare) as img:  # too little for A1111's line: JSON only
-        assert "parameters" not in img.text and json.loads(img.text["difflab"]) == {"seed": 1}
+    for bare in ({"seed": 1}, {"sampler": "mine", "steps": 2, "seed": 1}):
+        path = save_image(torch.zeros(1, 2, 2), tmp_path / "bare.png", bare)
+        with Image.open(path) as img:  # too little for A1111's line: JSON only
+            assert "parameters" not in img.text and json.loads(img.text["difflab"]) == bare
 
 
 def test_reader_parses_an_a1111_only_png_and_rejects_a_png_with_neither(tmp_path):

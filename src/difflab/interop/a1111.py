@@ -83,8 +83,11 @@ _KEY = re.compile(r"\s*(\w[\w \-/.()+']*?)\s*:\s*")
 
 
 def can_format(params: Mapping[str, Any]) -> bool:
-    """Whether ``params`` hold what the A1111 line needs (sampler, steps and seed)."""
-    return all(params.get(key) is not None for key in _REQUIRED)
+    """Whether ``params`` hold what the A1111 line needs: a registered sampler (or alias),
+    integer steps and seed."""
+    sampler, steps, seed = (params.get(key) for key in _REQUIRED)
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, seed))
+    return numbers and isinstance(sampler, str) and sampler in SAMPLERS
 
 
 def format_parameters(params: Mapping[str, Any]) -> str:
