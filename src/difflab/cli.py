@@ -502,7 +502,17 @@ def add_sample_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "run",
-        help="a run directory, a diffusers Stable Diffusion folder or an SD .safetensors file",
+        nargs="?",
+        default=None,
+        help="a run directory, a diffusers Stable Diffusion folder or an SD .safetensors file; "
+        "with --from-png, default: the run the PNG's difflab parameters name",
+    )
+    p.add_argument(
+        "--from-png",
+        default=None,
+        metavar="PNG",
+        help="re-create an image from its parameters (difflab's or AUTOMATIC1111's text "
+        "chunk); the other flags given override them",
     )
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="runs: which weights")
     _add_model_args(p)
@@ -554,6 +564,7 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
     _add_device_args(p)
     _add_adapter_args(p)
+    _defer_defaults(p)
     p.set_defaults(func=_sample)
 
 
@@ -731,6 +742,7 @@ def _read_image(path: str, shape: tuple[int, int, int], flag: str) -> Any:
 def _sample(args: argparse.Namespace) -> int:
     from .images import save_grid, save_image
 
+    _from_png(args)
     labels, n = _expand_classes(args.classes, args.n)
     pipe = _load_pipeline(args)
     kwargs = dict(
@@ -784,6 +796,112 @@ def _sample(args: argparse.Namespace) -> int:
             save_image(images[i], folder / f"{i:04d}.png", one)
         print(f"wrote {n} separate images to {folder}/")
     return 0
+
+
+# `difflab sample --from-png`: the flags it may fill -> the PNG parameter each takes.
+_PNG_FLAGS = {
+    "weights": "weights", "sampler": "sampler", "steps": "steps", "spacing": "spacing",
+    "cfg": "guidance_scale", "cfg_rescale": "guidance_rescale",
+    "cfg_interval": "guidance_interval", "eta": "eta", "seed": "seed", "n": "n",
+    "classes": "class_labels", "prompt": "prompt", "negative_prompt": "negative_prompt",
+    "negative_class": "negative_class", "dtype": "dtype", "init_image": "init_image",
+    "mask": "mask", "height": "height", "width": "width",
+}  # fmt: skip
+# Sample flags whose default is not None: None until parsed, so a flag left out is told from
+# one given with its default value; ``_from_png`` puts the defaults back.
+_DEFERRED = ("weights", "cfg_rescale", "seed", "dtype", "lora_scale")
+
+
+def _defer_defaults(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(
+        _deferred={dest: p.get_default(dest) for dest in _DEFERRED}, **dict.fromkeys(_DEFERRED)
+    )
+
+
+def _from_png(args: argparse.Namespace) -> None:
+    """Fill the sample flags not given from ``--from-png``'s parameters, then the defaults."""
+    if args.from_png is not None:
+        from .images import read_png_parameters
+
+        params = read_png_parameters(args.from_png)
+        if args.run is None:
+            args.run = params.get("run")
+            if args.run is None:
+                model = f" (A1111 'Model: {params['model']}')" if params.get("model") else ""
+                raise UserError(
+                    f"--from-png {args.from_png}: its parameters name no difflab run{model}; "
+                    "give the run directory as the first argument"
+                )
+        _fill_from_params(args, params)
+    for dest, default in args._deferred.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    if args.run is None:
+        raise UserError("sample needs a run directory (or --from-png PNG naming one)")
+
+
+def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """``args``' flags left out <- ``params`` (difflab's names; see ``_PNG_FLAGS``)."""
+    if params.get("size") and "height" not in params:  # difflab's [height, width]
+        params = {**params, "height": params["size"][0], "width": params["size"][1]}
+    if isinstance(params.get("negative_class"), list):  # one per image; the flag takes one
+        classes = set(params["negative_class"])
+        params = {**params, "negative_class": classes.pop() if len(classes) == 1 else None}
+    given = {dest for dest in _PNG_FLAGS if getattr(args, dest, None) is not None}
+    if "sampler" in given:  # another sampler: its own default spacing unless --spacing
+        given.add("spacing")
+    for dest, key in _PNG_FLAGS.items():
+        value = params.get(key)
+        if dest in given or value is None or value == "":
+            continue
+        if not hasattr(args, dest):  # a parameter this command has no flag for
+            warnings.warn(f"--from-png: {key} {value!r} is not applied", stacklevel=2)
+            continue
+        setattr(args, dest, value)
+    if args.init_image is not None and args.strength is None:
+        args.strength = params.get("strength")
+    if params.get("clip_x0") is False:
+        args.no_clip = True
+    apg = params.get("apg")
+    if apg and not args.apg and (args.apg_eta, args.apg_momentum, args.apg_threshold) == (
+        None, None, None,
+    ):  # fmt: skip
+        args.apg = True
+        args.apg_eta, args.apg_momentum = apg.get("eta"), apg.get("momentum")
+        args.apg_threshold = apg.get("norm_threshold")
+    loras = params.get("lora") or []
+    if loras and not args.lora:
+        scales = {float(lora["scale"]) for lora in loras}
+        if len(scales) > 1:
+            raise UserError(f"--from-png: the adapters were applied at several scales {scales}")
+        args.lora = [lora["path"] for lora in loras]
+        args.lora_scale = scales.pop() if args.lora_scale is None else args.lora_scale
+    if params.get("embeddings") and not args.embedding:
+        args.embedding = [item["path"] for item in params["embeddings"]]
+    if args.nrow is None and "n" not in given:
+        args.nrow = _grid_columns(args.from_png, int(params.get("n") or 1))
+    unused = [f"sampler options {params['sampler_options']}"] if "sampler_options" in params else []
+    if params.get("clip_skip", 1) != 1:
+        unused.append(f"Clip skip {params['clip_skip']}")
+    unused += [key for key in params.get("extra", {}) if key != "Version"]
+    if unused:
+        warnings.warn(f"--from-png: not applied: {', '.join(unused)}", stacklevel=2)
+
+
+def _grid_columns(path: str, n: int) -> int | None:
+    """The columns of the grid of ``n`` square images in ``path`` (1-pixel padding), if any."""
+    from PIL import Image
+
+    if n < 2:
+        return None
+    with Image.open(path) as img:
+        width, height = img.size
+    for ncol in range(1, n + 1):
+        rows = -(-n // ncol)
+        tile, rem = divmod(width - 1, ncol)
+        if not rem and (height - 1) % rows == 0 and (height - 1) // rows == tile:
+            return ncol
+    return None
 
 
 # ---------------------------------------------------------------------------- serve

@@ -1,10 +1,11 @@
 """Images out: tensors in [-1, 1] -> uint8, grids, PNGs that carry their generation parameters.
 
 Owns ``to_uint8``, ``make_grid``, ``save_png`` / ``read_png_params`` (a PNG text chunk
-``difflab`` holding every generation parameter as JSON, so any image can be reproduced),
-``save_grid``, and the figures of plots (``new_figure`` / ``save_figure``: matplotlib's object
-API on an Agg canvas, no pyplot and no global backend change; written atomically).  Knows
-nothing of models or samplers.
+``difflab`` holding every generation parameter as JSON, so any image can be reproduced, and
+beside it AUTOMATIC1111's ``parameters`` chunk, whose text ``difflab.interop.a1111`` writes
+and parses; ``read_png_parameters`` reads either), ``save_grid``, and the figures of plots
+(``new_figure`` / ``save_figure``: matplotlib's object API on an Agg canvas, no pyplot and no
+global backend change; written atomically).  Knows nothing of models or samplers.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 __all__ = [
+    "A1111_KEY",
     "PNG_KEY",
     "make_grid",
     "new_figure",
     "png_bytes",
+    "read_png_parameters",
     "read_png_params",
     "save_figure",
     "save_grid",
@@ -37,6 +40,7 @@ __all__ = [
 ]
 
 PNG_KEY = "difflab"  # tEXt keyword of the generation-parameters chunk
+A1111_KEY = "parameters"  # tEXt keyword AUTOMATIC1111's web UI writes and reads
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -85,22 +89,52 @@ def make_grid(
     return _pil(grid)
 
 
-def png_bytes(image: Image.Image, params: Mapping[str, Any] | None = None) -> bytes:
-    """``image`` encoded as PNG, with ``params`` as JSON in the ``difflab`` text chunk."""
+def png_bytes(
+    image: Image.Image,
+    params: Mapping[str, Any] | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+) -> bytes:
+    """``image`` encoded as PNG, with ``params`` as JSON in the ``difflab`` text chunk and,
+    when they name a sampler, steps and seed, as A1111 text in the ``parameters`` chunk.
+
+    :param size: ``(width, height)`` of one image for A1111's ``Size`` (a grid's tile);
+        default ``image.size``.
+    """
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PNG_KEY, json.dumps(dict(params), sort_keys=True, default=_jsonable))
+        text = _a1111_text(params, size or image.size)
+        if text is not None:
+            info.add_text(A1111_KEY, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, params: Mapping[str, Any] | None = None) -> Path:
-    """Write ``image`` as PNG, atomically (temp file + rename), with ``params`` as JSON in
-    the ``difflab`` text chunk.  Returns the path written."""
+def _a1111_text(params: Mapping[str, Any], size: tuple[int, int]) -> str | None:
+    """A1111's ``parameters`` text for ``params`` (None when they lack sampler/steps/seed)."""
+    from .interop.a1111 import can_format, format_parameters
+
+    if not can_format(params):
+        return None
+    width, height = size
+    return format_parameters({"width": width, "height": height, **params})
+
+
+def save_png(
+    image: Image.Image,
+    path: str | Path,
+    params: Mapping[str, Any] | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+) -> Path:
+    """Write ``image`` as PNG, atomically (temp file + rename), with ``params`` in the
+    ``difflab`` (JSON) and ``parameters`` (A1111) text chunks (``png_bytes``; ``size`` is
+    one image's ``(width, height)``, default ``image.size``).  Returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, params)
+    data = png_bytes(image, params, size=size)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -129,6 +163,38 @@ def read_png_params(path: str | Path) -> dict[str, Any] | None:
     return None if text is None else json.loads(text)
 
 
+def read_png_parameters(path: str | Path) -> dict[str, Any]:
+    """A PNG's generation parameters: difflab's JSON chunk if present, else its A1111
+    ``parameters`` chunk parsed into difflab's names (``difflab.interop.a1111``).
+
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: not a readable image, or an image with neither chunk.
+    """
+    from PIL import UnidentifiedImageError
+
+    from .interop.a1111 import parse_parameters
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            chunks = dict(getattr(img, "text", None) or img.info)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path} is not a readable image: {err}") from None
+    if isinstance(chunks.get(PNG_KEY), str):
+        try:
+            return json.loads(chunks[PNG_KEY])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: its {PNG_KEY!r} text chunk is not JSON ({err})") from None
+    if isinstance(chunks.get(A1111_KEY), str):
+        return parse_parameters(chunks[A1111_KEY])
+    raise ValueError(
+        f"{path} holds no generation parameters: neither a {PNG_KEY!r} (difflab) nor a "
+        f"{A1111_KEY!r} (AUTOMATIC1111) text chunk"
+    )
+
+
 def save_grid(
     images: Tensor,
     path: str | Path,
@@ -138,7 +204,8 @@ def save_grid(
     padding: int = 1,
 ) -> Path:
     """``make_grid`` then ``save_png``: one PNG of ``images [N, C, H, W]`` in [-1, 1]."""
-    return save_png(make_grid(images, nrow, padding=padding), path, params)
+    size = (int(images.shape[-1]), int(images.shape[-2]))  # one tile, for A1111's Size
+    return save_png(make_grid(images, nrow, padding=padding), path, params, size=size)
 
 
 def save_image(image: Tensor, path: str | Path, params: Mapping[str, Any] | None = None) -> Path:

@@ -140,7 +140,8 @@ def make_server(
             except (RequestError, ValueError, TypeError) as err:
                 self._json(400, {"error": str(err)})
                 return
-            body = png_bytes(make_grid(images, nrow), params)
+            size = (images.shape[-1], images.shape[-2])  # one image, for A1111's Size
+            body = png_bytes(make_grid(images, nrow), params, size=size)
             header = {"X-Difflab-Params": json.dumps(params, default=str)}
             self._send(200, body, "image/png", header)
 
