@@ -55,7 +55,9 @@ _MODULES = [
     ("{p}.mid.attn_1.v", "{p}.mid_block.attentions.0.to_v"),
     ("{p}.mid.attn_1.proj_out", "{p}.mid_block.attentions.0.to_out.0"),
 ]
-_SAME = re.compile(r"(encoder|decoder)\.(conv_in|conv_out)|quant_conv|post_quant_conv")
+_SAME = re.compile(
+    r"((encoder|decoder)\.(conv_in|conv_out)|quant_conv|post_quant_conv)\.(weight|bias)"
+)
 _GROUPS = {"p": r"(?P<p>encoder|decoder)", "i": r"(?P<i>\d+)", "u": r"(?P<u>\d+)",
            "j": r"(?P<j>\d+)", "n": r"(?P<n>[12])", "m": r"(?P<m>[01])"}  # fmt: skip
 _LDM_ATTENTION_WEIGHT = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
@@ -94,7 +96,7 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]], levels: int, lay
         key = target.format(**values) + key[match.end() :].replace(*_SHORTCUT[layout])
         break
     else:
-        if not _SAME.match(key):
+        if not _SAME.fullmatch(key):
             raise ValueError(
                 f"unexpected key {key!r} in a {layout} autoencoder state (keys of the "
                 "first_stage_model.* part of an SD checkpoint, with that prefix stripped)"
@@ -115,6 +117,8 @@ def _levels(state: Mapping[str, Tensor], pattern: str, layout: str) -> int:
 def vae_state_from_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """difflab's (= diffusers') ``AutoencoderKL`` state from an LDM ``first_stage_model``
     state with the prefix stripped (see the module docstring); ``loss.*`` is dropped."""
+    if any(k.startswith("first_stage_model.") for k in state):
+        raise ValueError("strip the 'first_stage_model.' prefix from the LDM autoencoder's keys")
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}
     levels = _levels(state, r"encoder\.down\.(\d+)\.", "LDM")
     out = {}
