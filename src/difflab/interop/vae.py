@@ -7,20 +7,15 @@ and splitting it between the networks belongs elsewhere.  The two layouts differ
 only, except the middle attention's q/k/v/proj_out, which are 1x1 convolutions
 ``[C, C, 1, 1]`` in LDM and linear layers ``[C, C]`` here:
 
-=====================================  =============================================
-LDM (CompVis)                          difflab / diffusers
-=====================================  =============================================
-``encoder.down.{i}.block.{j}``         ``encoder.down_blocks.{i}.resnets.{j}``
-``encoder.down.{i}.downsample``        ``encoder.down_blocks.{i}.downsamplers.0``
-``decoder.up.{L-1-i}.block.{j}``       ``decoder.up_blocks.{i}.resnets.{j}`` (LDM counts
-``decoder.up.{L-1-i}.upsample``        ``decoder.up_blocks.{i}.upsamplers.0``  up levels
-                                       from the finest; diffusers in the order run)
-``{enc,dec}oder.mid.block_{m+1}``      ``...mid_block.resnets.{m}``
-``...mid.attn_1.{norm,q,k,v,proj_out}``  ``...mid_block.attentions.0.{group_norm,to_q,to_k,
-                                       to_v,to_out.0}``
-``{enc,dec}oder.norm_out``             ``...conv_norm_out``
-``nin_shortcut``                       ``conv_shortcut``
-=====================================  =============================================
+- ``encoder.down.{i}.block.{j}`` / ``.downsample`` -> ``encoder.down_blocks.{i}.resnets.{j}``
+  / ``.downsamplers.0``;
+- ``decoder.up.{L-1-i}.block.{j}`` / ``.upsample`` -> ``decoder.up_blocks.{i}.resnets.{j}``
+  / ``.upsamplers.0`` (LDM numbers the ``L`` up levels from the finest, diffusers in the
+  order they run);
+- ``{encoder,decoder}.mid.block_{m+1}`` -> ``...mid_block.resnets.{m}``;
+- ``...mid.attn_1.{norm,q,k,v,proj_out}`` ->
+  ``...mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}``;
+- ``{encoder,decoder}.norm_out`` -> ``...conv_norm_out``; ``nin_shortcut`` -> ``conv_shortcut``.
 
 (``conv_in``, ``conv_out``, ``quant_conv``, ``post_quant_conv`` and the residual blocks'
 ``norm1/conv1/norm2/conv2`` keep their names.)  LDM checkpoints may also carry the
