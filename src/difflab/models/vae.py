@@ -11,14 +11,25 @@ Weights and config are stored in the layout of the Stable Diffusion VAE folders
 (``config.json`` + ``diffusion_pytorch_model.safetensors``, the same parameter names), so a
 difflab autoencoder folder opens in diffusers' ``AutoencoderKL`` and an SD VAE folder opens
 here; the tests check both networks give the same outputs with the same weights.
+
+Memory savers for large images, as diffusers' ``enable_slicing``/``enable_tiling``: sliced
+encode/decode runs the networks one image at a time; tiled encode/decode runs them on
+overlapping square tiles and blends the tiles' outputs linearly across each overlap (the
+weights sum to one), so a decoder call never sees more than one tile.  ``force_upcast``
+(diffusers' config key) runs a float16 autoencoder in float32: the SD VAE's activations
+overflow float16's range.  The CompVis (LDM) checkpoint layout is converted in
+:mod:`difflab.interop.vae`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +53,9 @@ class VAEConfig:
     :param latent_channels: ``L``, channels of the latent.
     :param scaling_factor: ``scale`` in ``z = (sample - shift) * scale`` (SD v1: 0.18215).
     :param shift_factor: ``shift`` (``None`` = 0).
+    :param force_upcast: encode and decode in float32 when the weights are float16 (the SD
+        VAE overflows float16; diffusers' key of the same name, default True there too).
+        bfloat16 has float32's range and is run as it is.
     """
 
     in_channels: int = 3
@@ -53,6 +67,7 @@ class VAEConfig:
     scaling_factor: float = 1.0
     shift_factor: float | None = None
     mid_attention: bool = True
+    force_upcast: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # other keys of a foreign config
 
     def __post_init__(self) -> None:
@@ -90,6 +105,7 @@ class VAEConfig:
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
             "mid_block_add_attention": self.mid_attention,
+            "force_upcast": self.force_upcast,
         }
 
     @classmethod
@@ -107,7 +123,8 @@ class VAEConfig:
         known = {"in_channels", "out_channels", "block_out_channels", "layers_per_block",
                  "latent_channels", "norm_num_groups", "scaling_factor", "shift_factor",
                  "mid_block_add_attention", "down_block_types", "up_block_types", "act_fn",
-                 "use_quant_conv", "use_post_quant_conv", "_class_name"}  # fmt: skip
+                 "use_quant_conv", "use_post_quant_conv", "_class_name",
+                 "force_upcast"}  # fmt: skip
         return cls(
             in_channels=data.get("in_channels", 3),
             out_channels=data.get("out_channels", 3),
@@ -118,6 +135,7 @@ class VAEConfig:
             scaling_factor=float(data.get("scaling_factor", 0.18215)),
             shift_factor=data.get("shift_factor"),
             mid_attention=data.get("mid_block_add_attention", True),
+            force_upcast=bool(data.get("force_upcast", True)),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -273,12 +291,83 @@ class _Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Starts of ``tile``-long windows covering ``[0, n)``, neighbours sharing at least
+    ``overlap``; the last window ends flush with ``n`` (one window when ``n <= tile``)."""
+    if n <= tile:
+        return [0]
+    return [*range(0, n - tile, tile - overlap), n - tile]
+
+
+def _ramp(length: int, before: int, after: int) -> Tensor:
+    """Blend weights along one side of a tile: 1 inside, rising linearly over the first
+    ``before`` entries and falling over the last ``after`` (each neighbour's ramp is the
+    complement, so two overlapping tiles' weights sum to one)."""
+    i = torch.arange(length, dtype=torch.float32) + 0.5
+    w = torch.ones(length)
+    if before:
+        w = torch.minimum(w, i / before)
+    if after:
+        w = torch.minimum(w, (length - i) / after)
+    return w
+
+
+def _axis_weights(starts: list[int], k: int, size: int, scale: Fraction) -> Tensor:
+    """:func:`_ramp` of tile ``k`` on one axis, in output units (``out = in * scale``)."""
+    before = starts[k - 1] + size - starts[k] if k > 0 else 0
+    after = starts[k] + size - starts[k + 1] if k + 1 < len(starts) else 0
+    return _ramp(int(size * scale), int(before * scale), int(after * scale))
+
+
+def blend_tiles(
+    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, scale: Fraction
+) -> Tensor:
+    """``fn`` on overlapping ``tile x tile`` windows of ``x [B, C, H, W]``, the outputs
+    ``[B, C', h*scale, w*scale]`` blended linearly across the overlaps as diffusers' tiled
+    VAE does (here the weights are normalised to sum to one at every output pixel, so a
+    pixel-local ``fn`` gives exactly ``fn(x)``); one call when ``x`` fits in a tile."""
+    h, w = x.shape[-2:]
+    rows, cols = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    if len(rows) == len(cols) == 1:
+        return fn(x)
+    th, tw = min(tile, h), min(tile, w)
+    out = total = torch.empty(0)
+    for a, r in enumerate(rows):
+        wy = _axis_weights(rows, a, th, scale).to(x.device)
+        for b, c in enumerate(cols):
+            y = fn(x[..., r : r + th, c : c + tw])  # (B, C', th*scale, tw*scale)
+            weight = wy[:, None] * _axis_weights(cols, b, tw, scale).to(x.device)
+            if a == b == 0:  # float32 sums; the result in fn's dtype
+                out = y.new_zeros(
+                    (*y.shape[:2], int(h * scale), int(w * scale)), dtype=torch.float32
+                )
+                total = out.new_zeros(out.shape[-2:])
+            ys = slice(int(r * scale), int((r + th) * scale))
+            xs = slice(int(c * scale), int((c + tw) * scale))
+            out[..., ys, xs] += y.float() * weight
+            total[ys, xs] += weight
+    return (out / total).to(y.dtype)
+
+
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder (see the module docstring).
 
     ``encode(x) -> DiagonalGaussian``, ``decode(z_raw) -> x``; for diffusion use
     :meth:`latents` (scaled) and :meth:`images` (inverse). Images in [-1, 1].
+
+    Memory savers (off by default; :meth:`latents`, :meth:`images` and ``forward`` go
+    through them): ``vae.enable_slicing()`` runs one image at a time (the same result as
+    the batch); ``vae.enable_tiling(tile_size=512, overlap=128)`` runs encoder and decoder
+    on overlapping tiles of ``tile_size`` image pixels (``tile_size / f`` latent cells)
+    blended linearly across ``overlap`` pixels.  Tiling changes the output slightly: the
+    GroupNorm statistics and the middle attention see one tile, not the image.  Both can
+    be chosen per call: ``decode(z, slicing=True, tiling=False)``.
     """
+
+    slicing: bool = False  # one image at a time
+    tiling: bool = False  # overlapping tiles
+    tile_size: int = 512  # tile side in image pixels (diffusers: the config's sample_size)
+    tile_overlap: int = 128  # pixels shared by neighbouring tiles (diffusers: 25%)
 
     def __init__(self, config: VAEConfig, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -304,7 +393,64 @@ class AutoencoderKL(nn.Module):
                             torch.empty(m.bias.shape).uniform_(-bound, bound, generator=generator)
                         )
 
-    def encode(self, x: Tensor) -> DiagonalGaussian:
+    def enable_slicing(self, enabled: bool = True) -> AutoencoderKL:
+        """Encode and decode one image at a time (peak memory of a batch of one)."""
+        self.slicing = bool(enabled)
+        return self
+
+    def enable_tiling(
+        self, enabled: bool = True, *, tile_size: int | None = None, overlap: int | None = None
+    ) -> AutoencoderKL:
+        """Encode and decode large images in overlapping tiles (see the class docstring).
+
+        :param tile_size: tile side in image pixels, a multiple of the downsampling factor
+            ``f`` (decoder tiles are ``tile_size / f`` latent cells); default 512.
+        :param overlap: image pixels shared by neighbouring tiles, a multiple of ``f`` below
+            ``tile_size``; default 128.
+        """
+        size = self.tile_size if tile_size is None else int(tile_size)
+        lap = self.tile_overlap if overlap is None else int(overlap)
+        f = self.config.downsample_factor
+        if size < f or size % f or lap % f or not 0 <= lap < size:
+            raise ValueError(
+                f"tile_size={size} and overlap={lap} must be multiples of the downsampling "
+                f"factor {f} with 0 <= overlap < tile_size"
+            )
+        self.tiling, self.tile_size, self.tile_overlap = bool(enabled), size, lap
+        return self
+
+    def _saving_memory(
+        self, fn: Callable[[Tensor], Tensor], x: Tensor, slicing: bool | None,
+        tiling: bool | None, *, up: bool,
+    ) -> Tensor:  # fmt: skip
+        """``fn(x)`` through the memory savers chosen (None: the ``enable_*`` settings)."""
+        run = fn
+        if self.tiling if tiling is None else tiling:
+            f = self.config.downsample_factor
+            tile, lap = self.tile_size, self.tile_overlap
+            if up:  # the decoder's tiles are in latent cells
+                tile, lap, scale = tile // f, lap // f, Fraction(f)
+            else:
+                scale = Fraction(1, f)
+
+            def run(t: Tensor) -> Tensor:
+                return blend_tiles(fn, t, tile, lap, scale)
+
+        if (self.slicing if slicing is None else slicing) and x.shape[0] > 1:
+            return torch.cat([run(x[i : i + 1]) for i in range(x.shape[0])])
+        return run(x)
+
+    def _upcast(self, *modules: nn.Module) -> tuple[nn.Module, ...]:
+        """``modules`` as they are, or float32 copies when ``force_upcast`` and float16."""
+        if self.config.force_upcast and self.post_quant_conv.weight.dtype == torch.float16:
+            return tuple(copy.deepcopy(m).float() for m in modules)
+        return modules
+
+    def encode(
+        self, x: Tensor, *, slicing: bool | None = None, tiling: bool | None = None
+    ) -> DiagonalGaussian:
+        """The posterior of images ``x [B, C, H, W]`` (sides multiples of ``f``);
+        ``slicing``/``tiling`` override :meth:`enable_slicing`/:meth:`enable_tiling`."""
         size = self.config.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
@@ -312,10 +458,21 @@ class AutoencoderKL(nn.Module):
             )
         if x.shape[-1] % size or x.shape[-2] % size:
             raise ValueError(f"image sides must be multiples of {size}, got {tuple(x.shape[-2:])}")
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        encoder, quant = self._upcast(self.encoder, self.quant_conv)
+        if encoder is not self.encoder:
+            x = x.float()
+        moments = self._saving_memory(lambda t: quant(encoder(t)), x, slicing, tiling, up=False)
+        return DiagonalGaussian(moments)
 
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(z))
+    def decode(
+        self, z: Tensor, *, slicing: bool | None = None, tiling: bool | None = None
+    ) -> Tensor:
+        """Images ``[B, C, H*f, W*f]`` of raw latents ``z`` (float32 with ``force_upcast``
+        and float16 weights); ``slicing``/``tiling`` override the ``enable_*`` settings."""
+        post_quant, decoder = self._upcast(self.post_quant_conv, self.decoder)
+        if decoder is not self.decoder:
+            z = z.float()
+        return self._saving_memory(lambda t: decoder(post_quant(t)), z, slicing, tiling, up=True)
 
     def forward(
         self, x: Tensor, generator: torch.Generator | None = None
