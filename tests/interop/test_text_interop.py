@@ -143,7 +143,7 @@ def test_fp16_variant_and_sharded_weights_load(folders, tmp_path):
 def test_sd1_single_file_matches_diffusers(folders, tmp_path):
     pipe, folder = folders["sd1"]
     state = hf_checkpoint_state(pipe.text_encoder, "cond_stage_model.transformer.")
-    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)
     state["model.diffusion_model.out.0.weight"] = torch.ones(4)  # other parts are ignored
     pipe.tokenizer.save_pretrained(tmp_path / "tok")  # a plain tokenizer folder works too
     for tokenizer_dir in (folder, tmp_path / "tok"):
@@ -328,7 +328,7 @@ def test_embedding_errors_name_the_file(folders, tmp_path):
     enc = SDTextEncoder.from_diffusers(folder, "sd1")
     wide = tmp_path / "wide.safetensors"
     save_file({"emb_params": _vectors(2, width=48)}, wide)
-    with pytest.raises(ValueError, match="wide.safetensors: embedding width 48, .*token width is 32"):
+    with pytest.raises(ValueError, match="wide.safetensors: embedding width 48, .*width is 32"):
         load_embedding(enc, wide)
     odd = tmp_path / "odd.safetensors"
     save_file({"a": torch.zeros(32), "b": torch.zeros(32)}, odd)
@@ -336,7 +336,7 @@ def test_embedding_errors_name_the_file(folders, tmp_path):
         load_embedding(enc, odd)
     xl = tmp_path / "xl.safetensors"
     save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 32)}, xl)
-    with pytest.raises(ValueError, match="xl.safetensors: an SDXL embedding .* this encoder is sd1"):
+    with pytest.raises(ValueError, match="xl.safetensors: an SDXL embedding .* encoder is sd1"):
         load_embedding(enc, xl)
     pickled = tmp_path / "code.pt"
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "obj": object()}, pickled)

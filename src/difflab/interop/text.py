@@ -310,7 +310,9 @@ class SDTextEncoder:
                 )
             models.append(
                 model_cls.from_pretrained(
-                    path, local_files_only=True, dtype=dtype or torch.float32,
+                    path,
+                    local_files_only=True,
+                    dtype=dtype or torch.float32,
                     variant=_variant(path),
                 )  # fmt: skip
             )
@@ -443,8 +445,7 @@ def _variant(path: Path) -> str | None:
 def _load_tokenizer(folder: Path, what: str) -> Any:
     if not any(all((folder / f).is_file() for f in files) for files in _TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"no CLIP tokenizer in {what} (expected tokenizer.json, or vocab.json and "
-            "merges.txt)"
+            f"no CLIP tokenizer in {what} (expected tokenizer.json, or vocab.json and merges.txt)"
         )
     return _transformers().CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
