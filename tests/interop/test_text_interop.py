@@ -347,3 +347,32 @@ def test_embedding_errors_name_the_file(folders, tmp_path):
     load_embedding(enc, ok)
     with pytest.raises(ValueError, match=r"\['word'\] are already in tokenizer 0"):
         load_embedding(enc, ok)
+
+
+def test_sdxl_refiner_reads_bigg_alone_like_diffusers(folders, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base, _ = folders["sdxl"]
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, tokenizer=None, text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+    pipe.save_pretrained(tmp_path / "refiner")
+    state = open_clip_state(base.text_encoder_2, "conditioner.embedders.0.model.")
+    ctx, neg, pooled, neg_pooled = sdxl_reference(pipe, PROMPTS, NEGATIVES)
+    assert ctx.shape == (2, 77, 32)
+    for enc in (
+        SDTextEncoder.from_diffusers(tmp_path / "refiner", "sdxl"),
+        SDTextEncoder.from_single_file(state, "sdxl", tmp_path / "refiner", heads=TEXT_HEADS),
+    ):
+        ours, theirs = enc(PROMPTS), enc.uncond(2, NEGATIVES)
+        assert close(ours["context"], ctx) and close(ours["pooled"], pooled)
+        assert close(theirs["context"], neg) and close(theirs["pooled"], neg_pooled)
+
+
+def test_truncation_warning_points_at_the_caller(folders):
+    enc = SDTextEncoder.from_diffusers(folders["sd1"][1], "sd1")
+    with pytest.warns(UserWarning) as record:
+        enc(["a " * 90])
+    assert record[0].filename == __file__

@@ -79,7 +79,7 @@ class SDTextEncoder:
     def __init__(
         self,
         tokenizers: Sequence[Any],
-        models: Sequence[nn.Module],
+        models: Sequence[Any],
         family: Family,
         *,
         force_zeros_for_empty_prompt: bool = False,
@@ -106,7 +106,7 @@ class SDTextEncoder:
                     f"{positions} positions"
                 )
         self.tokenizers = list(tokenizers)
-        self.models = [m.eval().requires_grad_(False) for m in models]
+        self.models: list[Any] = [m.eval().requires_grad_(False) for m in models]
         self.family: Family = family
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         # Textual-inversion words of each tokenizer: name -> number of vectors.
@@ -203,12 +203,12 @@ class SDTextEncoder:
         # diffusers zips [prompt, prompt_2] with the encoders: the refiner reads the first.
         return [first, second][: len(self.models)]
 
-    @torch.no_grad()
     def _encode(self, prompts: list[list[str]], clip_skip: int | None) -> dict[str, Tensor]:
         contexts, pooled = [], None
         for i, (model, batch) in enumerate(zip(self.models, prompts)):
             ids = self._token_ids(i, batch).to(self.device)  # (B, 77)
-            out = model(ids, output_hidden_states=True)
+            with torch.no_grad():
+                out = model(ids, output_hidden_states=True)
             hidden = out.hidden_states  # embeddings, then each of the L layers
             if self.family == "sdxl":  # the penultimate layer, no final LayerNorm
                 contexts.append(hidden[_layer_index(len(hidden), clip_skip, 2)])
@@ -218,7 +218,8 @@ class SDTextEncoder:
                 contexts.append(out.last_hidden_state)
             else:
                 layer = hidden[_layer_index(len(hidden), clip_skip, 1)]
-                contexts.append(_text_transformer(model).final_layer_norm(layer))
+                with torch.no_grad():
+                    contexts.append(_text_transformer(model).final_layer_norm(layer))
         result = {"context": torch.cat(contexts, dim=-1)}  # (B, 77, D)
         if pooled is not None:
             result["pooled"] = pooled
@@ -229,7 +230,7 @@ class SDTextEncoder:
         to 77 tokens with a warning naming the count dropped (diffusers' truncation)."""
         tokenizer = self.tokenizers[i]
         prompts = [self.expand(p, i) for p in prompts]
-        full = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+        full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
         for prompt, ids in zip(prompts, full):
             if len(ids) > tokenizer.model_max_length and (i == 0 or len(self.models) == 1):
                 warnings.warn(
@@ -314,7 +315,7 @@ class SDTextEncoder:
                     local_files_only=True,
                     dtype=dtype or torch.float32,
                     variant=_variant(path),
-                )  # fmt: skip
+                )
             )
             tokenizers.append(_load_tokenizer(root / tok_dir, f"{tok_dir}/ of {root}"))
         force_zeros = family == "sdxl"
@@ -351,32 +352,28 @@ class SDTextEncoder:
         """
         family = _check_family(family)  # type: ignore[assignment]
         transformers = _transformers()
-        # (hf state dict, activation, with projection, tokenizer subfolder) per text model
-        specs: list[tuple[dict[str, Tensor], str, bool, str]] = []
+        # One (HF state dict, activation, tokenizer subfolder) per text model: OpenAI's
+        # CLIP-L uses quick-GELU, OpenCLIP's towers GELU; those have a text projection.
         if family == "sd1":
-            specs.append((_hf_clip_state(state, SD1_PREFIX, family), "quick_gelu", False,
-                          "tokenizer"))  # fmt: skip
+            specs = [(_hf_clip_state(state, SD1_PREFIX, family), "quick_gelu", "tokenizer")]
         elif family == "sd2":
             layers = _open_clip_layers(state, SD2_PREFIX, family)
             hf = open_clip_to_hf(state, SD2_PREFIX, layers=layers - 1, projection=False)
-            specs.append((hf, "gelu", False, "tokenizer"))
+            specs = [(hf, "gelu", "tokenizer")]
         elif any(k.startswith(SDXL_REFINER_PREFIX) for k in state):
-            specs.append((open_clip_to_hf(state, SDXL_REFINER_PREFIX), "gelu", True,
-                          "tokenizer_2"))  # fmt: skip
+            specs = [(open_clip_to_hf(state, SDXL_REFINER_PREFIX), "gelu", "tokenizer_2")]
         else:
-            specs.append((_hf_clip_state(state, SDXL_PREFIXES[0], family), "quick_gelu", False,
-                          "tokenizer"))  # fmt: skip
+            clip_l = _hf_clip_state(state, SDXL_PREFIXES[0], family)
             _open_clip_layers(state, SDXL_PREFIXES[1], family)  # a clear error when absent
-            specs.append((open_clip_to_hf(state, SDXL_PREFIXES[1]), "gelu", True,
-                          "tokenizer_2"))  # fmt: skip
+            clip_g = open_clip_to_hf(state, SDXL_PREFIXES[1])
+            specs = [(clip_l, "quick_gelu", "tokenizer"), (clip_g, "gelu", "tokenizer_2")]
         tokenizers, models = [], []
-        for hf, act, projection, sub in specs:
+        for hf, act, sub in specs:
             tokenizer = _find_tokenizer(Path(tokenizer_dir), sub, family)
             config = clip_text_config(hf, hidden_act=act, heads=heads, tokenizer=tokenizer)
-            model_cls = (
-                transformers.CLIPTextModelWithProjection if projection
-                else transformers.CLIPTextModel
-            )  # fmt: skip
+            model_cls = transformers.CLIPTextModel
+            if "text_projection.weight" in hf:
+                model_cls = transformers.CLIPTextModelWithProjection
             models.append(_build(model_cls, config, hf, dtype or torch.float32))
             _check_vocab(tokenizer, models[-1], Path(tokenizer_dir))
             tokenizers.append(tokenizer)
@@ -418,7 +415,7 @@ def _layer_index(n_states: int, clip_skip: int | None, base: int) -> int:
     return -(skip + base)
 
 
-def _text_transformer(model: nn.Module) -> Any:
+def _text_transformer(model: Any) -> Any:
     """The CLIP text transformer (embeddings, encoder, final LayerNorm) of a text model:
     ``model.text_model`` in transformers 4 and in ``CLIPTextModelWithProjection``, the
     model itself in transformers 5's ``CLIPTextModel``."""
@@ -467,7 +464,7 @@ def _find_tokenizer(root: Path, sub: str, family: str) -> Any:
     return _load_tokenizer(root, f"{root} (nor in its {sub}/)")
 
 
-def _check_vocab(tokenizer: Any, model: nn.Module, where: Path) -> None:
+def _check_vocab(tokenizer: Any, model: Any, where: Path) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ValueError(
@@ -502,8 +499,8 @@ def _hf_clip_state(state: Mapping[str, Tensor], prefix: str, family: str) -> dic
 
 
 def _open_clip_layers(state: Mapping[str, Tensor], prefix: str, family: str) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix)
-             + r"transformer\.resblocks\.(\d+)\.", k))}  # fmt: skip
+    block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    found = {int(m.group(1)) for k in state if (m := block.match(k))}
     if not found:
         raise _missing(state, prefix + "transformer.resblocks.", family)
     return max(found) + 1
@@ -604,7 +601,7 @@ def clip_text_config(
     )  # fmt: skip
 
 
-def _build(model_cls: Any, config: Any, hf: dict[str, Tensor], dtype: torch.dtype) -> nn.Module:
+def _build(model_cls: Any, config: Any, hf: dict[str, Tensor], dtype: torch.dtype) -> Any:
     """``model_cls(config)`` holding ``hf``, built on the meta device (no random init, no
     draw from the global RNG)."""
     with torch.device("meta"):
@@ -649,14 +646,15 @@ def load_embedding(encoder: SDTextEncoder, path: str | Path, token: str | None =
         raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
     data = _read_embedding_file(path)
     name = token
+    per_model: list[Tensor]
     if "clip_l" in data or "clip_g" in data:  # SDXL, A1111 / kohya
-        per_model = [data.get("clip_l"), data.get("clip_g")]
-        if encoder.family != "sdxl" or any(v is None for v in per_model):
+        both = [data.get("clip_l"), data.get("clip_g")]
+        if encoder.family != "sdxl" or not all(isinstance(v, Tensor) for v in both):
             raise ValueError(
                 f"{path}: an SDXL embedding (clip_l, clip_g) needs an sdxl encoder and both "
                 f"keys; this encoder is {encoder.family}, the file has {sorted(data)}"
             )
-        per_model = per_model[-len(encoder.models) :]
+        per_model = [v for v in both if isinstance(v, Tensor)][-len(encoder.models) :]
     else:
         if "emb_params" in data:  # A1111 .safetensors
             vectors = data["emb_params"]
@@ -685,9 +683,13 @@ def load_embedding(encoder: SDTextEncoder, path: str | Path, token: str | None =
                 f"{path}: embedding width {vectors.shape[-1]}, but this {encoder.family} "
                 f"encoder's token width is {width}"
             )
+    names = [name] + [f"{name}_{k}" for k in range(1, max(v.shape[0] for v in vector_sets))]
+    for i, tokenizer in enumerate(encoder.tokenizers):  # all or nothing
+        taken = [n for n in names if n in tokenizer.get_vocab()]
+        if taken:
+            raise ValueError(f"{path}: token(s) {taken} are already in tokenizer {i}'s vocabulary")
     for i, vectors in enumerate(vector_sets):
-        names = [name] + [f"{name}_{k}" for k in range(1, vectors.shape[0])]
-        encoder.add_words(i, names, vectors)
+        encoder.add_words(i, names[: vectors.shape[0]], vectors)
     return name
 
 
