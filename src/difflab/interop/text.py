@@ -205,8 +205,9 @@ class SDTextEncoder:
 
     def _encode(self, prompts: list[list[str]], clip_skip: int | None) -> dict[str, Tensor]:
         contexts, pooled = [], None
+        warned: set[str] = set()  # SDXL's two tokenizers: one warning per prompt
         for i, (model, batch) in enumerate(zip(self.models, prompts)):
-            ids = self._token_ids(i, batch).to(self.device)  # (B, 77)
+            ids = self._token_ids(i, batch, warned).to(self.device)  # (B, 77)
             with torch.no_grad():
                 out = model(ids, output_hidden_states=True)
             hidden = out.hidden_states  # embeddings, then each of the L layers
@@ -225,14 +226,15 @@ class SDTextEncoder:
             result["pooled"] = pooled
         return result
 
-    def _token_ids(self, i: int, prompts: list[str]) -> Tensor:
+    def _token_ids(self, i: int, prompts: list[str], warned: set[str]) -> Tensor:
         """Token ids ``[B, 77]`` of model ``i``: multi-vector words expanded, the prompt cut
         to 77 tokens with a warning naming the count dropped (diffusers' truncation)."""
         tokenizer = self.tokenizers[i]
         prompts = [self.expand(p, i) for p in prompts]
         full = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
         for prompt, ids in zip(prompts, full):
-            if len(ids) > tokenizer.model_max_length and (i == 0 or len(self.models) == 1):
+            if len(ids) > tokenizer.model_max_length and prompt not in warned:
+                warned.add(prompt)
                 warnings.warn(
                     f"prompt {prompt[:60]!r}... is {len(ids)} tokens; CLIP reads "
                     f"{tokenizer.model_max_length} (start and end included), so the last "
