@@ -216,49 +216,40 @@ class SDConditioner:
     embedding of the second encoder concatenated with sinusoidal embeddings of the
     ``(original size, crop top-left, target size)`` ids (Podell et al. 2023, sec. 2.2), with
     the generated size as both sizes and no crop, as diffusers does by default.  The
-    unconditional side is the negative prompt's encoding, the empty prompt's, or zeros for
-    SDXL without a negative prompt (``force_zeros_for_empty_prompt``).
+    unconditional side is ``SDTextEncoder.uncond``: the negative prompts' encoding, the
+    empty prompt's, or zeros for SDXL without a negative prompt
+    (``force_zeros_for_empty_prompt``).  ``clip_skip`` is diffusers' (A1111's "Clip skip: N"
+    is ``N - 1``); as in diffusers it applies to the prompts, not to the negative prompts.
     """
 
-    def __init__(
-        self,
-        encoder: Any,
-        family: str,
-        *,
-        time_embed_dim: int = 256,
-        force_zeros_for_empty_prompt: bool = False,
-    ) -> None:
+    def __init__(self, encoder: Any, family: str, *, time_embed_dim: int = 256) -> None:
         self.encoder = encoder
         self.family = family
         self.time_embed_dim = time_embed_dim
-        self.force_zeros = force_zeros_for_empty_prompt
+        self.clip_skip: int | None = None
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, None]:
         """The token embeddings alone (``(context, None)``: the plain encoder contract)."""
-        return self.encoder(prompts)["context"], None
-
-    def _vector(self, pooled: Tensor, size: tuple[int, int]) -> Tensor:
-        from ..models.unet import sdxl_vector
-
-        h, w = size
-        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(pooled.shape[0], 6)
-        return sdxl_vector(pooled.float(), ids.to(pooled.device), self.time_embed_dim)
+        return self.encoder(prompts, clip_skip=self.clip_skip)["context"], None
 
     def _kwargs(self, encoded: Mapping[str, Tensor], size: tuple[int, int]) -> dict[str, Tensor]:
         out = {"context": encoded["context"]}
         if self.family == "sdxl":
-            out["vector"] = self._vector(encoded["pooled"], size)
+            from ..models.unet import sdxl_vector
+
+            pooled = encoded["pooled"].float()
+            h, w = size
+            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
+            out["vector"] = sdxl_vector(pooled, ids.expand(pooled.shape[0], 6), self.time_embed_dim)
         return out
 
     def conditioning(
         self, prompts: list[str], negatives: list[str] | None, *, size: tuple[int, int]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(cond, uncond)`` for ``prompts`` and their negative prompts (``None``: none)."""
-        pos = self.encoder(prompts)
-        if negatives is None and self.force_zeros:
-            neg = {k: torch.zeros_like(v) for k, v in pos.items()}
-        else:
-            neg = self.encoder(negatives if negatives is not None else [""] * len(prompts))
+        with torch.no_grad():
+            pos = self.encoder(prompts, clip_skip=self.clip_skip)
+            neg = self.encoder.uncond(len(prompts), negatives)
         return self._kwargs(pos, size), self._kwargs(neg, size)
 
 
@@ -332,7 +323,7 @@ def _from_diffusers(folder: Path, variant: str | None) -> StableDiffusionParts:
     from .text import SDTextEncoder
     from .unet import unet_config_from_diffusers, unet_state_from_diffusers
 
-    index = _read_json(folder / "model_index.json")
+    _read_json(folder / "model_index.json")  # present and readable (path_kind checked it)
     unet_json = _read_json(folder / "unet" / "config.json")
     family = _family_of_unet(unet_json)
     cfg = unet_config_from_diffusers(unet_json)
@@ -351,11 +342,9 @@ def _from_diffusers(folder: Path, variant: str | None) -> StableDiffusionParts:
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     encoder = SDTextEncoder.from_diffusers(folder, family)
     defaults = FAMILY_DEFAULTS[family]
-    force_zeros = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
     conditioner = SDConditioner(
-        encoder, family, time_embed_dim=int(unet_json.get("addition_time_embed_dim") or 256),
-        force_zeros_for_empty_prompt=force_zeros,
-    )  # fmt: skip
+        encoder, family, time_embed_dim=int(unet_json.get("addition_time_embed_dim") or 256)
+    )
     f = vae.config.downsample_factor
     return StableDiffusionParts(
         family=family, unet=unet.eval(), vae=vae.eval(), conditioner=conditioner,
@@ -402,12 +391,11 @@ def _from_single_file(
             "(512-base models predict eps, 768 models v): pass prediction='eps' or 'v' "
             "(--prediction), or a diffusers folder with scheduler/ as the tokenizer folder"
         )
-    encoder = SDTextEncoder.from_single_file(state, family, config_dir)
-    conditioner = SDConditioner(
-        encoder,
-        family,
+    encoder = SDTextEncoder.from_single_file(
+        state, family, config_dir,
         force_zeros_for_empty_prompt=defaults.get("force_zeros_for_empty_prompt", False),
-    )
+    )  # fmt: skip
+    conditioner = SDConditioner(encoder, family)
     image_size = defaults["image_size"]
     if family == "sd2" and (prediction or _prediction(scheduler, str(path))) == "eps":
         image_size = 512  # SD 2.x base
