@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+from train_helpers import ToyData, one_thread, tiny_config, train_with_a_cut  # noqa: F401
 
 from difflab.images import read_png_params
 from difflab.train import Trainer, load_checkpoint, load_config, train
@@ -101,3 +101,16 @@ def test_resume_warns_about_changed_config(tmp_path):
             train(tiny_config(tmp_path, "train.max_steps=2"), dataset=ToyData(), resume=True).step
             == 2
         )
+
+
+def test_resume_is_bit_exact_with_channels_last(tmp_path):
+    opts = ["train.max_steps=2", "train.channels_last=true"]
+    data = ToyData(16)
+    full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
+    rest = train_with_a_cut(tiny_config(tmp_path / "split", *opts), 1, dataset=data)
+    assert rest.losses == full.losses[1:]
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    _same_state(a.model, b.model)
+    _same_state(a.ema, b.ema)
+    for pid, st in a.optimizer["state"].items():
+        _same_state(st, b.optimizer["state"][pid])

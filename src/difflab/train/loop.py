@@ -669,6 +669,7 @@ class Trainer:
         self.model.load_state_dict(ck.model)
         self.ema.load_state_dict(ck.ema, meta["ema_updates"])
         self.optimizer.load_state_dict(ck.optimizer)
+        _match_param_layout(self.optimizer)
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
@@ -937,6 +938,22 @@ def word_weight(model: nn.Module) -> Tensor:
     """The trained vector of a textual-inversion run's new word."""
     param = _word_parameter(model)
     return param if hasattr(model, WORD_PARAM) else param[-1]
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimiser state tensor its parameter's memory format (strides).
+
+    ``load_state_dict`` leaves the moments contiguous; with channels-last parameters the
+    fused element-wise update then runs in another order and the first step after a resume
+    differs in the last bits from the uninterrupted run.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    if value.stride() != p.stride():
+                        state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _subseed(seed: int, stream: int) -> int:
