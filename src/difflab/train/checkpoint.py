@@ -15,7 +15,10 @@ No pickle anywhere: tensors go to safetensors, the rest to JSON.  A save builds 
 ``train_state.tmp-XXXX`` directory (every file fsync'ed), renames the previous
 ``train_state`` aside, renames the new one in, then publishes the top-level weights with
 ``os.replace``; a crash at any point leaves a complete checkpoint that
-:func:`load_checkpoint` finds.  Knows nothing of models or the training loop.
+:func:`load_checkpoint` finds.  The two top-level files cannot be replaced together: a kill
+between them leaves one a save behind, so :func:`repair_run_dir` (run on every start)
+republishes whichever differs from the checkpoint and deletes the hidden temp files
+(``.NAME.tmp-XXXX``) that killed writes leave.  Knows nothing of models or the training loop.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ __all__ = [
     "atomic_write_bytes",
     "flatten_optimizer_state",
     "load_checkpoint",
+    "repair_run_dir",
     "save_checkpoint",
     "unflatten_optimizer_state",
 ]
 
 STATE_DIR = "train_state"
 FORMAT_VERSION = 1
+PUBLISHED = ("model.safetensors", "ema.safetensors")  # the top-level copies of the weights
 
 
 @dataclass
@@ -206,7 +211,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
         os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(run_dir)
-    for name in ("model.safetensors", "ema.safetensors"):
+    for name in PUBLISHED:
         _publish(final / name, run_dir / name)
     _fsync_dir(run_dir)
     if old is not None:
@@ -214,6 +219,54 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     for older in run_dir.glob(f"{STATE_DIR}.old-*"):  # left by an earlier crash
         shutil.rmtree(older, ignore_errors=True)
     return final
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two published weight files hold the same save: one file (hard link), or the
+    same size and safetensors header (``step``, ``ema_updates``, tensor offsets)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return _header(a) == _header(b)
+    except (OSError, ValueError):
+        return False
+
+
+def _header(path: Path) -> bytes:
+    """The raw safetensors header (8-byte length, then JSON); ValueError when malformed."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file")
+        return fh.read(size)
+
+
+def repair_run_dir(run_dir: str | Path) -> list[str]:
+    """Undo what a killed save leaves in ``run_dir``; returns what was repaired.
+
+    Deletes the hidden temp files of interrupted atomic writes (``.NAME.tmp-XXXX``,
+    ``.NAME.XXXX.tmp``) and the ``train_state.tmp-*`` directories, and republishes
+    ``model.safetensors`` / ``ema.safetensors`` from the checkpoint when either is missing
+    or from another save (a kill between the two ``os.replace`` calls of a save).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    done: list[str] = []
+    _clean_stale(run_dir)
+    state_dir = find_checkpoint(run_dir)
+    if state_dir is None:
+        return done
+    for name in PUBLISHED:
+        src, dst = state_dir / name, run_dir / name
+        if src.is_file() and not _same_weights(src, dst):
+            _publish(src, dst)
+            done.append(f"republished {name} from {state_dir.name}")
+    if done:
+        _fsync_dir(run_dir)
+    return done
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:

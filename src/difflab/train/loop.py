@@ -56,6 +56,7 @@ from .checkpoint import (
     atomic_write_bytes,
     find_checkpoint,
     load_checkpoint,
+    repair_run_dir,
     save_checkpoint,
 )
 from .config import TrainConfig, save_config
@@ -700,6 +701,11 @@ class Trainer:
         """
         tc = self.cfg.train
         last = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+        if self.dist.is_main:  # what a killed save left: temp files, a stale top-level file
+            for fixed in repair_run_dir(self.run_dir):
+                print(f"{self.run_dir}: {fixed}")
+        if self.dist.distributed:
+            dist.barrier()
         if resume:
             resumed = self.restore()
             self._warn_config_changes()
