@@ -143,3 +143,18 @@ def test_kill_between_publishing_model_and_ema_is_repaired_on_the_next_start(tmp
         assert _published_step(tmp_path / f"{name}.safetensors") == "2"
         with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
             assert all(torch.equal(f.get_tensor(k), v) for k, v in weights.items())
+
+
+def test_temp_files_of_killed_saves_are_removed_on_start(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=1")
+    train(cfg, dataset=ToyData())
+    (tmp_path / "samples").mkdir()
+    left = [tmp_path / ".ema.safetensors.tmp-1a2b3c4d", tmp_path / ".config.yaml.tmp-00ff00ff",
+            tmp_path / "samples" / ".step_000001_ema.png.k2j3h4.tmp"]  # fmt: skip
+    for path in left:
+        path.write_bytes(b"half a file")
+    (tmp_path / "train_state.tmp-x1y2").mkdir()
+    train(tiny_config(tmp_path, "train.max_steps=2"), dataset=ToyData(), resume=True)
+    assert not any(path.exists() for path in left)
+    assert not list(tmp_path.glob("train_state.tmp-*"))
+    assert (tmp_path / "model.safetensors").is_file()

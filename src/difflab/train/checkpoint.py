@@ -255,6 +255,11 @@ def repair_run_dir(run_dir: str | Path) -> list[str]:
     if not run_dir.is_dir():
         return []
     done: list[str] = []
+    for folder in (run_dir, run_dir / "samples"):
+        for tmp in [*folder.glob(".*.tmp-*"), *folder.glob(".*.tmp")]:
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                done.append(f"removed {tmp.relative_to(run_dir)}")
     _clean_stale(run_dir)
     state_dir = find_checkpoint(run_dir)
     if state_dir is None:
