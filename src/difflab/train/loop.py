@@ -62,7 +62,7 @@ from .checkpoint import (
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .ema import EMA
-from .monitor import MetricsLog, log_line, plot_metrics, sample_grid
+from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
@@ -724,6 +724,8 @@ class Trainer:
             if self.tokenizer is not None:
                 text = self.tokenizer.to_json().encode("utf-8")
                 atomic_write_bytes(self.run_dir / TOKENIZER_FILE, text)
+            if resumed:  # the steps after the checkpoint run again: log them once
+                truncate_metrics(self.run_dir, self.step)
             self.log = MetricsLog(self.run_dir, tensorboard=tc.tensorboard)
             self.log.log({"event": "resume" if resumed else "start", "step": self.step})
         disable = (not main) or (None if self.show_progress is None else not self.show_progress)
