@@ -33,6 +33,7 @@ __all__ = [
     "load_npz",
 ]
 
+MAX_NPZ_CLASSES = 10_000  # more classes than this (and than images) are not class indices
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -200,10 +201,12 @@ def load_image_folder(
     return dataset, report
 
 
-def _read_metadata(root: Path, report: DataReport) -> dict[str, str]:
-    """``metadata.jsonl`` -> {relative path: caption}; bad lines are errors with line numbers."""
+def _read_metadata(root: Path, report: DataReport) -> dict[str, str | None]:
+    """``metadata.jsonl`` -> {relative path: caption}; bad lines are errors with line numbers.
+
+    ``"text": null`` is a missing caption (reported, an error unless allowed)."""
     meta = root / "metadata.jsonl"
-    captions: dict[str, str] = {}
+    captions: dict[str, str | None] = {}
     if not meta.is_file():
         return captions
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
@@ -215,7 +218,13 @@ def _read_metadata(root: Path, report: DataReport) -> dict[str, str]:
             raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
             raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text' keys")
-        captions[Path(str(row["file_name"])).as_posix()] = str(row["text"])
+        text = row["text"]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(
+                f"{meta}:{n}: 'text' must be a string (or null for no caption), "
+                f"got {type(text).__name__} {text!r:.40}"
+            )
+        captions[Path(str(row["file_name"])).as_posix()] = text  # None: no caption
     report.notes.append(f"captions from metadata.jsonl ({len(captions)} rows)")
     return captions
 
@@ -246,7 +255,7 @@ def load_captioned_folder(
             continue
         rel = p.relative_to(root).as_posix()
         sidecar = p.with_suffix(".txt")
-        if rel in table:
+        if table.get(rel) is not None:
             text: str | None = table[rel]
         elif sidecar.is_file():
             text = sidecar.read_text(encoding="utf-8").strip()
@@ -311,6 +320,13 @@ def load_npz(
             )
         if n and labels.min() < 0:
             raise ValueError(f"{file}: labels must be >= 0, got {int(labels.min())}")
+        limit = max(n, MAX_NPZ_CLASSES)
+        if n and int(labels.max()) >= limit:  # ids, not class indices
+            raise ValueError(
+                f"{file}: labels must be class indices 0..K-1 with K <= {limit} (the larger "
+                f"of the image count and {MAX_NPZ_CLASSES}); got label {int(labels.max())}; "
+                "map the labels to 0..K-1 first"
+            )
     report.found = report.used = n
     report.sizes[f"{images.shape[2]}x{images.shape[1]}"] = n
     fixed = ImageTransform(
@@ -328,6 +344,9 @@ def load_npz(
         names = [str(i) for i in range(k)]
         counts = Counter(int(v) for v in labels)
         report.classes = {str(i): counts.get(i, 0) for i in range(k)}
+        empty = [str(i) for i in range(k) if not counts.get(i)]
+        if empty:
+            report.notes.append(f"classes with no image: {', '.join(empty[:10])}")
     dataset = ArrayDataset(
         stacked,
         None if labels is None else labels.tolist(),
