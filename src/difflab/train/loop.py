@@ -779,6 +779,15 @@ class Trainer:
                 self.save()
         result.step, result.final_loss = self.step, self.last_loss
         result.ema_updates = self.ema.num_updates
+        if result.skipped_steps and main:  # never silent: a skipped step trained nothing
+            shown = ", ".join(map(str, result.skipped_steps[:10]))
+            more = len(result.skipped_steps) - 10
+            warnings.warn(
+                f"on_nonfinite=skip skipped {len(result.skipped_steps)} of "
+                f"{len(result.losses)} steps for a non-finite loss or gradient (step "
+                f"{shown}{f' and {more} more' if more > 0 else ''}; see metrics.jsonl)",
+                stacklevel=2,
+            )
         return result
 
     def _warn_config_changes(self) -> None:
