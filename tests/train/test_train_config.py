@@ -33,6 +33,7 @@ def test_unknown_keys_raise_with_a_suggestion():
         ("diffusion.prediction=epsilon", "did you mean 'eps'"),
         ("train.on_nonfinite=ignore", "choices: skip, stop"),
         ("train.max_steps=lots", "must be int"),
+        ("train.max_steps=0", r"'train.max_steps' must be >= 1"),
         ("diffusion.cond_drop_prob=1.5", r"must be in \[0.0, 1.0\]"),
         ("model.learn_sigma=true", "contradicts diffusion.variance"),
         ("model.in_channels=3", "must match"),

@@ -211,8 +211,13 @@ class LoopConfig:
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         for name in ("batch_size", "grad_accum", "log_every"):
             _check_range(f"train.{name}", getattr(self, name), 1)
-        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "max_steps"):
+        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):
             _check_range(f"train.{name}", getattr(self, name), 0)
+        if self.max_steps < 1:  # a run of no steps would write no weights
+            raise ValueError(
+                f"config key 'train.max_steps' must be >= 1 (a run trains at least one "
+                f"step), got {self.max_steps!r}"
+            )
         for name in ("sample_every", "save_every", "num_workers", "eval_every"):
             _check_range(f"train.{name}", getattr(self, name), 0)
         _check_range("train.eval_n", self.eval_n, 2)
