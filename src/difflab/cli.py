@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -842,6 +843,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip() or type(err).__name__
         print(f"difflab {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during training
+        if os.environ.get("DIFFLAB_DEBUG"):
+            raise
+        return _interrupted(args.command, err, sys.argv[1:] if argv is None else list(argv))
+
+
+def _interrupted(command: str, err: KeyboardInterrupt, argv: list[str]) -> int:
+    """Say where an interrupted command stopped (and how to resume training); 128 + signal."""
+    from .train import TrainingInterrupted
+
+    if not isinstance(err, TrainingInterrupted):
+        print(f"\ndifflab {command}: interrupted", file=sys.stderr)
+        return 130
+    again = " ".join(shlex.quote(a) for a in argv if a not in ("--overwrite", "--resume"))
+    resume = f"; resume with: difflab {again} --resume" if command != "demo" else ""
+    print(f"difflab {command}: stopped by {err}{resume}", file=sys.stderr)
+    return 128 + err.signum
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -68,7 +71,21 @@ from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
 from .validation import split_dataset, validation_loss
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped training after a step; its checkpoint is saved.
+
+    :param step: the step saved (``--resume`` continues from it).
+    :param signum: the signal received.
+    :param run_dir: the run directory holding the checkpoint.
+    """
+
+    def __init__(self, step: int, signum: int, run_dir: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved in {run_dir}")
+        self.step, self.signum, self.run_dir = step, signum, run_dir
 
 
 @dataclass
@@ -709,6 +726,8 @@ class Trainer:
         if resume:
             resumed = self.restore()
             self._warn_config_changes()
+            if resumed and self.dist.is_main:
+                print(f"resuming {self.run_dir} from step {self.step}", flush=True)
         elif find_checkpoint(self.run_dir) is not None:
             raise ValueError(
                 f"{self.run_dir} already holds a checkpoint; pass resume=True to continue it "
@@ -740,43 +759,49 @@ class Trainer:
         parts: dict[str, list[float]] = {}
         good: dict[str, Any] = {}
         tick = time.perf_counter()
-        for _ in bar:
-            rec = self.train_step()
-            step = self.step
-            result.losses.append(rec["loss"])
-            if rec.get("skipped"):
-                result.skipped_steps.append(step)
-                self._log(rec)
-            else:
-                window.append(rec["loss"])
-                for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
-                    if rec.get(key) is not None:
-                        parts.setdefault(key, []).append(rec[key])
-                good = rec
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if window and (step % tc.log_every == 0 or step == last):
-                elapsed = max(time.perf_counter() - tick, 1e-9)
-                n = len(window) * tc.batch_size * tc.grad_accum
-                mean = sum(window) / len(window)
-                extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
-                extra.update({key: sum(v) / len(v) for key, v in parts.items()})
-                record = {**good, **extra}
-                self._log(record)
-                if plain:
-                    since = time.perf_counter() - start_time
-                    print(log_line(record, last, since, start_step), flush=True)
-                window, parts, tick = [], {}, time.perf_counter()
-            if tc.sample_every and step % tc.sample_every == 0:
-                result.grids += self._grids()
-            if tc.val_every and (step % tc.val_every == 0 or step == last):
-                if record := self._validation():  # {} on ranks other than 0
-                    result.validation.append(record)
-            if tc.eval_every and (step % tc.eval_every == 0 or step == last):
-                if record := self._periodic_eval():  # {} on ranks other than 0
-                    result.evals.append(record)
-            if (tc.save_every and step % tc.save_every == 0) or step == last:
-                self.save()
+        with _stop_on_signals() as stop:
+            for _ in bar:
+                rec = self.train_step()
+                step = self.step
+                result.losses.append(rec["loss"])
+                if rec.get("skipped"):
+                    result.skipped_steps.append(step)
+                    self._log(rec)
+                else:
+                    window.append(rec["loss"])
+                    for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
+                        if rec.get(key) is not None:
+                            parts.setdefault(key, []).append(rec[key])
+                    good = rec
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if window and (step % tc.log_every == 0 or step == last):
+                    elapsed = max(time.perf_counter() - tick, 1e-9)
+                    n = len(window) * tc.batch_size * tc.grad_accum
+                    mean = sum(window) / len(window)
+                    extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
+                    extra.update({key: sum(v) / len(v) for key, v in parts.items()})
+                    record = {**good, **extra}
+                    self._log(record)
+                    if plain:
+                        since = time.perf_counter() - start_time
+                        print(log_line(record, last, since, start_step), flush=True)
+                    window, parts, tick = [], {}, time.perf_counter()
+                if tc.sample_every and step % tc.sample_every == 0:
+                    result.grids += self._grids()
+                if tc.val_every and (step % tc.val_every == 0 or step == last):
+                    if record := self._validation():  # {} on ranks other than 0
+                        result.validation.append(record)
+                if tc.eval_every and (step % tc.eval_every == 0 or step == last):
+                    if record := self._periodic_eval():  # {} on ranks other than 0
+                        result.evals.append(record)
+                saved = (tc.save_every and step % tc.save_every == 0) or step == last
+                if saved:
+                    self.save()
+                if self._stopping(stop) and step < last:  # Ctrl-C / SIGTERM: save and stop
+                    if not saved:
+                        self.save()
+                    raise TrainingInterrupted(step, stop[0], self.run_dir)
         result.step, result.final_loss = self.step, self.last_loss
         result.ema_updates = self.ema.num_updates
         if result.skipped_steps and main:  # never silent: a skipped step trained nothing
@@ -789,6 +814,16 @@ class Trainer:
                 stacklevel=2,
             )
         return result
+
+    def _stopping(self, stop: list[int]) -> bool:
+        """Whether a stop signal arrived on any rank (every rank stops after the same step)."""
+        if not self.dist.distributed:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop:
+            stop.append(int(signal.SIGTERM))
+        return bool(flag.item())
 
     def _warn_config_changes(self) -> None:
         """Resuming with a different config is allowed (e.g. more steps) but is worth a word."""
@@ -993,6 +1028,33 @@ def _finite(x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """While training: SIGINT (Ctrl-C) and SIGTERM append their number to the yielded list,
+    which the loop reads after each step (then saves and stops); a second Ctrl-C interrupts
+    at once.  The previous handlers come back on exit; off the main thread, nothing changes."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        name = signal.Signals(signum).name
+        note = f"\n{name}: saving a checkpoint after this step (Ctrl-C again stops at once)\n"
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # e.g. no real stderr
+            os.write(sys.stderr.fileno(), note.encode())
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def _preserve_global_rng() -> Iterator[None]:
     """Restore torch's global RNG state (CPU and every CUDA device) on exit."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -1017,6 +1079,7 @@ def train(
     :param resume: continue from ``run_dir``'s checkpoint bit for bit (fresh start if none).
     :param progress: progress bar on/off; None: on when stderr is a terminal.
     :raises NonFiniteError: on a NaN/inf loss or gradient with ``on_nonfinite: stop``.
+    :raises TrainingInterrupted: on Ctrl-C or SIGTERM, after saving the step it stopped at.
     """
     with _preserve_global_rng():
         trainer = Trainer(config, dataset=dataset, model=model, progress=progress)
