@@ -834,6 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_device(getattr(args, "device", None))
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
             return int(args.func(args) or 0)
@@ -847,6 +848,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("DIFFLAB_DEBUG"):
             raise
         return _interrupted(args.command, err, sys.argv[1:] if argv is None else list(argv))
+
+
+def _check_device(device: str | None) -> None:
+    """``--device``: a torch device this torch can use (else a one-line error, not torch's
+    assertion from deep inside ``.to()``)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device such as cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {device!r}: torch sees no CUDA device (torch {torch.__version__}); "
+            "use --device cpu or leave it unset"
+        )
 
 
 def _interrupted(command: str, err: KeyboardInterrupt, argv: list[str]) -> int:

@@ -122,7 +122,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
 
     from difflab.train import Trainer
 
-    with pytest.raises(RuntimeError, match="'cuda' was asked for but torch sees no CUDA"):
+    with pytest.raises(ValueError, match="'cuda' was asked for but torch sees no CUDA"):
         Trainer(tiny_config(tmp_path, "train.device=cuda"), dataset=ToyData())
 
 

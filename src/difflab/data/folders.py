@@ -10,6 +10,7 @@ Knows nothing of models.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,6 +202,17 @@ def load_image_folder(
     return dataset, report
 
 
+def _read_text(path: Path) -> str:
+    """A caption file as UTF-8 text; ValueError naming the file when it is not (e.g. cut
+    short inside a character)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it truncated?"
+        ) from None
+
+
 def _read_metadata(root: Path, report: DataReport) -> dict[str, str | None]:
     """``metadata.jsonl`` -> {relative path: caption}; bad lines are errors with line numbers.
 
@@ -209,7 +221,7 @@ def _read_metadata(root: Path, report: DataReport) -> dict[str, str | None]:
     captions: dict[str, str | None] = {}
     if not meta.is_file():
         return captions
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_text(meta).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -258,7 +270,7 @@ def load_captioned_folder(
         if table.get(rel) is not None:
             text: str | None = table[rel]
         elif sidecar.is_file():
-            text = sidecar.read_text(encoding="utf-8").strip()
+            text = _read_text(sidecar).strip()
         else:
             text = None
         if text is None:
@@ -293,11 +305,20 @@ def load_npz(
     if file is None or not file.is_file():
         raise ValueError(f"data.path {str(path)!r} is not a file (source 'npz')")
     report = DataReport(source="npz", root=str(file))
-    with np.load(file, allow_pickle=False) as npz:
-        if "images" not in npz.files:
-            raise ValueError(f"{file} has no 'images' array (keys: {', '.join(npz.files)})")
-        images = npz["images"]
-        labels = npz["labels"] if "labels" in npz.files else None
+    try:
+        npz = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # not a zip: numpy tries .npy, then pickle
+        raise ValueError(f"{file}: not a .npz archive of arrays ({err})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file}: not a .npz archive of arrays (a single .npy array?)")
+    try:
+        with npz:
+            if "images" not in npz.files:
+                raise ValueError(f"{file} has no 'images' array (keys: {', '.join(npz.files)})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated archive
+        raise ValueError(f"{file}: a damaged .npz archive ({err})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise ValueError(
             f"{file}: 'images' must be uint8 [N, H, W] or [N, H, W, C], "

@@ -111,7 +111,22 @@ def _tensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None =
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    return st_load(path.read_bytes())
+    try:
+        return st_load(path.read_bytes())
+    except Exception as err:  # SafetensorError: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _read_state(state_dir: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint; ValueError naming the file when it is cut short."""
+    path = state_dir / "state.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise ValueError(f"{path}: not a difflab checkpoint state (no 'step')")
+    return meta
 
 
 # --------------------------------------------------------------------------- optimiser state
@@ -287,7 +302,7 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     olds = [p for p in run_dir.glob(f"{STATE_DIR}.old-*") if (p / "state.json").is_file()]
     if not olds:
         return None
-    return max(olds, key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    return max(olds, key=lambda p: _read_state(p)["step"])
 
 
 def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) -> Checkpoint:
@@ -299,7 +314,7 @@ def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) 
     state_dir = find_checkpoint(run_dir)
     if state_dir is None:
         raise FileNotFoundError(f"no checkpoint (train_state/state.json) under {run_dir}")
-    meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+    meta = _read_state(state_dir)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{state_dir}: checkpoint format {meta.get('format_version')!r}, "

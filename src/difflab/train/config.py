@@ -588,12 +588,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must hold a mapping, got {type(data)}")
     base = TrainConfig().to_dict()  # defaults under the file, so --set a.b.c=... merges
     base["model"] = data.pop("model", None) or _default_model()  # a model section replaces
     return TrainConfig.from_dict(apply_overrides(_merge(base, data), overrides))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line N, column M: problem`` of a YAML parse error, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(problem)
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

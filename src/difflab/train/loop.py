@@ -152,6 +152,8 @@ class Trainer:
         torch.manual_seed(_subseed(cfg.seed, 100 + self.dist.rank))
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run_dir {str(self.run_dir)!r} is a file, not a directory")
         self.precision = resolve_precision(tc.mixed_precision, self.device)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
         rank = self.dist.rank
@@ -684,7 +686,14 @@ class Trainer:
                 )
         ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
         meta = ck.meta
-        self.model.load_state_dict(ck.model)
+        try:
+            self.model.load_state_dict(ck.model)
+        except RuntimeError as err:  # size mismatch / missing keys: one line, not a page
+            detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(
+                f"{self.run_dir} holds a checkpoint of another architecture ({detail}); "
+                "resume with the run's own config.yaml, or train into a new run_dir"
+            ) from None
         self.ema.load_state_dict(ck.ema, meta["ema_updates"])
         self.optimizer.load_state_dict(ck.optimizer)
         _match_param_layout(self.optimizer)
