@@ -62,3 +62,18 @@ def test_png_without_params_reads_none(tmp_path):
     assert read_png_params(tmp_path / "plain.png") is None
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         make_grid(torch.zeros(2, 5, 4, 4))
+
+
+def test_saved_pngs_honour_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_image(torch.zeros(1, 4, 4), tmp_path / "a.png")
+        os.umask(0o077)
+        private = save_image(torch.zeros(1, 4, 4), tmp_path / "b.png")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # was 0o600 from tempfile.mkstemp
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]

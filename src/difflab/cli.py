@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -1001,6 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_device(getattr(args, "device", None))
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
             return int(args.func(args) or 0)
@@ -1010,6 +1012,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip() or type(err).__name__
         print(f"difflab {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during training
+        if os.environ.get("DIFFLAB_DEBUG"):
+            raise
+        return _interrupted(args.command, err, sys.argv[1:] if argv is None else list(argv))
+
+
+def _check_device(device: str | None) -> None:
+    """``--device``: a torch device this torch can use (else a one-line error, not torch's
+    assertion from deep inside ``.to()``)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device such as cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {device!r}: torch sees no CUDA device (torch {torch.__version__}); "
+            "use --device cpu or leave it unset"
+        )
+
+
+def _interrupted(command: str, err: KeyboardInterrupt, argv: list[str]) -> int:
+    """Say where an interrupted command stopped (and how to resume training); 128 + signal."""
+    from .train import TrainingInterrupted
+
+    if not isinstance(err, TrainingInterrupted):
+        print(f"\ndifflab {command}: interrupted", file=sys.stderr)
+        return 130
+    again = " ".join(shlex.quote(a) for a in argv if a not in ("--overwrite", "--resume"))
+    resume = f"; resume with: difflab {again} --resume" if command != "demo" else ""
+    print(f"difflab {command}: stopped by {err}{resume}", file=sys.stderr)
+    return 128 + err.signum
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,9 @@ def save_png(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = png_bytes(image, params, size=size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # os.open with 0o666 honours the umask (tempfile.mkstemp would make the PNG mode 600)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -55,9 +55,12 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    state = load_file(str(path))
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = dict(fh.metadata() or {})
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+    except Exception as err:  # SafetensorError: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,38 @@ def test_config_errors_and_round_trip():
         DataConfig(channels=4)
     with pytest.raises(ValueError, match="not a directory"):
         build_dataset({"source": "folder", "path": "/nonexistent/dir"})
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_not_saturated(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)  # 0, 1, 128, 255 in 8 bits
+    Image.fromarray(values).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    ds, _ = build_dataset({"source": "folder", "path": str(tmp_path), "image_size": 4})
+    expect = torch.tensor([0.0, 1.0, 128.0, 255.0]) / 127.5 - 1
+    torch.testing.assert_close(ds[0]["image"][0, 0], expect)
+
+
+def test_npz_labels_that_are_not_class_indices_are_a_clear_error(tmp_path):
+    images = np.zeros((3, 4, 4), np.uint8)
+    np.savez(tmp_path / "ids.npz", images=images, labels=np.array([0, 1, 10**9]))
+    with pytest.raises(ValueError, match=r"ids\.npz: labels must be class indices 0\.\.K-1"):
+        build_dataset({"source": "npz", "path": str(tmp_path / "ids.npz"), "image_size": 4})
+    np.savez(tmp_path / "gap.npz", images=images, labels=np.array([0, 3, 3]))  # allowed
+    ds, report = build_dataset({"source": "npz", "path": str(tmp_path / "gap.npz")})
+    assert ds.num_classes == 4 and "classes with no image: 1, 2" in report.notes
+
+
+def test_null_caption_is_a_missing_caption_not_the_word_none(tmp_path):
+    for k in range(2):
+        Image.new("L", (4, 4), 100).save(tmp_path / f"{k}.png")
+    rows = [{"file_name": "0.png", "text": "a cat"}, {"file_name": "1.png", "text": None}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"source": "captions", "path": str(tmp_path), "image_size": 4}
+    with pytest.raises(ValueError, match=r"1 image\(s\) .* have no caption: 1\.png"):
+        build_dataset(cfg)
+    ds, report = build_dataset({**cfg, "allow_missing_captions": True})
+    assert [ds[i]["text"] for i in range(2)] == ["a cat", ""]
+    assert report.missing_captions == ["1.png"] and report.captioned == 1
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": 5}))
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:1: 'text' must be a string"):
+        build_dataset(cfg)

@@ -114,3 +114,47 @@ def test_crash_between_renames_falls_back_to_the_previous_state(tmp_path, monkey
     assert train(cfg, dataset=ToyData(), resume=True).step == 2
     assert find_checkpoint(tmp_path) == tmp_path / "train_state"
     assert not list(tmp_path.glob("train_state.old-*"))
+
+
+def _published_step(path) -> str:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["step"]
+
+
+def test_kill_between_publishing_model_and_ema_is_repaired_on_the_next_start(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "train.save_every=1")
+    real_publish = ckpt_mod._publish
+
+    def killed_before_ema(src, dst):
+        if dst.name == "ema.safetensors" and '"step": 2' in (src.parent / "state.json").read_text():
+            raise KeyboardInterrupt  # the final save, killed after model.safetensors
+        real_publish(src, dst)
+
+    monkeypatch.setattr(ckpt_mod, "_publish", killed_before_ema)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, dataset=ToyData())
+    monkeypatch.undo()
+    assert _published_step(tmp_path / "model.safetensors") == "2"
+    assert _published_step(tmp_path / "ema.safetensors") == "1"  # one save behind
+
+    assert train(cfg, dataset=ToyData(), resume=True).step == 2  # nothing left to train
+    ck = load_checkpoint(tmp_path)
+    for name, weights in (("model", ck.model), ("ema", ck.ema)):
+        assert _published_step(tmp_path / f"{name}.safetensors") == "2"
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            assert all(torch.equal(f.get_tensor(k), v) for k, v in weights.items())
+
+
+def test_temp_files_of_killed_saves_are_removed_on_start(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=1")
+    train(cfg, dataset=ToyData())
+    (tmp_path / "samples").mkdir()
+    left = [tmp_path / ".ema.safetensors.tmp-1a2b3c4d", tmp_path / ".config.yaml.tmp-00ff00ff",
+            tmp_path / "samples" / ".step_000001_ema.png.k2j3h4.tmp"]  # fmt: skip
+    for path in left:
+        path.write_bytes(b"half a file")
+    (tmp_path / "train_state.tmp-x1y2").mkdir()
+    train(tiny_config(tmp_path, "train.max_steps=2"), dataset=ToyData(), resume=True)
+    assert not any(path.exists() for path in left)
+    assert not list(tmp_path.glob("train_state.tmp-*"))
+    assert (tmp_path / "model.safetensors").is_file()

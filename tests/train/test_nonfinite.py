@@ -76,8 +76,9 @@ def test_skip_mode_skips_exactly_that_step(tmp_path):
         assert opt_steps == {1.0}
     finally:
         trainer.close()
-    result = train(tiny_config(tmp_path / "run", *OPTS, "train.on_nonfinite=skip"),
-                   dataset=_poisoned(), model=StandIn())  # fmt: skip
+    with pytest.warns(UserWarning, match=rf"skip skipped 1 of 2 steps .*\(step {k};"):
+        result = train(tiny_config(tmp_path / "run", *OPTS, "train.on_nonfinite=skip"),
+                       dataset=_poisoned(), model=StandIn())  # fmt: skip
     assert result.skipped_steps == [k] and result.ema_updates == 1
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     skipped = [x for x in lines if x.get("skipped")]

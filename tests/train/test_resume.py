@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
+from train_helpers import ToyData, one_thread, tiny_config, train_with_a_cut  # noqa: F401
 
 from difflab.images import read_png_params
 from difflab.train import Trainer, load_checkpoint, load_config, train
@@ -101,3 +101,37 @@ def test_resume_warns_about_changed_config(tmp_path):
             train(tiny_config(tmp_path, "train.max_steps=2"), dataset=ToyData(), resume=True).step
             == 2
         )
+
+
+def test_resume_is_bit_exact_with_channels_last(tmp_path):
+    opts = ["train.max_steps=2", "train.channels_last=true"]
+    data = ToyData(16)
+    full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
+    rest = train_with_a_cut(tiny_config(tmp_path / "split", *opts), 1, dataset=data)
+    assert rest.losses == full.losses[1:]
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    _same_state(a.model, b.model)
+    _same_state(a.ema, b.ema)
+    for pid, st in a.optimizer["state"].items():
+        _same_state(st, b.optimizer["state"][pid])
+
+
+def test_resume_logs_each_step_once_in_metrics_jsonl(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.save_every=2")
+    real_save = Trainer.save
+
+    def killed_at_step_4(self):
+        if self.step == 4:
+            raise KeyboardInterrupt  # steps 3 and 4 are logged, their checkpoint never written
+        real_save(self)
+
+    monkeypatch.setattr(Trainer, "save", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, dataset=ToyData(), progress=False)
+    monkeypatch.undo()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss": 0.')  # a line cut short by the kill
+    train(cfg, dataset=ToyData(), resume=True, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert [(x["event"], x["step"]) for x in lines if "event" in x] == [("start", 0), ("resume", 2)]

@@ -33,6 +33,7 @@ def test_unknown_keys_raise_with_a_suggestion():
         ("diffusion.prediction=epsilon", "did you mean 'eps'"),
         ("train.on_nonfinite=ignore", "choices: skip, stop"),
         ("train.max_steps=lots", "must be int"),
+        ("train.max_steps=0", r"'train.max_steps' must be >= 1"),
         ("diffusion.cond_drop_prob=1.5", r"must be in \[0.0, 1.0\]"),
         ("model.learn_sigma=true", "contradicts diffusion.variance"),
         ("model.in_channels=3", "must match"),
@@ -121,7 +122,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
 
     from difflab.train import Trainer
 
-    with pytest.raises(RuntimeError, match="'cuda' was asked for but torch sees no CUDA"):
+    with pytest.raises(ValueError, match="'cuda' was asked for but torch sees no CUDA"):
         Trainer(tiny_config(tmp_path, "train.device=cuda"), dataset=ToyData())
 
 

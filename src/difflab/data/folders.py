@@ -10,6 +10,7 @@ Knows nothing of models.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "load_npz",
 ]
 
+MAX_NPZ_CLASSES = 10_000  # more classes than this (and than images) are not class indices
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -200,13 +202,26 @@ def load_image_folder(
     return dataset, report
 
 
-def _read_metadata(root: Path, report: DataReport) -> dict[str, str]:
-    """``metadata.jsonl`` -> {relative path: caption}; bad lines are errors with line numbers."""
+def _read_text(path: Path) -> str:
+    """A caption file as UTF-8 text; ValueError naming the file when it is not (e.g. cut
+    short inside a character)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it truncated?"
+        ) from None
+
+
+def _read_metadata(root: Path, report: DataReport) -> dict[str, str | None]:
+    """``metadata.jsonl`` -> {relative path: caption}; bad lines are errors with line numbers.
+
+    ``"text": null`` is a missing caption (reported, an error unless allowed)."""
     meta = root / "metadata.jsonl"
-    captions: dict[str, str] = {}
+    captions: dict[str, str | None] = {}
     if not meta.is_file():
         return captions
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_text(meta).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -215,7 +230,13 @@ def _read_metadata(root: Path, report: DataReport) -> dict[str, str]:
             raise ValueError(f"{meta}:{n}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
             raise ValueError(f"{meta}:{n}: each line needs 'file_name' and 'text' keys")
-        captions[Path(str(row["file_name"])).as_posix()] = str(row["text"])
+        text = row["text"]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(
+                f"{meta}:{n}: 'text' must be a string (or null for no caption), "
+                f"got {type(text).__name__} {text!r:.40}"
+            )
+        captions[Path(str(row["file_name"])).as_posix()] = text  # None: no caption
     report.notes.append(f"captions from metadata.jsonl ({len(captions)} rows)")
     return captions
 
@@ -246,10 +267,10 @@ def load_captioned_folder(
             continue
         rel = p.relative_to(root).as_posix()
         sidecar = p.with_suffix(".txt")
-        if rel in table:
+        if table.get(rel) is not None:
             text: str | None = table[rel]
         elif sidecar.is_file():
-            text = sidecar.read_text(encoding="utf-8").strip()
+            text = _read_text(sidecar).strip()
         else:
             text = None
         if text is None:
@@ -284,11 +305,20 @@ def load_npz(
     if file is None or not file.is_file():
         raise ValueError(f"data.path {str(path)!r} is not a file (source 'npz')")
     report = DataReport(source="npz", root=str(file))
-    with np.load(file, allow_pickle=False) as npz:
-        if "images" not in npz.files:
-            raise ValueError(f"{file} has no 'images' array (keys: {', '.join(npz.files)})")
-        images = npz["images"]
-        labels = npz["labels"] if "labels" in npz.files else None
+    try:
+        npz = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # not a zip: numpy tries .npy, then pickle
+        raise ValueError(f"{file}: not a .npz archive of arrays ({err})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file}: not a .npz archive of arrays (a single .npy array?)")
+    try:
+        with npz:
+            if "images" not in npz.files:
+                raise ValueError(f"{file} has no 'images' array (keys: {', '.join(npz.files)})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated archive
+        raise ValueError(f"{file}: a damaged .npz archive ({err})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise ValueError(
             f"{file}: 'images' must be uint8 [N, H, W] or [N, H, W, C], "
@@ -311,6 +341,13 @@ def load_npz(
             )
         if n and labels.min() < 0:
             raise ValueError(f"{file}: labels must be >= 0, got {int(labels.min())}")
+        limit = max(n, MAX_NPZ_CLASSES)
+        if n and int(labels.max()) >= limit:  # ids, not class indices
+            raise ValueError(
+                f"{file}: labels must be class indices 0..K-1 with K <= {limit} (the larger "
+                f"of the image count and {MAX_NPZ_CLASSES}); got label {int(labels.max())}; "
+                "map the labels to 0..K-1 first"
+            )
     report.found = report.used = n
     report.sizes[f"{images.shape[2]}x{images.shape[1]}"] = n
     fixed = ImageTransform(
@@ -328,6 +365,9 @@ def load_npz(
         names = [str(i) for i in range(k)]
         counts = Counter(int(v) for v in labels)
         report.classes = {str(i): counts.get(i, 0) for i in range(k)}
+        empty = [str(i) for i in range(k) if not counts.get(i)]
+        if empty:
+            report.notes.append(f"classes with no image: {', '.join(empty[:10])}")
     dataset = ArrayDataset(
         stacked,
         None if labels is None else labels.tolist(),

@@ -27,9 +27,14 @@ def convert_channels(img: Image.Image, channels: int) -> Image.Image:
     """Grayscale (``channels=1``, PIL's ITU-R 601 luma) or RGB (``channels=3``).
 
     Transparent images are composited on white first, so alpha does not turn into black.
+    16-bit grayscale (PNG bit depth 16: PIL modes ``I;16*`` and ``I``) is scaled to 8 bits
+    as ``round(v / 257)`` (65535 -> 255), not clipped as PIL's own conversion does.
     """
     if channels not in _MODES:
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -15,7 +15,7 @@ from .config import (
     save_config,
 )
 from .ema import EMA, ema_decay_at
-from .loop import Trainer, TrainResult, train
+from .loop import Trainer, TrainingInterrupted, TrainResult, train
 from .nonfinite import NonFiniteError
 from .optim import build_optimizer, lr_factor
 from .stream import BatchStream, epoch_order
@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "TrainingInterrupted",
     "apply_overrides",
     "build_optimizer",
     "ema_decay_at",

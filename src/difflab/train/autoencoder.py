@@ -34,7 +34,7 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from ..samplers.common import progress as progress_bar
 from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoopConfig
-from .monitor import MetricsLog
+from .monitor import MetricsLog, truncate_metrics
 from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
 
@@ -131,6 +131,8 @@ def train_autoencoder(
         first = 1 + _restore(ckpt_dir, settings, steps, model, optimizer, schedule, stream,
                              gen, data_gen)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    if first > 1:  # resumed: the steps after the checkpoint are logged again
+        truncate_metrics(out, first - 1)
     log = MetricsLog(out, tensorboard=False)
 
     def save(step: int) -> None:

@@ -15,7 +15,10 @@ No pickle anywhere: tensors go to safetensors, the rest to JSON.  A save builds 
 ``train_state.tmp-XXXX`` directory (every file fsync'ed), renames the previous
 ``train_state`` aside, renames the new one in, then publishes the top-level weights with
 ``os.replace``; a crash at any point leaves a complete checkpoint that
-:func:`load_checkpoint` finds.  Knows nothing of models or the training loop.
+:func:`load_checkpoint` finds.  The two top-level files cannot be replaced together: a kill
+between them leaves one a save behind, so :func:`repair_run_dir` (run on every start)
+republishes whichever differs from the checkpoint and deletes the hidden temp files
+(``.NAME.tmp-XXXX``) that killed writes leave.  Knows nothing of models or the training loop.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ __all__ = [
     "atomic_write_bytes",
     "flatten_optimizer_state",
     "load_checkpoint",
+    "repair_run_dir",
     "save_checkpoint",
     "unflatten_optimizer_state",
 ]
 
 STATE_DIR = "train_state"
 FORMAT_VERSION = 1
+PUBLISHED = ("model.safetensors", "ema.safetensors")  # the top-level copies of the weights
 
 
 @dataclass
@@ -106,7 +111,22 @@ def _tensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None =
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    return st_load(path.read_bytes())
+    try:
+        return st_load(path.read_bytes())
+    except Exception as err:  # SafetensorError: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _read_state(state_dir: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint; ValueError naming the file when it is cut short."""
+    path = state_dir / "state.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise ValueError(f"{path}: not a difflab checkpoint state (no 'step')")
+    return meta
 
 
 # --------------------------------------------------------------------------- optimiser state
@@ -206,7 +226,7 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
         os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(run_dir)
-    for name in ("model.safetensors", "ema.safetensors"):
+    for name in PUBLISHED:
         _publish(final / name, run_dir / name)
     _fsync_dir(run_dir)
     if old is not None:
@@ -214,6 +234,59 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     for older in run_dir.glob(f"{STATE_DIR}.old-*"):  # left by an earlier crash
         shutil.rmtree(older, ignore_errors=True)
     return final
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two published weight files hold the same save: one file (hard link), or the
+    same size and safetensors header (``step``, ``ema_updates``, tensor offsets)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return _header(a) == _header(b)
+    except (OSError, ValueError):
+        return False
+
+
+def _header(path: Path) -> bytes:
+    """The raw safetensors header (8-byte length, then JSON); ValueError when malformed."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file")
+        return fh.read(size)
+
+
+def repair_run_dir(run_dir: str | Path) -> list[str]:
+    """Undo what a killed save leaves in ``run_dir``; returns what was repaired.
+
+    Deletes the hidden temp files of interrupted atomic writes (``.NAME.tmp-XXXX``,
+    ``.NAME.XXXX.tmp``) and the ``train_state.tmp-*`` directories, and republishes
+    ``model.safetensors`` / ``ema.safetensors`` from the checkpoint when either is missing
+    or from another save (a kill between the two ``os.replace`` calls of a save).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    done: list[str] = []
+    for folder in (run_dir, run_dir / "samples"):
+        for tmp in [*folder.glob(".*.tmp-*"), *folder.glob(".*.tmp")]:
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                done.append(f"removed {tmp.relative_to(run_dir)}")
+    _clean_stale(run_dir)
+    state_dir = find_checkpoint(run_dir)
+    if state_dir is None:
+        return done
+    for name in PUBLISHED:
+        src, dst = state_dir / name, run_dir / name
+        if src.is_file() and not _same_weights(src, dst):
+            _publish(src, dst)
+            done.append(f"republished {name} from {state_dir.name}")
+    if done:
+        _fsync_dir(run_dir)
+    return done
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
@@ -229,7 +302,7 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     olds = [p for p in run_dir.glob(f"{STATE_DIR}.old-*") if (p / "state.json").is_file()]
     if not olds:
         return None
-    return max(olds, key=lambda p: json.loads((p / "state.json").read_text())["step"])
+    return max(olds, key=lambda p: _read_state(p)["step"])
 
 
 def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) -> Checkpoint:
@@ -241,7 +314,7 @@ def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) 
     state_dir = find_checkpoint(run_dir)
     if state_dir is None:
         raise FileNotFoundError(f"no checkpoint (train_state/state.json) under {run_dir}")
-    meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
+    meta = _read_state(state_dir)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{state_dir}: checkpoint format {meta.get('format_version')!r}, "

@@ -211,8 +211,13 @@ class LoopConfig:
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         for name in ("batch_size", "grad_accum", "log_every"):
             _check_range(f"train.{name}", getattr(self, name), 1)
-        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "max_steps"):
+        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):
             _check_range(f"train.{name}", getattr(self, name), 0)
+        if self.max_steps < 1:  # a run of no steps would write no weights
+            raise ValueError(
+                f"config key 'train.max_steps' must be >= 1 (a run trains at least one "
+                f"step), got {self.max_steps!r}"
+            )
         for name in ("sample_every", "save_every", "num_workers", "eval_every"):
             _check_range(f"train.{name}", getattr(self, name), 0)
         _check_range("train.eval_n", self.eval_n, 2)
@@ -583,12 +588,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must hold a mapping, got {type(data)}")
     base = TrainConfig().to_dict()  # defaults under the file, so --set a.b.c=... merges
     base["model"] = data.pop("model", None) or _default_model()  # a model section replaces
     return TrainConfig.from_dict(apply_overrides(_merge(base, data), overrides))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line N, column M: problem`` of a YAML parse error, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(problem)
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,14 +49,14 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
     else:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
+            raise ValueError(
                 f"device {str(device)!r} was asked for but torch sees no CUDA device "
                 f"(torch {torch.__version__}); use 'cpu' or leave the device unset"
             )
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local}")
         if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise ValueError(
                 f"device {str(dev)!r} does not exist: torch sees {torch.cuda.device_count()} "
                 "CUDA device(s)"
             )

@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -56,18 +59,33 @@ from .checkpoint import (
     atomic_write_bytes,
     find_checkpoint,
     load_checkpoint,
+    repair_run_dir,
     save_checkpoint,
 )
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .ema import EMA
-from .monitor import MetricsLog, log_line, plot_metrics, sample_grid
+from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .stream import BatchStream
 from .validation import split_dataset, validation_loss
 
-__all__ = ["TrainResult", "Trainer", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped training after a step; its checkpoint is saved.
+
+    :param step: the step saved (``--resume`` continues from it).
+    :param signum: the signal received.
+    :param run_dir: the run directory holding the checkpoint.
+    """
+
+    def __init__(self, step: int, signum: int, run_dir: Path) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved in {run_dir}")
+        self.step, self.signum, self.run_dir = step, signum, run_dir
 
 
 @dataclass
@@ -134,6 +152,8 @@ class Trainer:
         torch.manual_seed(_subseed(cfg.seed, 100 + self.dist.rank))
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run_dir {str(self.run_dir)!r} is a file, not a directory")
         self.precision = resolve_precision(tc.mixed_precision, self.device)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
         rank = self.dist.rank
@@ -669,9 +689,17 @@ class Trainer:
                 )
         ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
         meta = ck.meta
-        self.model.load_state_dict(ck.model)
+        try:
+            self.model.load_state_dict(ck.model)
+        except RuntimeError as err:  # size mismatch / missing keys: one line, not a page
+            detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(
+                f"{self.run_dir} holds a checkpoint of another architecture ({detail}); "
+                "resume with the run's own config.yaml, or train into a new run_dir"
+            ) from None
         self.ema.load_state_dict(ck.ema, meta["ema_updates"])
         self.optimizer.load_state_dict(ck.optimizer)
+        _match_param_layout(self.optimizer)
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
@@ -702,9 +730,16 @@ class Trainer:
         """
         tc = self.cfg.train
         last = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+        if self.dist.is_main:  # what a killed save left: temp files, a stale top-level file
+            for fixed in repair_run_dir(self.run_dir):
+                print(f"{self.run_dir}: {fixed}")
+        if self.dist.distributed:
+            dist.barrier()
         if resume:
             resumed = self.restore()
             self._warn_config_changes()
+            if resumed and self.dist.is_main:
+                print(f"resuming {self.run_dir} from step {self.step}", flush=True)
         elif find_checkpoint(self.run_dir) is not None:
             raise ValueError(
                 f"{self.run_dir} already holds a checkpoint; pass resume=True to continue it "
@@ -720,6 +755,8 @@ class Trainer:
             if self.tokenizer is not None:
                 text = self.tokenizer.to_json().encode("utf-8")
                 atomic_write_bytes(self.run_dir / TOKENIZER_FILE, text)
+            if resumed:  # the steps after the checkpoint run again: log them once
+                truncate_metrics(self.run_dir, self.step)
             self.log = MetricsLog(self.run_dir, tensorboard=tc.tensorboard)
             self.log.log({"event": "resume" if resumed else "start", "step": self.step})
         disable = (not main) or (None if self.show_progress is None else not self.show_progress)
@@ -734,46 +771,71 @@ class Trainer:
         parts: dict[str, list[float]] = {}
         good: dict[str, Any] = {}
         tick = time.perf_counter()
-        for _ in bar:
-            rec = self.train_step()
-            step = self.step
-            result.losses.append(rec["loss"])
-            if rec.get("skipped"):
-                result.skipped_steps.append(step)
-                self._log(rec)
-            else:
-                window.append(rec["loss"])
-                for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
-                    if rec.get(key) is not None:
-                        parts.setdefault(key, []).append(rec[key])
-                good = rec
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if window and (step % tc.log_every == 0 or step == last):
-                elapsed = max(time.perf_counter() - tick, 1e-9)
-                n = len(window) * tc.batch_size * tc.grad_accum
-                mean = sum(window) / len(window)
-                extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
-                extra.update({key: sum(v) / len(v) for key, v in parts.items()})
-                record = {**good, **extra}
-                self._log(record)
-                if plain:
-                    since = time.perf_counter() - start_time
-                    print(log_line(record, last, since, start_step), flush=True)
-                window, parts, tick = [], {}, time.perf_counter()
-            if tc.sample_every and step % tc.sample_every == 0:
-                result.grids += self._grids()
-            if tc.val_every and (step % tc.val_every == 0 or step == last):
-                if record := self._validation():  # {} on ranks other than 0
-                    result.validation.append(record)
-            if tc.eval_every and (step % tc.eval_every == 0 or step == last):
-                if record := self._periodic_eval():  # {} on ranks other than 0
-                    result.evals.append(record)
-            if (tc.save_every and step % tc.save_every == 0) or step == last:
-                self.save()
+        with _stop_on_signals() as stop:
+            for _ in bar:
+                rec = self.train_step()
+                step = self.step
+                result.losses.append(rec["loss"])
+                if rec.get("skipped"):
+                    result.skipped_steps.append(step)
+                    self._log(rec)
+                else:
+                    window.append(rec["loss"])
+                    for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
+                        if rec.get(key) is not None:
+                            parts.setdefault(key, []).append(rec[key])
+                    good = rec
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if window and (step % tc.log_every == 0 or step == last):
+                    elapsed = max(time.perf_counter() - tick, 1e-9)
+                    n = len(window) * tc.batch_size * tc.grad_accum
+                    mean = sum(window) / len(window)
+                    extra = {"step": step, "loss": mean, "imgs_per_s": n / elapsed, **self._extra()}
+                    extra.update({key: sum(v) / len(v) for key, v in parts.items()})
+                    record = {**good, **extra}
+                    self._log(record)
+                    if plain:
+                        since = time.perf_counter() - start_time
+                        print(log_line(record, last, since, start_step), flush=True)
+                    window, parts, tick = [], {}, time.perf_counter()
+                if tc.sample_every and step % tc.sample_every == 0:
+                    result.grids += self._grids()
+                if tc.val_every and (step % tc.val_every == 0 or step == last):
+                    if record := self._validation():  # {} on ranks other than 0
+                        result.validation.append(record)
+                if tc.eval_every and (step % tc.eval_every == 0 or step == last):
+                    if record := self._periodic_eval():  # {} on ranks other than 0
+                        result.evals.append(record)
+                saved = (tc.save_every and step % tc.save_every == 0) or step == last
+                if saved:
+                    self.save()
+                if self._stopping(stop) and step < last:  # Ctrl-C / SIGTERM: save and stop
+                    if not saved:
+                        self.save()
+                    raise TrainingInterrupted(step, stop[0], self.run_dir)
         result.step, result.final_loss = self.step, self.last_loss
         result.ema_updates = self.ema.num_updates
+        if result.skipped_steps and main:  # never silent: a skipped step trained nothing
+            shown = ", ".join(map(str, result.skipped_steps[:10]))
+            more = len(result.skipped_steps) - 10
+            warnings.warn(
+                f"on_nonfinite=skip skipped {len(result.skipped_steps)} of "
+                f"{len(result.losses)} steps for a non-finite loss or gradient (step "
+                f"{shown}{f' and {more} more' if more > 0 else ''}; see metrics.jsonl)",
+                stacklevel=2,
+            )
         return result
+
+    def _stopping(self, stop: list[int]) -> bool:
+        """Whether a stop signal arrived on any rank (every rank stops after the same step)."""
+        if not self.dist.distributed:
+            return bool(stop)
+        flag = torch.tensor([float(bool(stop))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop:
+            stop.append(int(signal.SIGTERM))
+        return bool(flag.item())
 
     def _warn_config_changes(self) -> None:
         """Resuming with a different config is allowed (e.g. more steps) but is worth a word."""
@@ -942,6 +1004,22 @@ def word_weight(model: nn.Module) -> Tensor:
     return param if hasattr(model, WORD_PARAM) else param[-1]
 
 
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimiser state tensor its parameter's memory format (strides).
+
+    ``load_state_dict`` leaves the moments contiguous; with channels-last parameters the
+    fused element-wise update then runs in another order and the first step after a resume
+    differs in the last bits from the uninterrupted run.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    if value.stride() != p.stride():
+                        state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def _subseed(seed: int, stream: int) -> int:
     """Distinct, reproducible generator seeds for the trainer's independent streams."""
     return (seed * 1_000_003 + 7919 * stream) % (2**63)
@@ -959,6 +1037,33 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _finite(x: Tensor) -> Tensor:
     return torch.isfinite(x).float()
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """While training: SIGINT (Ctrl-C) and SIGTERM append their number to the yielded list,
+    which the loop reads after each step (then saves and stops); a second Ctrl-C interrupts
+    at once.  The previous handlers come back on exit; off the main thread, nothing changes."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got.append(signum)
+        name = signal.Signals(signum).name
+        note = f"\n{name}: saving a checkpoint after this step (Ctrl-C again stops at once)\n"
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # e.g. no real stderr
+            os.write(sys.stderr.fileno(), note.encode())
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -986,6 +1091,7 @@ def train(
     :param resume: continue from ``run_dir``'s checkpoint bit for bit (fresh start if none).
     :param progress: progress bar on/off; None: on when stderr is a terminal.
     :raises NonFiniteError: on a NaN/inf loss or gradient with ``on_nonfinite: stop``.
+    :raises TrainingInterrupted: on Ctrl-C or SIGTERM, after saving the step it stopped at.
     """
     with _preserve_global_rng():
         trainer = Trainer(config, dataset=dataset, model=model, progress=progress)

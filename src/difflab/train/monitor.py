@@ -24,7 +24,7 @@ from ..images import new_figure, save_figure, save_grid
 from ..schedules import NoiseSchedule
 from .config import TrainConfig
 
-__all__ = ["MetricsLog", "log_line", "plot_metrics", "sample_grid"]
+__all__ = ["MetricsLog", "log_line", "plot_metrics", "sample_grid", "truncate_metrics"]
 
 
 class MetricsLog:
@@ -60,6 +60,33 @@ class MetricsLog:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop the records of ``run_dir/metrics.jsonl`` logged after ``step`` (a resumed run
+    replays them from its checkpoint) and any line a kill cut short; returns how many.
+
+    The file is rewritten atomically; records without a step are kept.
+    """
+    from .checkpoint import atomic_write_bytes
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        later = isinstance(record, dict) and isinstance(record.get("step"), int)
+        if not isinstance(record, dict) or (later and record["step"] > step):
+            dropped += bool(line.strip())
+            continue
+        kept.append(line + "\n")
+    if dropped:
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+    return dropped
 
 
 def log_line(record: dict[str, Any], total_steps: int, elapsed_s: float, start_step: int) -> str:
