@@ -555,6 +555,18 @@ def add_sample_parser(subparsers: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--n", type=int, default=None, help="number of images (default 16)")
+    p.add_argument(
+        "--vae-tiling", action="store_true",
+        help="latent models: decode in overlapping tiles (large images in less memory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vae-slicing", action="store_true", help="latent models: decode one image at a time"
+    )
+    p.add_argument(
+        "--clip-skip", type=int, default=None, metavar="N",
+        help="SD models: A1111's Clip skip (1 = the text encoder's last layer, 2 = the one "
+        "before it)",
+    )  # fmt: skip
     for side in ("height", "width"):
         p.add_argument(
             f"--{side}", type=int, default=None, metavar="PX",
@@ -755,8 +767,14 @@ def _sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         spacing=args.spacing,
         clip_x0=False if args.no_clip else None,  # None: clip pixels, not latents
+        **({"clip_skip": args.clip_skip} if args.clip_skip is not None else {}),
         **refinement_options(args),
     )
+    if args.vae_tiling or args.vae_slicing:
+        if pipe.vae is None:
+            raise UserError("--vae-tiling / --vae-slicing need a latent model (an autoencoder)")
+        pipe.vae.enable_tiling(args.vae_tiling)
+        pipe.vae.enable_slicing(args.vae_slicing)
     if (args.init_image is None) != (args.strength is None):
         raise UserError("image-to-image needs both --init-image and --strength")
     if args.mask is not None and args.init_image is None:
@@ -806,7 +824,7 @@ _PNG_FLAGS = {
     "cfg_interval": "guidance_interval", "eta": "eta", "seed": "seed", "n": "n",
     "classes": "class_labels", "prompt": "prompt", "negative_prompt": "negative_prompt",
     "negative_class": "negative_class", "dtype": "dtype", "init_image": "init_image",
-    "mask": "mask", "height": "height", "width": "width",
+    "mask": "mask", "height": "height", "width": "width", "clip_skip": "clip_skip",
 }  # fmt: skip
 # Sample flags whose default is not None: None until parsed, so a flag left out is told from
 # one given with its default value; ``_from_png`` puts the defaults back.
@@ -882,8 +900,6 @@ def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
     if args.nrow is None and "n" not in given:
         args.nrow = _grid_columns(args.from_png, int(params.get("n") or 1))
     unused = [f"sampler options {params['sampler_options']}"] if "sampler_options" in params else []
-    if params.get("clip_skip", 1) != 1:
-        unused.append(f"Clip skip {params['clip_skip']}")
     unused += [key for key in params.get("extra", {}) if key != "Version"]
     if unused:
         warnings.warn(f"--from-png: not applied: {', '.join(unused)}", stacklevel=2)

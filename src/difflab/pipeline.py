@@ -393,6 +393,17 @@ class Pipeline:
             )
         return scale
 
+    def _clip_skip(self, clip_skip: int | None) -> int | None:
+        """A1111's "Clip skip" (1 = the text encoder's last layer, 2 = the one before, ...),
+        checked; only Stable Diffusion's CLIP encoders take it."""
+        if clip_skip is None:
+            return None
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+            raise ValueError(f"clip_skip must be an integer >= 1 (A1111's), got {clip_skip!r}")
+        if not hasattr(self.text_encoder, "clip_skip"):
+            raise ValueError("clip_skip applies to Stable Diffusion's CLIP text encoders only")
+        return clip_skip
+
     def _negative_labels(
         self, negative_class: int | Sequence[int] | Tensor | None, n: int
     ) -> Tensor | None:
@@ -504,6 +515,7 @@ class Pipeline:
         negative_class: int | Sequence[int] | Tensor | None = None,
         size: tuple[int, int] | None = None,
         custom_noise: bool = False,
+        clip_skip: int | None = None,
         **sampler_options: Any,
     ) -> dict[str, Any]:
         """Every parameter a call would use, defaults filled in (JSON-able; for PNG chunks).
@@ -524,6 +536,7 @@ class Pipeline:
         spec, implied = SAMPLERS.resolve(name)
         interval = check_guidance_interval(guidance_interval)
         height, width = self.pixel_size(size)
+        skip = self._clip_skip(clip_skip)
         return {
             "run": self.run_dir,
             "weights": self.weights,
@@ -549,6 +562,7 @@ class Pipeline:
                 {"negative_class": negative_labels.tolist()} if negative_labels is not None else {}
             ),
             "size": [height, width],
+            **({"clip_skip": skip} if skip is not None else {}),
             **({"noise": "custom"} if custom_noise else {}),
             "prediction": self.prediction,
             **({"latent": True} if self.vae is not None else {}),
@@ -582,6 +596,7 @@ class Pipeline:
         noise: Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
+        clip_skip: int | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
@@ -592,7 +607,9 @@ class Pipeline:
         initial state ``[n, *image_shape]`` (unit variance; latents for a latent model) instead
         of the seeded draw; ancestral samplers still draw their later noise from the seeds.
         ``height`` / ``width`` choose another image size in pixels (multiples of the
-        network's and autoencoder's downsampling), for models that allow it.
+        network's and autoencoder's downsampling), for models that allow it.  ``clip_skip``
+        is A1111's "Clip skip" for SD models (1 = the text encoder's last layer, 2 = the
+        layer before it, ...; diffusers' ``clip_skip`` is this minus one).
 
         Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral noise), so
         it equals the same seed drawn alone. ``class_labels`` (an int or ``n`` ints) conditions a
@@ -619,6 +636,7 @@ class Pipeline:
             guidance_scale=guidance_scale, seed=seed, spacing=spacing, clip_x0=clip_x0,
             negative_prompt=negative_prompt, negative_class=negative_class,
             size=None if height is None and width is None else (height, width),
+            clip_skip=clip_skip,
         )  # fmt: skip
         return self._generate(args, None, None, progress, options, noise=noise)[0]
 
@@ -644,6 +662,7 @@ class Pipeline:
         mask: Tensor | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         negative_class: int | Sequence[int] | Tensor | None = None,
+        clip_skip: int | None = None,
         **sampler_options: Any,
     ) -> Img2ImgResult:
         """SDEdit image-to-image (Meng et al. 2022) from ``images`` ``[N, C, H, W]`` in [-1, 1]
@@ -684,6 +703,7 @@ class Pipeline:
             guidance_scale=guidance_scale, seed=seed, spacing=spacing, clip_x0=clip_x0,
             negative_prompt=negative_prompt, negative_class=negative_class,
             size=None if (h, w) == self.pixel_shape[1:] else (int(h), int(w)),
+            clip_skip=clip_skip,
         )  # fmt: skip
         out, timesteps = self._generate(args, images, strength, progress, options, mask)
         return Img2ImgResult(out, timesteps or [])
@@ -781,10 +801,17 @@ class Pipeline:
         labels = self._labels(args["class_labels"], n)
         negative_labels = self._negative_labels(args["negative_class"], n)
         size = args["size"]
-        cond, uncond = self._conditioning(
-            labels, args["prompt"], n, args["negative_prompt"], negative_labels,
-            size=tuple(p["size"]),
-        )  # fmt: skip
+        encoder = self.text_encoder
+        if p.get("clip_skip") is not None:  # A1111's N is diffusers' N - 1 (1: the last layer)
+            encoder.clip_skip = p["clip_skip"] - 1 or None  # type: ignore[union-attr]
+        try:
+            cond, uncond = self._conditioning(
+                labels, args["prompt"], n, args["negative_prompt"], negative_labels,
+                size=tuple(p["size"]),
+            )  # fmt: skip
+        finally:
+            if p.get("clip_skip") is not None:
+                encoder.clip_skip = None  # type: ignore[union-attr]
         gens = [torch.Generator().manual_seed(p["seed"] + i) for i in range(n)]
         shape = (n, *self.latent_shape(size))
         if noise is None:

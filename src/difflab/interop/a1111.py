@@ -116,6 +116,8 @@ def format_parameters(params: Mapping[str, Any]) -> str:
         fields["Size"] = f"{int(params['width'])}x{int(params['height'])}"
     if params.get("run"):
         fields["Model"] = Path(str(params["run"])).name
+    if params.get("clip_skip") is not None:
+        fields["Clip skip"] = int(params["clip_skip"])
     if params.get("strength") is not None:
         fields["Denoising strength"] = _number(params["strength"])
     if params.get("eta") is not None:

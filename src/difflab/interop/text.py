@@ -372,7 +372,8 @@ class SDTextEncoder:
         tokenizers, models = [], []
         for hf, act, sub in specs:
             tokenizer = _find_tokenizer(Path(tokenizer_dir), sub, family)
-            config = clip_text_config(hf, hidden_act=act, heads=heads, tokenizer=tokenizer)
+            n_heads = heads if heads is not None else _folder_heads(Path(tokenizer_dir), sub)
+            config = clip_text_config(hf, hidden_act=act, heads=n_heads, tokenizer=tokenizer)
             model_cls = transformers.CLIPTextModel
             if "text_projection.weight" in hf:
                 model_cls = transformers.CLIPTextModelWithProjection
@@ -384,6 +385,21 @@ class SDTextEncoder:
         return cls(
             tokenizers, models, family, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt
         )
+
+
+def _folder_heads(folder: Path, tokenizer_sub: str) -> int | None:
+    """The attention heads a diffusers folder's matching text encoder config names
+    (``text_encoder/`` for ``tokenizer/``, ``text_encoder_2/`` for ``tokenizer_2/``): the
+    one architecture number a checkpoint's weight shapes do not give.  ``None`` without one."""
+    path = folder / tokenizer_sub.replace("tokenizer", "text_encoder") / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except ValueError:
+        return None
+    heads = config.get("text_config", config).get("num_attention_heads")
+    return int(heads) if isinstance(heads, int) else None
 
 
 # -- prompt helpers ------------------------------------------------------------------------
