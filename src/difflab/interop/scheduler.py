@@ -33,6 +33,9 @@ Not reproduced (the plan is difflab's nearest behaviour, said here once):
   "trailing" spacings whose gaps are not ⌊T/N⌋ they land between the listed timesteps (and
   evaluate the model at a level other than the one they stepped to).  The plan walks the
   listed timesteps consistently.  "leading" spacing (SD's) is exact.
+- DDIM's ``clip_sample`` clips x̂0 but keeps the raw ε̂ (unless the pipeline passes
+  ``use_clipped_model_output=True``); difflab's ``clip_x0`` recomputes ε̂ from the clipped
+  x̂0, i.e. reproduces ``use_clipped_model_output=True``.  DDPM and Heun are exact.
 - PNDM's Runge–Kutta midpoint is t - ⌊⌊T/N⌋/2⌋ in diffusers, the exact midpoint in difflab:
   equal when ⌊T/N⌋ is even.  PNDM/PLMS with v-prediction: diffusers combines the raw
   v-outputs (difflab's pndm.py docstring).

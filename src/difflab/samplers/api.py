@@ -119,9 +119,9 @@ def _plan(
 
     if isinstance(spacing, NoiseLevels):  # explicit levels: model times and λ given apart
         if spacing_kwargs or final_timestep is not None:
+            named = sorted(spacing_kwargs) + ([] if final_timestep is None else ["final_timestep"])
             raise ValueError(
-                f"{sorted(spacing_kwargs) + (['final_timestep'] if final_timestep else [])} "
-                "apply to named spacings or timestep lists, not to explicit NoiseLevels"
+                f"{named} apply to named spacings or timestep lists, not to explicit NoiseLevels"
             )
         if steps is not None and steps != len(spacing):
             raise ValueError(f"steps={steps} but the NoiseLevels have {len(spacing)} steps")
