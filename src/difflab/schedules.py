@@ -3,7 +3,8 @@
 Owns: ``NoiseSchedule`` (betas -> alphas_cumprod in float64; linear, scaled_linear, cosine,
 sigmoid, custom; the zero-terminal-SNR rescale), the continuous-time view of a discrete
 schedule (``alpha(t)``, ``sigma(t)``, ``log_snr(t)`` for fractional ``t``, interpolated in
-log-SNR, and its inverse), and the sampling discretisations (leading, trailing, linspace,
+log-SNR or, with ``interpolation="sigma"``, linearly in σ^VE as diffusers' k-diffusion-style
+schedulers do; and its inverse), and the sampling discretisations (leading, trailing, linspace,
 karras, logsnr, exponential, custom) as ``NoiseLevels``.
 
 Knows nothing of models or data.
@@ -34,6 +35,12 @@ from ._validate import check_choice, unknown_message
 ScheduleName = Literal["linear", "scaled_linear", "cosine", "sigmoid", "custom"]
 Spacing = Literal["leading", "trailing", "linspace", "karras", "logsnr", "exponential"]
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "karras", "logsnr", "exponential")
+# How λ(t) is read between integer timesteps (``NoiseSchedule(..., interpolation=...)``):
+Interpolation = Literal["log_snr", "sigma"]
+INTERPOLATIONS: tuple[str, ...] = (
+    "log_snr",  # linear in λ (= linear in log σ^VE; k-diffusion's and diffusers' ``_sigma_to_t``)
+    "sigma",  # linear in σ^VE (diffusers' Euler/Heun/LMS/DPM/UniPC: np.interp on their sigmas)
+)
 TimeLike = float | int | Tensor
 
 
@@ -53,9 +60,22 @@ class NoiseSchedule:
 
     ``betas`` and ``alphas_cumprod`` are float64 master tables of shape ``[T]``; the
     float32 views used on the hot path are ``table(name, device)``.
+
+    ``interpolation`` says how fractional timesteps are read (``log_snr``, below): "log_snr"
+    (default) or "sigma", linear in σ^VE = σ/α between integer timesteps, which is what
+    diffusers' Euler, Heun, LMS, DPM-Solver and UniPC schedulers do for fractional timesteps
+    (``np.interp(timesteps, arange(T), sigmas)``).  It changes nothing at integer timesteps.
     """
 
-    def __init__(self, betas: Tensor | Sequence[float], *, name: str = "custom", **params: Any):
+    def __init__(
+        self,
+        betas: Tensor | Sequence[float],
+        *,
+        name: str = "custom",
+        interpolation: Interpolation = "log_snr",
+        **params: Any,
+    ):
+        self.interpolation = check_choice("timestep interpolation", interpolation, INTERPOLATIONS)
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().clone().cpu()
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError(
@@ -153,16 +173,23 @@ class NoiseSchedule:
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
         betas = 1 - ab / prev
         betas[-1] = 1.0
-        out = NoiseSchedule(betas, name=self.name, **self.params)
+        out = NoiseSchedule(betas, name=self.name, interpolation=self.interpolation, **self.params)
         out.params["zero_terminal_snr"] = True
         return out
+
+    def with_interpolation(self, interpolation: Interpolation) -> NoiseSchedule:
+        """The same tables, with fractional timesteps read by ``interpolation``."""
+        return NoiseSchedule(self.betas, name=self.name, interpolation=interpolation, **self.params)
 
     # ------------------------------------------------------------------ config
     def to_config(self) -> dict[str, Any]:
         """A YAML-able description; ``from_config(to_config())`` rebuilds the same tables."""
         if self.name == "custom":
-            return {"name": "custom", "betas": self.betas.tolist()}
-        cfg = {"name": self.name, **self.params}
+            cfg: dict[str, Any] = {"name": "custom", "betas": self.betas.tolist()}
+        else:
+            cfg = {"name": self.name, **self.params}
+        if self.interpolation != "log_snr":  # the default is left out: older configs unchanged
+            cfg["interpolation"] = self.interpolation
         return cfg
 
     @classmethod
@@ -170,21 +197,31 @@ class NoiseSchedule:
         """Inverse of ``to_config``."""
         cfg = dict(config)
         name = cfg.pop("name", "linear")
+        interpolation = cfg.pop("interpolation", "log_snr")
         if name == "custom":
-            return cls.from_betas(cfg["betas"])
+            return cls(cfg["betas"], name="custom", interpolation=interpolation)
         zero_snr = cfg.pop("zero_terminal_snr", False)
         T = cfg.pop("T", 1000)
         if name in SCHEDULE_NAMES:  # zero_terminal_snr is a key of the config, not of a builder
             _check_options(name, cfg, extra=("zero_terminal_snr",))
         sched = cls.from_name(name, T, **cfg)
-        return sched.rescale_zero_terminal_snr() if zero_snr else sched
+        if zero_snr:
+            sched = sched.rescale_zero_terminal_snr()
+        return sched.with_interpolation(interpolation) if interpolation != "log_snr" else sched
 
     def __repr__(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        items = dict(self.params)
+        if self.interpolation != "log_snr":
+            items["interpolation"] = self.interpolation
+        extra = ", ".join(f"{k}={v}" for k, v in items.items())
         return f"NoiseSchedule.{self.name}({extra})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, NoiseSchedule) and torch.equal(self.betas, other.betas)
+        return (
+            isinstance(other, NoiseSchedule)
+            and self.interpolation == other.interpolation
+            and torch.equal(self.betas, other.betas)
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -244,12 +281,15 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ continuous view
     def log_snr(self, t: TimeLike) -> TimeLike:
-        """λ(t) for float ``t`` in [0, T-1]: exact at integers, linear in λ in between.
+        """λ(t) for float ``t`` in [0, T-1]: exact at integers, linear in λ in between (or
+        linear in σ^VE = exp(-λ/2) with ``interpolation="sigma"``).
 
-        On a zero-terminal-SNR schedule the last interval ends at λ = -∞, where linear-in-λ
-        has no meaning; there α(t) falls linearly to 0 instead, so every t < T-1 keeps a
-        finite λ and ``t_from_log_snr`` stays an exact inverse.  A float ``t`` outside
-        [0, T-1] raises; tensor ``t`` is clamped (checking it would synchronise the device).
+        On a zero-terminal-SNR schedule the last interval ends at λ = -∞ (σ^VE = ∞), where
+        neither rule has a meaning (linear in σ^VE would put all of (T-2, T-1) at σ^VE = ∞);
+        with either interpolation α(t) falls linearly to 0 there instead, so every t < T-1
+        keeps a finite λ and ``t_from_log_snr`` stays an exact inverse.  A float ``t``
+        outside [0, T-1] raises; tensor ``t`` is clamped (checking it would synchronise the
+        device).
         """
         if isinstance(t, Tensor):
             lam = self.table("log_snr", t.device, torch.float32)
@@ -258,7 +298,11 @@ class NoiseSchedule:
             hi = (lo + 1).clamp(max=self.num_timesteps - 1)
             frac = tc - lo
             a, b = lam[lo], lam[hi]
-            inner = a + frac * (b - a)
+            if self.interpolation == "sigma":  # linear in σ^VE = exp(-λ/2)
+                sa, sb = torch.exp(-0.5 * a), torch.exp(-0.5 * b)
+                inner = -2.0 * torch.log(sa + frac * (sb - sa))
+            else:
+                inner = a + frac * (b - a)
             # Zero terminal SNR: the last interval ends at λ = -∞; there α falls linearly to 0.
             alpha_end = (1 - frac) * torch.sigmoid(a).sqrt()
             end = 2 * torch.log(alpha_end) - torch.log1p(-(alpha_end**2))
@@ -280,6 +324,9 @@ class NoiseSchedule:
             if alpha_end == 0.0:
                 return -math.inf
             return 2 * math.log(alpha_end) - math.log1p(-(alpha_end**2))
+        if self.interpolation == "sigma":  # linear in σ^VE = exp(-λ/2)
+            sa, sb = math.exp(-0.5 * a), math.exp(-0.5 * b)
+            return -2.0 * math.log(sa + frac * (sb - sa))
         return a + frac * (b - a)
 
     def alpha(self, t: TimeLike) -> TimeLike:
@@ -297,7 +344,8 @@ class NoiseSchedule:
         return math.sqrt(_sigmoid(-lam))
 
     def t_from_log_snr(self, log_snr: float) -> float:
-        """Inverse of ``log_snr``: the fractional timestep whose λ equals ``log_snr``.
+        """Inverse of ``log_snr`` (with the same interpolation): the fractional timestep whose
+        λ equals ``log_snr``.
 
         λ outside the table's range is clamped to t = 0 (cleanest) or T-1 (noisiest).
         """
@@ -320,6 +368,9 @@ class NoiseSchedule:
             return float(lo)
         if b == -math.inf:  # the last interval of a zero-terminal-SNR schedule: α linear
             return lo + 1.0 - math.sqrt(_sigmoid(log_snr)) / math.sqrt(_sigmoid(a))
+        if self.interpolation == "sigma":
+            sa, sb = math.exp(-0.5 * a), math.exp(-0.5 * b)
+            return lo + (math.exp(-0.5 * log_snr) - sa) / (sb - sa)
         return lo + (log_snr - a) / (b - a)
 
     def t_from_sigma_ve(self, sigma_ve: float) -> float:

@@ -79,7 +79,7 @@ def _plan(
     steps: int | None,
     prediction: str,
     variance: str,
-    spacing: str | Sequence[float] | None,
+    spacing: str | Sequence[float] | NoiseLevels | None,
     eta: float | None,
     guidance_scale: float,
     guidance_rescale: float,
@@ -117,7 +117,16 @@ def _plan(
             options["eta"] = eta
     check_options(spec, options)
 
-    if isinstance(spacing, str) or spacing is None:
+    if isinstance(spacing, NoiseLevels):  # explicit levels: model times and λ given apart
+        if spacing_kwargs or final_timestep is not None:
+            named = sorted(spacing_kwargs) + ([] if final_timestep is None else ["final_timestep"])
+            raise ValueError(
+                f"{named} apply to named spacings or timestep lists, not to explicit NoiseLevels"
+            )
+        if steps is not None and steps != len(spacing):
+            raise ValueError(f"steps={steps} but the NoiseLevels have {len(spacing)} steps")
+        levels = spacing
+    elif isinstance(spacing, str) or spacing is None:
         if spacing is not None and implied is not None and spacing != implied:
             raise ValueError(
                 f"sampler {sampler!r} implies spacing {implied!r} but spacing={spacing!r} "
@@ -132,7 +141,8 @@ def _plan(
                 f"{sorted(spacing_kwargs)} apply to named spacings, not a custom timestep list"
             )
         timesteps = schedule.timesteps(steps, list(spacing))  # checks order and length
-    levels = schedule.noise_levels(timesteps, final_timestep=final_timestep)
+    if not isinstance(spacing, NoiseLevels):
+        levels = schedule.noise_levels(timesteps, final_timestep=final_timestep)
 
     if isinstance(model, Denoiser):
         den: Any = model
@@ -246,7 +256,7 @@ def sample(
     steps: int | None = None,
     prediction: str = "eps",
     variance: str = "fixedsmall",
-    spacing: str | Sequence[float] | None = None,
+    spacing: str | Sequence[float] | NoiseLevels | None = None,
     eta: float | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
@@ -279,7 +289,9 @@ def sample(
         ``DEFAULT_SPACING`` with ``DEFAULT_SPACING_OPTIONS`` unless ``spacing`` is given).
     :param steps: number of steps (None: 20, or the length of a custom ``spacing`` list).
     :param spacing: a spacing name or a strictly decreasing timestep list; None: the spacing
-        the alias implies, else the sampler's default.
+        the alias implies, else the sampler's default.  Or explicit ``NoiseLevels``, whose
+        model timesteps and noise levels are given apart (diffusers' Karras sigmas at rounded
+        timesteps; ``difflab.interop.scheduler.sampling_plan`` builds them).
     :param eta: stochasticity, only for samplers that take it (DDIM, ancestral, SDE);
         ``eta=0`` is also accepted by deterministic samplers.
     :param guidance_scale: CFG weight w (1 = plain conditional); needs ``uncond`` if not 1.
@@ -357,7 +369,7 @@ def img2img(
     steps: int | None = None,
     prediction: str = "eps",
     variance: str = "fixedsmall",
-    spacing: str | Sequence[float] | None = None,
+    spacing: str | Sequence[float] | NoiseLevels | None = None,
     eta: float | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
