@@ -543,7 +543,7 @@ class Pipeline:
             "sampler": name,
             "steps": int(steps if steps is not None else self.sample_defaults["steps"]),
             "spacing": spacing or implied or spec.default_spacing,
-            **self._scheduler_plan(name, steps, spacing),
+            **self._recorded_plan(name, steps, spacing),
             "guidance_scale": scale,
             "guidance_rescale": float(guidance_rescale),
             "guidance_interval": None if interval is None else list(interval),
@@ -714,14 +714,26 @@ class Pipeline:
         name, e.g. "... Karras") chooses the spacing itself."""
         if self.scheduler_config is None or spacing is not None:
             return {}
-        from .interop.scheduler import sampling_plan
-        from .samplers import SAMPLERS
+        from .interop.scheduler import has_plan, sampling_plan
 
-        if SAMPLERS.resolve(sampler)[1] is not None:  # the name implies its spacing
+        if not has_plan(sampler):  # difflab's own grid for the samplers diffusers lacks
             return {}
-
         n = int(steps if steps is not None else self.sample_defaults["steps"])
         return dict(sampling_plan(self.scheduler_config, sampler, n))
+
+    def _recorded_plan(self, sampler: str, steps: int | None, spacing: Any) -> dict[str, Any]:
+        """The JSON-able part of :meth:`_scheduler_plan` for a call's parameters: the
+        diffusers scheduler it follows and the timesteps it walks."""
+        from .schedules import NoiseLevels
+
+        plan = self._scheduler_plan(sampler, steps, spacing)
+        if not plan:
+            return {}
+        walk = plan["spacing"]
+        ts = walk.t if isinstance(walk, NoiseLevels) else walk
+        assert self.scheduler_config is not None
+        return {"spacing": [float(t) for t in ts], "scheduler": self.scheduler_config.get(
+            "_class_name", "diffusers")}  # fmt: skip
 
     def _check_mask(self, mask: Tensor, images: Tensor) -> Tensor:
         if not isinstance(mask, Tensor) or mask.ndim != 4:
@@ -838,7 +850,15 @@ class Pipeline:
             model_dtype=self.dtype,
             **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
-        common.update(self._scheduler_plan(p["sampler"], p["steps"], args["spacing"]))
+        plan = self._scheduler_plan(p["sampler"], p["steps"], args["spacing"])
+        if plan:  # diffusers' timesteps for this sampler, from its starting latents
+            from .interop.scheduler import initial_noise_scale
+
+            assert self.scheduler_config is not None
+            if init is None:
+                scale = initial_noise_scale(self.scheduler_config, p["sampler"], p["steps"])
+                common["noise"] = noise * scale
+            common.update(plan, prediction=self.prediction)  # an override of it stands
         if init is None:
             x, timesteps = sample(self.model, shape, **common), None
         else:

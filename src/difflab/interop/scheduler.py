@@ -404,6 +404,12 @@ def _x0_limits(cfg: dict) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the plan
+def has_plan(sampler: str) -> bool:
+    """Whether :func:`sampling_plan` reproduces a diffusers scheduler for ``sampler``."""
+    spec, implied = SAMPLERS.resolve(sampler)
+    return spec.name in _SAMPLER_CLASS and implied in (None, "karras")
+
+
 def sampling_plan(config: Mapping[str, Any], sampler: str, steps: int) -> dict[str, Any]:
     """Keyword arguments for ``dl.sample`` that reproduce diffusers' scheduler for ``sampler``.
 
