@@ -95,8 +95,10 @@ def _check_supported(cfg: UNetConfig) -> None:
 def _transformer(depth: int, fuse_qkv: bool) -> list[tuple[str, tuple[str, ...], dict]]:
     """``(difflab suffix, format suffixes, _Leaf options)`` of one SpatialTransformer; the
     suffixes are the same in diffusers and ldm files."""
-    norm, layer, no_bias = dict(is_layer=False), {}, dict(params=("weight",))
-    proj = dict(conv1x1=True)
+    norm: dict[str, Any] = dict(is_layer=False)
+    layer: dict[str, Any] = {}
+    no_bias: dict[str, Any] = dict(params=("weight",))
+    proj: dict[str, Any] = dict(conv1x1=True)
     items: list[tuple[str, tuple[str, ...], dict]] = [
         ("norm", ("norm",), norm),
         ("proj_in", ("proj_in",), proj),
@@ -105,6 +107,7 @@ def _transformer(depth: int, fuse_qkv: bool) -> list[tuple[str, tuple[str, ...],
         ours, theirs = f"blocks.{k}", f"transformer_blocks.{k}"
         for n, (mine, attn) in enumerate((("self_attn", "attn1"), ("cross_attn", "attn2")), 1):
             items.append((f"{ours}.norm{n}", (f"{theirs}.norm{n}",), norm))
+            groups: list[tuple[str, tuple[str, ...]]]
             if not fuse_qkv:
                 groups = [("to_q", ("to_q",)), ("to_k", ("to_k",)), ("to_v", ("to_v",))]
             elif mine == "self_attn":

@@ -299,7 +299,7 @@ class CrossAttention(nn.Module):
             self.to_q = nn.Linear(dim, dim, bias=False)
             self.to_k = nn.Linear(source_dim, dim, bias=False)
             self.to_v = nn.Linear(source_dim, dim, bias=False)
-        elif self.is_cross:
+        elif context_dim is not None:
             self.to_q = nn.Linear(dim, dim, bias=False)
             self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
         else:
@@ -309,9 +309,11 @@ class CrossAttention(nn.Module):
     def _qkv(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values, each ``[B, H, N or L, D]``."""
         b, n, _ = x.shape
-        if self.is_cross and context is None:
-            raise ValueError("cross-attention needs a context tensor [B, L, context_dim]")
-        source = context if self.is_cross else x
+        source = x
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor [B, L, context_dim]")
+            source = context
         if not self.fused:
             q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
             h = self.num_heads

@@ -381,12 +381,11 @@ class UNet(nn.Module):
         self.class_embed = (
             nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
         )
+        self.vector_embed: nn.Sequential | None = None
         if cfg.vector_dim is not None:  # sgm's label_emb, diffusers' add_embedding
             self.vector_embed = nn.Sequential(
                 nn.Linear(cfg.vector_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
             )
-        else:
-            self.vector_embed = None
         res_kw = dict(
             emb_dim=emb_dim,
             dropout=cfg.dropout,
@@ -522,7 +521,7 @@ class UNet(nn.Module):
         emb = self.time_embed(emb)  # (B, 4mc)
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels)
-        if self.vector_embed is not None:
+        if self.vector_embed is not None and vector is not None:  # checked: both or neither
             emb = emb + self.vector_embed(vector.to(dtype))  # (B, 4mc)
         emb_act = F.silu(emb)  # every ResBlock's embedding projection starts with SiLU
         if context is not None:
