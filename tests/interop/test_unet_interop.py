@@ -246,3 +246,45 @@ def test_errors_are_clear():
         unet_state_from_ldm({f"model.diffusion_model.{k}": v for k, v in ldm.items()}, cfg)
     with pytest.raises(ValueError, match="context_dim"):
         unet_config_to_diffusers(UNetConfig())
+
+
+# The published config.json values of SD 1.5, SD 2.1 and SDXL base (options at their
+# defaults left out) and the published U-Net parameter counts.
+SD15 = dict(
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    cross_attention_dim=768,
+    down_block_types=[CROSS[0]] * 3 + [PLAIN[0]],
+    up_block_types=[PLAIN[1]] + [CROSS[1]] * 3,
+    sample_size=64,
+    layers_per_block=2,
+)
+SD21 = dict(
+    SD15,
+    attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    upcast_attention=True,
+    sample_size=96,
+)
+SDXL = dict(
+    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280], cross_attention_dim=2048, layers_per_block=2,
+    down_block_types=[PLAIN[0], CROSS[0], CROSS[0]], up_block_types=[CROSS[1], CROSS[1], PLAIN[1]],
+    projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config,count",
+    [(SD15, 859_520_964), (SD21, 865_910_724), (SDXL, 2_567_463_684)],
+    ids=["sd1.5", "sd2.1", "sdxl"],
+)
+def test_real_configs_build_with_published_parameter_counts(config, count):
+    cfg = unet_config_from_diffusers(config)
+    with torch.device("meta"):  # shapes only
+        model = UNet(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count
+    ldm = unet_state_to_ldm(model.state_dict(), cfg)
+    assert unet_config_from_ldm(ldm) == cfg  # the family guessed from the keys
