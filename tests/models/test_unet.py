@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 from pathlib import Path
@@ -18,7 +19,7 @@ from difflab.models.layers import (
     upsample_conv3x3,
     upsample_then_conv,
 )
-from difflab.models.unet import PRESETS, ResBlock
+from difflab.models.unet import PRESETS, ResBlock, sdxl_vector
 
 
 def tiny_config(**overrides) -> UNetConfig:
@@ -152,6 +153,74 @@ def test_config_errors_are_clear():
         UNet(tiny_config(norm_groups=32))  # 16 + 32 = 48 channels in the decoder
     with pytest.raises(ValueError, match="unknown U-Net preset 'cifar'; did you mean 'cifar10'"):
         UNetConfig.preset("cifar")
+
+
+def test_stable_diffusion_options_errors_are_clear():
+    with pytest.raises(ValueError, match=r"num_heads must be an int or 2 ints >= 1"):
+        tiny_config(num_heads=(1, 2, 4))
+    with pytest.raises(ValueError, match=r"is 0 at attention level\(s\) \[1\]"):
+        tiny_config(context_dim=4, transformer_depth=(1, 0))
+    with pytest.raises(ValueError, match="transformer_depth_middle >= 1"):
+        tiny_config(context_dim=4, attention_resolutions=(8,), transformer_depth=(1, 0))
+    with pytest.raises(ValueError, match="transformer_norm_eps must be > 0"):
+        tiny_config(transformer_norm_eps=0.0)
+    model = UNet(tiny_config(context_dim=4, vector_dim=6))
+    x, ctx = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"needs vector of shape \[2, 6\], got None"):
+        model(x, 1.0, context=ctx)
+    with pytest.raises(ValueError, match=r"got \(2, 5\)"):
+        model(x, 1.0, context=ctx, vector=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="vector_dim=None"):
+        UNet(tiny_config())(x, 1.0, vector=torch.randn(2, 6))
+
+
+def test_per_level_heads_depth_and_separate_qkv_build_as_configured():
+    cfg = tiny_config(
+        image_size=16, channel_mult=(1, 2, 2), attention_resolutions=(8, 4), context_dim=4,
+        num_head_channels=None, num_heads=(1, 2, 4), transformer_depth=(0, 1, 3),
+        transformer_depth_middle=2, transformer_norm_eps=1e-6, fuse_qkv=False,
+    )  # fmt: skip
+    model = UNet(cfg)
+    sites = {n: m for n, m in model.named_modules() if type(m).__name__ == "SpatialTransformer"}
+    found = {n: (len(m.blocks), m.blocks[0].self_attn.num_heads) for n, m in sites.items()}
+    # one res block per level: level 1 (8 px) is down.2, up.2-3; level 2 (4 px) down.4, up.0-1
+    assert found == {
+        "down.2.1": (1, 2), "down.4.1": (3, 4), "middle.1": (2, 4),
+        "up.0.1": (3, 4), "up.1.1": (3, 4), "up.2.1": (1, 2), "up.3.1": (1, 2),
+    }  # fmt: skip
+    assert all(m.norm.eps == 1e-6 for m in sites.values())
+    attn = sites["middle.1"].blocks[0].cross_attn
+    assert [n for n, _ in attn.named_children()] == ["to_q", "to_k", "to_v", "to_out"]
+    assert attn.to_k.in_features == 4 and attn.to_k.bias is None
+    data = cfg.to_dict()
+    assert data["num_heads"] == [1, 2, 4] and UNetConfig.from_dict(data) == cfg
+
+
+def test_separate_qkv_equals_fused_with_the_same_weights():
+    fused = build(tiny_config(context_dim=4, transformer_depth=2))
+    cfg = dataclasses.replace(fused.config, fuse_qkv=False)
+    separate = UNet(cfg).eval()
+    state = {}
+    for key, value in fused.state_dict().items():
+        if key.endswith((".to_qkv.weight", ".to_kv.weight")):
+            stem, names = key.rsplit(".", 2)[0], "qkv" if ".to_qkv." in key else "kv"
+            state.update(zip([f"{stem}.to_{c}.weight" for c in names], value.chunk(len(names))))
+        else:
+            state[key] = value
+    separate.load_state_dict(state, strict=True)
+    x, t, kw = inputs(cfg)
+    torch.testing.assert_close(separate(x, t, **kw), fused.eval()(x, t, **kw))
+
+
+def test_sdxl_vector_layout():
+    pooled, time_ids = torch.randn(2, 3), torch.tensor([[512.0, 256, 0, 8, 64, 32]] * 2)
+    vector = sdxl_vector(pooled, time_ids, embed_dim=4)
+    assert vector.shape == (2, 3 + 6 * 4)
+    assert torch.equal(vector[:, :3], pooled)
+    expected = timestep_embedding(torch.tensor([0.0, 8.0]), 4)  # crop ids (0, 8)
+    torch.testing.assert_close(vector[0, 3 + 2 * 4 : 3 + 4 * 4], expected.flatten())
+    with pytest.raises(ValueError, match="pooled"):
+        sdxl_vector(pooled, time_ids[:1])
 
 
 def test_group_norm_clamps_tiny_widths():

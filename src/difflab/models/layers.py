@@ -279,34 +279,57 @@ class AttentionBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention of ``x [B, N, C]`` over ``context [B, L, C_ctx]`` (LDM eq. 3).
 
-    Without a context it is self-attention (with a fused qkv projection). ``mask`` is a
-    boolean ``[B, L]``, True = the token takes part. A row with every token masked out
-    yields a zero output instead of NaN.
+    Without a context it is self-attention. With ``fuse_qkv`` the projections are fused
+    (``to_qkv`` for self-attention, ``to_q`` and ``to_kv`` for cross-attention); without it
+    they are separate bias-free ``to_q``, ``to_k``, ``to_v`` layers, the layout of Stable
+    Diffusion checkpoints (so LoRA files that target them map one to one). Both compute the
+    same function. ``mask`` is a boolean ``[B, L]``, True = the token takes part. A row with
+    every token masked out yields a zero output instead of NaN.
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, *, fuse_qkv: bool = True
+    ) -> None:
         super().__init__()
         self.num_heads = _check_heads(dim, num_heads)
         self.is_cross = context_dim is not None
-        if self.is_cross:
+        self.fused = fuse_qkv
+        if not fuse_qkv:
+            source_dim = dim if context_dim is None else context_dim
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.to_k = nn.Linear(source_dim, dim, bias=False)
+            self.to_v = nn.Linear(source_dim, dim, bias=False)
+        elif context_dim is not None:
             self.to_q = nn.Linear(dim, dim, bias=False)
             self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
         else:
             self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
+    def _qkv(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values, each ``[B, H, N or L, D]``."""
         b, n, _ = x.shape
+        source = x
         if self.is_cross:
             if context is None:
                 raise ValueError("cross-attention needs a context tensor [B, L, context_dim]")
+            source = context
+        if not self.fused:
+            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+            h = self.num_heads
+            return _split_heads(q, h), _split_heads(k, h), _split_heads(v, h)
+        if self.is_cross:
             q = _split_heads(self.to_q(x), self.num_heads)
-            kv = self.to_kv(context).view(b, context.shape[1], 2, self.num_heads, -1)
+            kv = self.to_kv(source).view(b, source.shape[1], 2, self.num_heads, -1)
             k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
-        else:
-            q, k, v = self.to_qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        q, k, v = self._qkv(x, context)
         attn_mask = keep_row = None
         if mask is not None:
             keep_row = mask.any(dim=-1)  # (B,)
@@ -334,12 +357,14 @@ class TransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attn, cross-attn on the context, GEGLU (LDM, Rombach
     et al. 2022, appendix). Input and output tokens ``[B, N, C]``."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int, *, fuse_qkv: bool = True
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = CrossAttention(dim, num_heads)
+        self.self_attn = CrossAttention(dim, num_heads, fuse_qkv=fuse_qkv)
         self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = CrossAttention(dim, num_heads, context_dim)
+        self.cross_attn = CrossAttention(dim, num_heads, context_dim, fuse_qkv=fuse_qkv)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -352,16 +377,30 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """LDM's spatial transformer (Rombach et al. 2022): GroupNorm, project to tokens,
     ``depth`` transformer blocks conditioned on ``context``, zero-initialised projection
-    back, residual. Input and output ``[B, C, H, W]``."""
+    back, residual. Input and output ``[B, C, H, W]``.
+
+    Stable Diffusion's GroupNorm here uses ``norm_eps=1e-6``; its 1.x checkpoints store
+    ``proj_in``/``proj_out`` as 1x1 convolutions, the same linear map as these ``Linear``
+    layers (the interop key mappings reshape the weights).
+    """
 
     def __init__(
-        self, channels: int, num_heads: int, context_dim: int, depth: int = 1, norm_groups: int = 32
+        self,
+        channels: int,
+        num_heads: int,
+        context_dim: int,
+        depth: int = 1,
+        norm_groups: int = 32,
+        *,
+        norm_eps: float = 1e-5,
+        fuse_qkv: bool = True,
     ) -> None:
         super().__init__()
-        self.norm = group_norm(channels, norm_groups)
+        self.norm = group_norm(channels, norm_groups, eps=norm_eps)
         self.proj_in = nn.Linear(channels, channels)
         self.blocks = nn.ModuleList(
-            TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)
+            TransformerBlock(channels, num_heads, context_dim, fuse_qkv=fuse_qkv)
+            for _ in range(depth)
         )
         self.proj_out = nn.Linear(channels, channels)
 

@@ -2,7 +2,10 @@
 
 Owns the U-Net architecture, its serialisable config and size presets. Implements the
 shared model contract ``model(x_t, t, class_labels=None, context=None, context_mask=None)``
-and knows nothing of noise schedules, parametrizations or samplers.
+(plus the keyword ``vector=`` of SDXL-style models) and knows nothing of noise schedules,
+parametrizations or samplers. The options that hold Stable Diffusion 1.x / 2.x / SDXL
+U-Nets exactly (per-level transformer depth and heads, separate q/k/v, the pooled "vector"
+embedding) live here; the checkpoint formats themselves live in :mod:`difflab.interop`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from difflab.models.layers import (
     zero_init,
 )
 
-__all__ = ["UNet", "UNetConfig"]
+__all__ = ["UNet", "UNetConfig", "sdxl_vector"]
 
 
 @dataclass
@@ -47,7 +50,8 @@ class UNetConfig:
     :param attention_resolutions: resolutions in pixels (e.g. ``(16, 8)``) where attention
         is applied; each must be ``image_size // 2**level`` for some level. The middle
         block always has attention (ADM).
-    :param num_heads: attention heads (used when ``num_head_channels`` is ``None``).
+    :param num_heads: attention heads (used when ``num_head_channels`` is ``None``): one
+        count for every level, or one per level (the middle block uses the last level's).
     :param num_head_channels: channels per head; overrides ``num_heads`` (ADM).
     :param dropout: dropout in the residual blocks (DDPM uses 0.1 on CIFAR-10).
     :param num_classes: ``None`` = unconditional; else a class embedding with
@@ -55,7 +59,9 @@ class UNetConfig:
         classifier-free guidance.
     :param context_dim: ``None`` = no cross-attention; else attention levels are LDM
         transformer blocks attending to ``context [B, L, context_dim]``.
-    :param transformer_depth: transformer blocks per attention site when ``context_dim`` is set.
+    :param transformer_depth: transformer blocks per attention site when ``context_dim`` is
+        set: one count, or one per level (entries of levels without attention are ignored and
+        may be 0; SDXL: ``(0, 2, 10)``).
     :param learn_sigma: output ``2 * out_channels`` channels (eps and variance interpolation).
     :param use_scale_shift_norm: condition residual blocks by ``norm(h) * (1 + s) + b``
         (ADM) rather than by adding the embedding (DDPM).
@@ -63,6 +69,19 @@ class UNetConfig:
         strided / nearest-neighbour convolutions.
     :param use_checkpoint: gradient checkpointing of every block (trades compute for memory).
     :param norm_groups: GroupNorm groups, clamped to the width for tiny widths.
+    :param transformer_depth_middle: transformer blocks of the middle block (``None`` = the
+        last level's ``transformer_depth``, as in SDXL's sgm code).
+    :param transformer_norm_eps: epsilon of the transformers' GroupNorm (Stable Diffusion:
+        1e-6; the residual blocks keep 1e-5).
+    :param fuse_qkv: fused attention projections (``to_qkv``, ``to_kv``); ``False`` gives the
+        separate ``to_q``/``to_k``/``to_v`` of Stable Diffusion checkpoints. Same function.
+    :param vector_dim: ``None``, or the width of a per-sample vector ``[B, vector_dim]`` whose
+        MLP embedding is added to the timestep embedding (SDXL's pooled text embedding and
+        size/crop embeddings, :func:`sdxl_vector`; sgm's ``adm_in_channels``).
+    :param transformer_conv_proj: the checkpoint formats store the transformers'
+        ``proj_in``/``proj_out`` as 1x1 convolutions (Stable Diffusion 1.x) rather than
+        linear layers (2.x, SDXL). difflab always runs them as the same ``Linear`` map; only
+        the key mappings of :mod:`difflab.interop` read this flag.
     """
 
     image_size: int = 32
@@ -72,27 +91,35 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16,)
-    num_heads: int = 4
+    num_heads: int | tuple[int, ...] = 4
     num_head_channels: int | None = None
     dropout: float = 0.0
     num_classes: int | None = None
     context_dim: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     learn_sigma: bool = False
     use_scale_shift_norm: bool = True
     resblock_updown: bool = False
     use_checkpoint: bool = False
     norm_groups: int = 32
+    transformer_depth_middle: int | None = None
+    transformer_norm_eps: float = 1e-5
+    fuse_qkv: bool = True
+    vector_dim: int | None = None
+    transformer_conv_proj: bool = False
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
-        positive = ["image_size", "in_channels", "model_channels", "num_heads", "norm_groups"]
-        positive += ["transformer_depth"]
-        for name in positive:
+        for name in ["num_heads", "transformer_depth"]:
+            if not isinstance(getattr(self, name), int):
+                setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name in ["image_size", "in_channels", "model_channels", "norm_groups"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"UNetConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ["out_channels", "num_head_channels", "num_classes", "context_dim"]:
+        names = ["out_channels", "num_head_channels", "num_classes", "context_dim"]
+        names += ["transformer_depth_middle", "vector_dim"]
+        for name in names:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"UNetConfig.{name} must be >= 1 or None, got {value}")
@@ -104,6 +131,10 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.transformer_norm_eps > 0:
+            raise ValueError(f"transformer_norm_eps must be > 0, got {self.transformer_norm_eps}")
+        self._check_per_level("num_heads", minimum=1)
+        self._check_per_level("transformer_depth", minimum=0)
         factor = self.downsample_factor
         if self.image_size % factor:
             raise ValueError(
@@ -117,6 +148,31 @@ class UNetConfig:
                 f"attention_resolutions {bad} match no level of this U-Net; "
                 f"the levels have resolutions {valid}"
             )
+        if self.context_dim is not None:
+            depths = self.level_transformer_depth
+            empty = [i for i, a in enumerate(self.attention_levels) if a and depths[i] < 1]
+            if empty:
+                raise ValueError(
+                    f"transformer_depth {self.transformer_depth} is 0 at attention level(s) "
+                    f"{empty}; give them >= 1 block or drop them from attention_resolutions"
+                )
+            if self.middle_transformer_depth < 1:
+                raise ValueError(
+                    "the middle block always has attention: set transformer_depth_middle >= 1 "
+                    f"(transformer_depth {self.transformer_depth} ends in 0)"
+                )
+
+    def _check_per_level(self, name: str, minimum: int) -> None:
+        """``name`` is an int >= 1 or a tuple of one int >= ``minimum`` per level."""
+        value, levels = getattr(self, name), len(self.channel_mult)
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"UNetConfig.{name} must be >= 1, got {value}")
+        elif len(value) != levels or min(value) < minimum:
+            raise ValueError(
+                f"UNetConfig.{name} must be an int or {levels} ints >= {minimum} (one per "
+                f"level of channel_mult={self.channel_mult}), got {value}"
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -127,6 +183,34 @@ class UNetConfig:
     def level_resolutions(self) -> tuple[int, ...]:
         """Resolution in pixels of each level at ``image_size``."""
         return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
+
+    @property
+    def attention_levels(self) -> tuple[bool, ...]:
+        """Whether each level has attention (its resolution is in ``attention_resolutions``)."""
+        return tuple(r in self.attention_resolutions for r in self.level_resolutions)
+
+    @property
+    def level_transformer_depth(self) -> tuple[int, ...]:
+        """Transformer blocks per attention site of each level."""
+        depth = self.transformer_depth
+        return (depth,) * len(self.channel_mult) if isinstance(depth, int) else depth
+
+    @property
+    def middle_transformer_depth(self) -> int:
+        """Transformer blocks of the middle block (default: the last level's)."""
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        return self.level_transformer_depth[-1]
+
+    @property
+    def level_heads(self) -> tuple[int, ...]:
+        """Attention heads of each level (the middle block has the last level's); with
+        ``num_head_channels`` the width over it, rounded down (checked where attention is)."""
+        widths = [self.model_channels * m for m in self.channel_mult]
+        if self.num_head_channels is not None:
+            return tuple(w // self.num_head_channels for w in widths)
+        heads = self.num_heads
+        return (heads,) * len(widths) if isinstance(heads, int) else heads
 
     @property
     def resolved_out_channels(self) -> int:
@@ -297,6 +381,11 @@ class UNet(nn.Module):
         self.class_embed = (
             nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
         )
+        self.vector_embed: nn.Sequential | None = None
+        if cfg.vector_dim is not None:  # sgm's label_emb, diffusers' add_embedding
+            self.vector_embed = nn.Sequential(
+                nn.Linear(cfg.vector_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            )
         res_kw = dict(
             emb_dim=emb_dim,
             dropout=cfg.dropout,
@@ -309,53 +398,57 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
         self.down = nn.ModuleList()
-        skip_chs, ch, resolution = [mc], mc, cfg.image_size
+        skip_chs, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Stage(res(ch, mc * mult), *self._attn(mc * mult, resolution)))
+                self.down.append(Stage(res(ch, mc * mult), *self._attn(mc * mult, level)))
                 ch = mc * mult
                 skip_chs.append(ch)
             if level < len(cfg.channel_mult) - 1:
                 down = res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)
                 self.down.append(Stage(down))
                 skip_chs.append(ch)
-                resolution //= 2
         self.middle = Stage(res(ch, ch), *self._attn(ch, None), res(ch, ch))
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers: list[nn.Module] = [res(ch + skip_chs.pop(), mc * mult)]
                 ch = mc * mult
-                layers += self._attn(ch, resolution)
+                layers += self._attn(ch, level)
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(res(ch, ch, "up") if cfg.resblock_updown else Upsample(ch))
-                    resolution *= 2
                 self.up.append(Stage(*layers))
         self.norm_out = group_norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.resolved_out_channels, 3, padding=1)
         self.initialize_weights(generator)
 
-    def _attn(self, channels: int, resolution: int | None) -> list[nn.Module]:
-        """Attention layers for one site (``resolution=None``: the middle block, always)."""
+    def _attn(self, channels: int, level: int | None) -> list[nn.Module]:
+        """Attention layers for one site of ``level`` (``None``: the middle block, always)."""
         cfg = self.config
-        if resolution is not None and resolution not in cfg.attention_resolutions:
+        if level is not None and not cfg.attention_levels[level]:
             return []
-        if cfg.num_head_channels is not None:
-            if channels % cfg.num_head_channels:
-                raise ValueError(
-                    f"{channels} channels are not a multiple of num_head_channels="
-                    f"{cfg.num_head_channels}"
-                )
-            heads = channels // cfg.num_head_channels
+        if cfg.num_head_channels is not None and channels % cfg.num_head_channels:
+            raise ValueError(
+                f"{channels} channels are not a multiple of num_head_channels="
+                f"{cfg.num_head_channels}"
+            )
+        heads = cfg.level_heads[-1 if level is None else level]
+        if cfg.context_dim is None:
+            return [AttentionBlock(channels, heads, cfg.norm_groups)]
+        if level is None:
+            depth = cfg.middle_transformer_depth
         else:
-            heads = cfg.num_heads
-        if cfg.context_dim is not None:
-            return [
-                SpatialTransformer(
-                    channels, heads, cfg.context_dim, cfg.transformer_depth, cfg.norm_groups
-                )
-            ]
-        return [AttentionBlock(channels, heads, cfg.norm_groups)]
+            depth = cfg.level_transformer_depth[level]
+        transformer = SpatialTransformer(
+            channels,
+            heads,
+            cfg.context_dim,
+            depth,
+            cfg.norm_groups,
+            norm_eps=cfg.transformer_norm_eps,
+            fuse_qkv=cfg.fuse_qkv,
+        )
+        return [transformer]
 
     @property
     def null_class_label(self) -> int:
@@ -405,6 +498,8 @@ class UNet(nn.Module):
         class_labels: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        *,
+        vector: Tensor | None = None,
     ) -> Tensor:
         """Predict from ``x_t [B, C, H, W]`` at timesteps ``t [B]`` (float, training units).
 
@@ -413,16 +508,21 @@ class UNet(nn.Module):
             ``None`` means every sample gets the null label (unconditional prediction).
         :param context: ``[B, L, context_dim]`` token embeddings for cross-attention.
         :param context_mask: boolean ``[B, L]``, True = keep the token.
+        :param vector: ``[B, vector_dim]``, required exactly when ``config.vector_dim`` is set
+            (SDXL: :func:`sdxl_vector`).
         :return: ``[B, resolved_out_channels, H, W]`` in ``x``'s dtype.
         """
         t, class_labels, context_mask = self._check_inputs(
             x, t, class_labels, context, context_mask
         )
+        self._check_vector(x.shape[0], vector)
         dtype = self.conv_in.weight.dtype  # the model's; autocast may lower it further
         emb = timestep_embedding(t, self.config.model_channels).to(dtype)  # (B, mc)
         emb = self.time_embed(emb)  # (B, 4mc)
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels)
+        if self.vector_embed is not None and vector is not None:  # checked: both or neither
+            emb = emb + self.vector_embed(vector.to(dtype))  # (B, 4mc)
         emb_act = F.silu(emb)  # every ResBlock's embedding projection starts with SiLU
         if context is not None:
             context = context.to(dtype)
@@ -435,6 +535,16 @@ class UNet(nn.Module):
         for stage in self.up:
             h = self._run(stage, torch.cat([h, skips.pop()], dim=1), emb_act, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)
+
+    def _check_vector(self, batch: int, vector: Tensor | None) -> None:
+        """``vector`` is ``[B, vector_dim]`` exactly when the config has a ``vector_dim``."""
+        dim = self.config.vector_dim
+        if dim is None:
+            if vector is not None:
+                raise ValueError("vector given to a UNet without vector_dim (vector_dim=None)")
+        elif vector is None or vector.shape != (batch, dim):
+            got = None if vector is None else tuple(vector.shape)
+            raise ValueError(f"this UNet needs vector of shape [{batch}, {dim}], got {got}")
 
     def _check_inputs(
         self,
@@ -505,3 +615,20 @@ def _redraw(module: nn.Module, generator: torch.Generator) -> None:
     weight.uniform_(-bound, bound, generator=generator)
     if module.bias is not None:
         module.bias.uniform_(-bound, bound, generator=generator)
+
+
+def sdxl_vector(pooled: Tensor, time_ids: Tensor, embed_dim: int = 256) -> Tensor:
+    """SDXL's ``vector`` input (Podell et al. 2023, sec. 2.2): the pooled text embedding
+    ``[B, P]`` followed by the sinusoidal embeddings (:func:`timestep_embedding`, cos first)
+    of each of the ``time_ids [B, K]`` (original size, crop top-left, target size: K = 6),
+    ``embed_dim`` wide each -> ``[B, P + K * embed_dim]`` in ``pooled``'s dtype. This is
+    diffusers' ``add_time_proj`` + concatenation.
+    """
+    if pooled.ndim != 2 or time_ids.ndim != 2 or time_ids.shape[0] != pooled.shape[0]:
+        raise ValueError(
+            f"sdxl_vector needs pooled [B, P] and time_ids [B, K], got {tuple(pooled.shape)} "
+            f"and {tuple(time_ids.shape)}"
+        )
+    b = pooled.shape[0]
+    times = timestep_embedding(time_ids.flatten(), embed_dim).reshape(b, -1)  # (B, K*embed_dim)
+    return torch.cat([pooled, times.to(pooled.dtype)], dim=-1)
