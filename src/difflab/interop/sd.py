@@ -160,11 +160,10 @@ VAE_PREFIX = "first_stage_model."
 def detect_family(state: Mapping[str, Tensor], path: str | Path = "checkpoint") -> str:
     """SD 1.x, SD 2.x or SDXL, from an original-layout checkpoint's keys and shapes.
 
-    SD 1.x: a CLIP ViT-L text encoder in transformers' layout (``cond_stage_model.transformer``)
-    and 768-wide cross-attention; SD 2.x: an OpenCLIP ViT-H text encoder
-    (``cond_stage_model.model``) and 1024-wide cross-attention; SDXL: two embedders
-    (``conditioner.embedders.0/1``), 2048-wide cross-attention and the pooled-text/size
-    embedding (``label_emb``).
+    The text encoder's layout tells: SD 1.x has a CLIP ViT-L in transformers' layout
+    (``cond_stage_model.transformer``; 768-wide cross-attention in the releases), SD 2.x an
+    OpenCLIP ViT-H (``cond_stage_model.model``; 1024), SDXL two embedders
+    (``conditioner.embedders.0/1``; 2048) and the pooled-text/size embedding (``label_emb``).
     """
     unet = [k for k in state if k.startswith(UNET_PREFIX)]
     if not unet:
@@ -187,13 +186,13 @@ def detect_family(state: Mapping[str, Tensor], path: str | Path = "checkpoint") 
             "is not supported; difflab loads text-to-image SD 1.x, 2.x and SDXL checkpoints"
         )
     has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
-    if has("conditioner.embedders.1.model.") and width == 2048:
+    if has("conditioner.embedders.1.model."):
         if not has("conditioner.embedders.0.transformer."):
             raise ValueError(f"{path}: an SDXL refiner (one text encoder) is not supported")
         return "sdxl"
-    if has("cond_stage_model.model.") and width == 1024:
+    if has("cond_stage_model.model."):
         return "sd2"
-    if has("cond_stage_model.transformer.") and width == 768:
+    if has("cond_stage_model.transformer."):
         return "sd1"
     encoders = sorted({".".join(k.split(".")[:3]) for k in state if k.startswith(("cond", "con"))})
     raise ValueError(
@@ -358,9 +357,9 @@ def _from_single_file(
     path: Path, tokenizer: str | Path | None, prediction: str | None
 ) -> StableDiffusionParts:
     from ..models import UNet
-    from ..models.vae import AutoencoderKL
+    from ..models.vae import AutoencoderKL, VAEConfig
     from .text import SDTextEncoder
-    from .unet import unet_config_from_ldm, unet_state_from_ldm
+    from .unet import unet_config_from_diffusers, unet_config_from_ldm, unet_state_from_ldm
     from .vae import vae_config_from_ldm, vae_state_from_ldm
 
     state = read_safetensors(path)
@@ -372,17 +371,32 @@ def _from_single_file(
             "with tokenizer= / --tokenizer"
         )
     defaults = FAMILY_DEFAULTS[family]
+    config_dir = Path(tokenizer)
+    if not config_dir.is_dir():
+        raise FileNotFoundError(
+            f"the tokenizer folder {str(config_dir)!r} for {path.name} does not exist"
+        )
+    # The numbers weight shapes do not give (heads, GroupNorm groups, the VAE's scale) come
+    # from the named folder's configs when it is a diffusers folder, else the family's.
     unet_sd = _split(state, UNET_PREFIX)
-    cfg = unet_config_from_ldm(unet_sd, family=family)
+    unet_json = config_dir / "unet" / "config.json"
+    if unet_json.is_file():
+        cfg = unet_config_from_diffusers(_read_json(unet_json))
+    else:
+        cfg = unet_config_from_ldm(unet_sd, family=family)
     unet = UNet(cfg)
     _load_exact(unet, unet_state_from_ldm(unet_sd, cfg), path)
     vae_sd = _split(state, VAE_PREFIX)
     if not vae_sd:
         raise ValueError(f"{path} has no autoencoder ({VAE_PREFIX}* keys)")
-    vae = AutoencoderKL(vae_config_from_ldm(vae_sd, scaling_factor=defaults["vae_scale"]))
+    vae_json = config_dir / "vae" / "config.json"
+    if vae_json.is_file():
+        vae_cfg = VAEConfig.from_diffusers(_read_json(vae_json))
+    else:
+        vae_cfg = vae_config_from_ldm(vae_sd, scaling_factor=defaults["vae_scale"])
+    vae = AutoencoderKL(vae_cfg)
     _load_exact(vae, vae_state_from_ldm(vae_sd), path)
     scheduler = dict(defaults["scheduler"])
-    config_dir = Path(tokenizer)
     if (config_dir / "scheduler" / "scheduler_config.json").is_file():
         scheduler = _read_json(config_dir / "scheduler" / "scheduler_config.json")
     elif family == "sd2" and prediction is None:
@@ -395,9 +409,16 @@ def _from_single_file(
         state, family, config_dir,
         force_zeros_for_empty_prompt=defaults.get("force_zeros_for_empty_prompt", False),
     )  # fmt: skip
-    conditioner = SDConditioner(encoder, family)
+    time_dim = 256  # SDXL's; a folder's U-Net config may say otherwise
+    if unet_json.is_file():
+        time_dim = int(_read_json(unet_json).get("addition_time_embed_dim") or 256)
+    conditioner = SDConditioner(encoder, family, time_embed_dim=time_dim)
     image_size = defaults["image_size"]
-    if family == "sd2" and (prediction or _prediction(scheduler, str(path))) == "eps":
+    if unet_json.is_file():  # the folder's sample size
+        sample = _read_json(unet_json).get("sample_size")
+        if isinstance(sample, int):
+            image_size = sample * vae.config.downsample_factor
+    elif family == "sd2" and (prediction or _prediction(scheduler, str(path))) == "eps":
         image_size = 512  # SD 2.x base
     return StableDiffusionParts(
         family=family, unet=unet.eval(), vae=vae.eval(), conditioner=conditioner,
