@@ -82,7 +82,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
 
 def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]:
     """The run's network (a ``TextConditionedUNet`` for a text run) and its tokenizer."""
-    from .models import UNet, UNetConfig
+    from .models import build_model, model_config_from_dict
     from .models.text import (
         TOKENIZER_FILE,
         TextConditionedUNet,
@@ -91,9 +91,7 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
         WordTokenizer,
     )
 
-    spec = dict(cfg["model"])
-    preset = spec.pop("preset", None)
-    unet = UNet(UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec))
+    unet = build_model(model_config_from_dict(cfg["model"]))  # model.arch: unet | dit
     text = TextConfig(**(cfg.get("text") or {}))
     model: nn.Module = unet
     tokenizer = None

@@ -485,15 +485,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_config(self) -> Any:
-        """The ``difflab.models.UNetConfig`` this config describes (preset expanded).
+        """The ``UNetConfig`` (or ``DiTConfig`` for ``model.arch: dit``) this config describes
+        (preset expanded).
 
         The U-Net's ``learn_sigma`` follows ``diffusion.variance`` unless set explicitly,
         in which case the two must agree.
         """
-        from ..models import UNetConfig
+        from ..models import model_config_from_dict
 
         spec = dict(self.model)
-        preset = spec.pop("preset", None)
         if self.text.enabled:
             width = self.text.context_dim
             if spec.get("context_dim") is None:
@@ -526,7 +526,7 @@ class TrainConfig:
                 f"{self.diffusion.variance!r} (learned variances need learn_sigma: true)"
             )
         try:
-            return UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec)
+            return model_config_from_dict(spec)  # model.arch: unet (default) | dit
         except TypeError as err:  # wrong value types inside the U-Net config
             raise ValueError(f"bad model section: {err}") from err
 

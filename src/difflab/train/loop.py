@@ -326,7 +326,7 @@ class Trainer:
     def _build_model(self, model: nn.Module | None) -> nn.Module:
         tc = self.cfg.train
         if model is None:
-            from ..models import UNet
+            from ..models import build_model
 
             mcfg = self.cfg.model_config()
             if mcfg.context_dim is not None and not self.cfg.text.enabled:
@@ -334,7 +334,7 @@ class Trainer:
                     "model.context_dim is set, but there is no text encoder to feed it; set "
                     "text.encoder: transformer (trained on the data's captions) or clip"
                 )
-            model = UNet(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
+            model = build_model(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
             if self.tokenizer is not None:
                 gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 4))
                 text = TextTransformer(len(self.tokenizer), self.cfg.text, generator=gen)
