@@ -204,8 +204,15 @@ class LoopConfig:
     val_fraction: float = 0.0
     val_every: int = 0  # 0 = never
     val_timesteps: int = 10
+    # Post-hoc EMA snapshots (difflab.train.posthoc_ema, EDM2): None = off, else
+    # {sigma_rels: [0.05, 0.10], every: 100}; `difflab ema RUN` reconstructs any sigma_rel.
+    posthoc_ema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.posthoc_ema is not None:
+            from .posthoc_ema import PostHocEMAConfig
+
+            PostHocEMAConfig.from_dict(self.posthoc_ema)  # validates
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)

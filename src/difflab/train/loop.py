@@ -64,6 +64,7 @@ from .ema import EMA
 from .monitor import MetricsLog, log_line, plot_metrics, sample_grid
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
+from .posthoc_ema import PostHocEMA, PostHocEMAConfig
 from .stream import BatchStream
 from .validation import split_dataset, validation_loss
 
@@ -200,6 +201,12 @@ class Trainer:
         if self.frozen_text is not None and hasattr(self.model, WORD_PARAM):
             self.frozen_text.add_word(str(cfg.finetune.new_word), getattr(self.model, WORD_PARAM))
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
+        self.posthoc: PostHocEMA | None = None  # EDM2 power-function EMA snapshots
+        if tc.posthoc_ema is not None:
+            self.posthoc = PostHocEMA(
+                self.model, PostHocEMAConfig.from_dict(tc.posthoc_ema), self.run_dir,
+                last_step=tc.max_steps, write=self.dist.is_main,
+            )  # fmt: skip
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
         self.ddp: nn.Module = self.model
         if self.dist.distributed:
@@ -564,6 +571,8 @@ class Trainer:
         if self.precision.needs_scaler and self.scaler.get_scale() < scale:
             return {**record, "fp16_overflow": True}  # GradScaler skipped the step: no EMA
         self.ema.update(self.model)
+        if self.posthoc is not None:
+            self.posthoc.update(self.model, k)
         return record
 
     def _lr_step(self) -> None:
@@ -629,6 +638,8 @@ class Trainer:
                 rng=rng,
                 meta=meta,
             )
+            if self.posthoc is not None:  # before the checkpoint that refers to it
+                self.posthoc.save_state(self.step)
             save_checkpoint(self.run_dir, ckpt)
             if self.cfg.train.plot_metrics and self.log is not None:
                 try:  # the picture of metrics.jsonl so far; never worth stopping a run for
@@ -671,6 +682,8 @@ class Trainer:
         meta = ck.meta
         self.model.load_state_dict(ck.model)
         self.ema.load_state_dict(ck.ema, meta["ema_updates"])
+        if self.posthoc is not None:
+            self.posthoc.load_state(int(meta["step"]))
         self.optimizer.load_state_dict(ck.optimizer)
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta["scaler"]:
