@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import ToyData, tiny_config, train_with_a_cut  # noqa: E402
 
+from difflab.data import digits_caption  # noqa: E402
 from difflab.finetune import add_lora, lora_layers  # noqa: E402
 from difflab.models import (  # noqa: E402
     DiT,
@@ -292,3 +293,21 @@ def test_training_a_dit_moves_the_zero_init_layers(tmp_path):
     state = load_checkpoint(tmp_path).model
     assert state["final.linear.weight"].abs().sum() > 0
     assert state["blocks.0.adaLN_modulation.weight"].abs().sum() > 0
+
+
+def test_text_conditioned_dit_trains_resumes_and_samples_from_prompts(tmp_path):
+    """``text.encoder: transformer``: the DiT's cross-attention gets the caption tokens."""
+    opts = ["model={arch: dit, preset: tiny, hidden_size: 16, num_heads: 2}",
+            "text.encoder=transformer", "text.width=16", "text.heads=2", "text.layers=1",
+            "text.max_length=8", "data.source=digits", "train.max_steps=3"]  # fmt: skip
+    full = train(tiny_config(tmp_path / "full", *opts))
+    rest = train_with_a_cut(tiny_config(tmp_path / "split", *opts), 2)
+    assert rest.losses == full.losses[2:]
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(v, b.model[k]) for k, v in a.model.items())
+    assert "unet.blocks.0.cross_attn.to_kv.weight" in a.model  # the wrapper's DiT
+    pipe = Pipeline.from_run(tmp_path / "full")
+    assert type(pipe.model.unet) is DiT and pipe.model.config.context_dim == 16
+    prompts = [digits_caption(3), digits_caption(7)]
+    images = pipe(n=2, prompt=prompts, steps=2, seed=0)
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
