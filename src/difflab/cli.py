@@ -1,5 +1,5 @@
 """The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``sample``,
-``serve``, ``eval`` and ``sweep``.
+``serve``, ``ema``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -515,7 +515,7 @@ def add_sample_parser(subparsers: Any) -> None:
         help="re-create an image from its parameters (difflab's or AUTOMATIC1111's text "
         "chunk); the other flags given override them",
     )
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="runs: which weights")
+    p.add_argument("--weights", default="ema", help="runs: ema, raw or a weights file")
     _add_model_args(p)
     p.add_argument("--sampler", default=None, help="sampler name or alias")
     p.add_argument("--steps", type=int, default=None)
@@ -936,7 +936,7 @@ def add_serve_parser(subparsers: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1: this machine)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="runs: which weights")
+    p.add_argument("--weights", default="ema", help="runs: ema, raw or a weights file")
     _add_model_args(p)
     _add_device_args(p)
     _add_adapter_args(p)
@@ -960,6 +960,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ema_parser(subparsers: Any) -> None:
+    """``difflab ema``: post-hoc EMA reconstruction (``difflab.train.cli_ema``)."""
+    from .train.cli_ema import add_ema_parser as add
+
+    add(subparsers)
+
+
 # ---------------------------------------------------------------------------- main
 SUBCOMMANDS: list[AddParser] = [
     add_demo_parser,
@@ -968,6 +975,7 @@ SUBCOMMANDS: list[AddParser] = [
     add_finetune_parser,
     add_sample_parser,
     add_serve_parser,
+    add_ema_parser,
 ]
 
 

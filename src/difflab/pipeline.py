@@ -83,9 +83,23 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
     return metadata
 
 
+def _weights_file(run_dir: Path, weights: str) -> Path:
+    """``ema`` / ``raw``, or ``NAME`` / ``NAME.safetensors`` of a file in the run directory."""
+    if weights in WEIGHTS:
+        return run_dir / WEIGHTS[weights]
+    name = weights if weights.endswith(".safetensors") else f"{weights}.safetensors"
+    if "/" not in name and (run_dir / name).is_file():
+        return run_dir / name
+    found = sorted(p.stem for p in run_dir.glob("*.safetensors") if p.stem not in ("ema", "model"))
+    raise ValueError(
+        f"unknown weights {weights!r}: choose ema, raw or a weights file in {run_dir}"
+        + (f" ({', '.join(found)})" if found else "")
+    )
+
+
 def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]:
     """The run's network (a ``TextConditionedUNet`` for a text run) and its tokenizer."""
-    from .models import UNet, UNetConfig
+    from .models import build_model, model_config_from_dict
     from .models.text import (
         TOKENIZER_FILE,
         TextConditionedUNet,
@@ -94,9 +108,7 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
         WordTokenizer,
     )
 
-    spec = dict(cfg["model"])
-    preset = spec.pop("preset", None)
-    unet = UNet(UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec))
+    unet = build_model(model_config_from_dict(cfg["model"]))  # model.arch: unet | dit
     text = TextConfig(**(cfg.get("text") or {}))
     model: nn.Module = unet
     tokenizer = None
@@ -208,24 +220,23 @@ class Pipeline:
     ) -> Pipeline:
         """Rebuild model and schedule from ``run_dir/config.yaml`` and load the weights.
 
-        :param weights: ``"ema"`` (``ema.safetensors``, default) or ``"raw"``
-            (``model.safetensors``).
+        :param weights: ``"ema"`` (``ema.safetensors``, default), ``"raw"``
+            (``model.safetensors``), or another weights file of the run by name, e.g. a
+            post-hoc EMA reconstruction ``"ema_sigma0.050"`` (``difflab ema``).
         :param text_encoder: for a text run, defaults to the run's own encoder and
             ``tokenizer.json`` (``difflab.models.PromptEncoder``).
         :raises FileNotFoundError: no such run directory, config or weights file.
         :raises ValueError: the checkpoint does not fit the configured architecture.
         """
-        from ._validate import check_choice
-
-        check_choice("weights", weights, WEIGHTS)
         cfg = read_run_config(run_dir)
+        weights_file = _weights_file(Path(run_dir), weights)
         text_cfg = cfg.get("text") or {}
         vae = None
         # The networks' random initialisation is overwritten by the loaded weights; it must
         # not draw from (and so change) the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             model, tokenizer = _build_model(cfg, Path(run_dir))
-            load_weights(model, Path(run_dir) / WEIGHTS[weights])
+            load_weights(model, weights_file)
             vae_path = (cfg.get("latent") or {}).get("vae")
             if vae_path is not None:
                 from .models.vae import AutoencoderKL

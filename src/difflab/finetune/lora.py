@@ -58,7 +58,8 @@ __all__ = [
 LORA_FORMAT = "difflab-lora/1"
 LORA_FILE = "lora.safetensors"  # the adapter a `difflab finetune` run writes (EMA weights)
 # Named target sets: "attention" = every linear layer of the attention blocks (ADM
-# self-attention and LDM transformer blocks); "conv" = the residual blocks' convolutions.
+# self-attention, LDM transformer blocks and DiT blocks: attention, MLP and adaLN
+# modulation); "conv" = the residual blocks' convolutions.
 TARGET_SETS = ("attention", "conv", "attention+conv")
 
 
@@ -201,6 +202,7 @@ def _features(layer: nn.Module) -> tuple[int, int]:
 def _target_names(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Names of the layers ``targets`` selects: a named set (``TARGET_SETS``) or fnmatch
     patterns over module names (e.g. ``["*.to_q", "*.to_kv"]``)."""
+    from ..models.dit import DiTBlock
     from ..models.layers import AttentionBlock, SpatialTransformer
     from ..models.unet import ResBlock
 
@@ -213,7 +215,7 @@ def _target_names(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
         kinds = targets.split("+")
         chosen = []
         for name, mod in model.named_modules():
-            attention = isinstance(mod, (AttentionBlock, SpatialTransformer))
+            attention = isinstance(mod, (AttentionBlock, SpatialTransformer, DiTBlock))
             if ("attention" in kinds and attention) or (
                 "conv" in kinds and isinstance(mod, ResBlock)
             ):

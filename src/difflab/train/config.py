@@ -204,8 +204,15 @@ class LoopConfig:
     val_fraction: float = 0.0
     val_every: int = 0  # 0 = never
     val_timesteps: int = 10
+    # Post-hoc EMA snapshots (difflab.train.posthoc_ema, EDM2): None = off, else
+    # {sigma_rels: [0.05, 0.10], every: 100}; `difflab ema RUN` reconstructs any sigma_rel.
+    posthoc_ema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.posthoc_ema is not None:
+            from .posthoc_ema import PostHocEMAConfig
+
+            PostHocEMAConfig.from_dict(self.posthoc_ema)  # validates
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
@@ -490,15 +497,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_config(self) -> Any:
-        """The ``difflab.models.UNetConfig`` this config describes (preset expanded).
+        """The ``UNetConfig`` (or ``DiTConfig`` for ``model.arch: dit``) this config describes
+        (preset expanded).
 
         The U-Net's ``learn_sigma`` follows ``diffusion.variance`` unless set explicitly,
         in which case the two must agree.
         """
-        from ..models import UNetConfig
+        from ..models import model_config_from_dict
 
         spec = dict(self.model)
-        preset = spec.pop("preset", None)
         if self.text.enabled:
             width = self.text.context_dim
             if spec.get("context_dim") is None:
@@ -531,7 +538,7 @@ class TrainConfig:
                 f"{self.diffusion.variance!r} (learned variances need learn_sigma: true)"
             )
         try:
-            return UNetConfig.preset(preset, **spec) if preset else UNetConfig.from_dict(spec)
+            return model_config_from_dict(spec)  # model.arch: unet (default) | dit
         except TypeError as err:  # wrong value types inside the U-Net config
             raise ValueError(f"bad model section: {err}") from err
 

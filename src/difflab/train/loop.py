@@ -68,6 +68,7 @@ from .ema import EMA
 from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
+from .posthoc_ema import PostHocEMA, PostHocEMAConfig
 from .stream import BatchStream
 from .validation import split_dataset, validation_loss
 
@@ -220,6 +221,12 @@ class Trainer:
         if self.frozen_text is not None and hasattr(self.model, WORD_PARAM):
             self.frozen_text.add_word(str(cfg.finetune.new_word), getattr(self.model, WORD_PARAM))
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
+        self.posthoc: PostHocEMA | None = None  # EDM2 power-function EMA snapshots
+        if tc.posthoc_ema is not None:
+            self.posthoc = PostHocEMA(
+                self.model, PostHocEMAConfig.from_dict(tc.posthoc_ema), self.run_dir,
+                last_step=tc.max_steps, write=self.dist.is_main,
+            )  # fmt: skip
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
         self.ddp: nn.Module = self.model
         if self.dist.distributed:
@@ -346,7 +353,7 @@ class Trainer:
     def _build_model(self, model: nn.Module | None) -> nn.Module:
         tc = self.cfg.train
         if model is None:
-            from ..models import UNet
+            from ..models import build_model
 
             mcfg = self.cfg.model_config()
             if mcfg.context_dim is not None and not self.cfg.text.enabled:
@@ -354,7 +361,7 @@ class Trainer:
                     "model.context_dim is set, but there is no text encoder to feed it; set "
                     "text.encoder: transformer (trained on the data's captions) or clip"
                 )
-            model = UNet(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
+            model = build_model(mcfg, generator=torch.Generator().manual_seed(self.cfg.seed))
             if self.tokenizer is not None:
                 gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 4))
                 text = TextTransformer(len(self.tokenizer), self.cfg.text, generator=gen)
@@ -584,6 +591,8 @@ class Trainer:
         if self.precision.needs_scaler and self.scaler.get_scale() < scale:
             return {**record, "fp16_overflow": True}  # GradScaler skipped the step: no EMA
         self.ema.update(self.model)
+        if self.posthoc is not None:
+            self.posthoc.update(self.model, k)
         return record
 
     def _lr_step(self) -> None:
@@ -649,6 +658,8 @@ class Trainer:
                 rng=rng,
                 meta=meta,
             )
+            if self.posthoc is not None:  # before the checkpoint that refers to it
+                self.posthoc.save_state(self.step)
             save_checkpoint(self.run_dir, ckpt)
             if self.cfg.train.plot_metrics and self.log is not None:
                 try:  # the picture of metrics.jsonl so far; never worth stopping a run for
@@ -698,6 +709,8 @@ class Trainer:
                 "resume with the run's own config.yaml, or train into a new run_dir"
             ) from None
         self.ema.load_state_dict(ck.ema, meta["ema_updates"])
+        if self.posthoc is not None:
+            self.posthoc.load_state(int(meta["step"]))
         self.optimizer.load_state_dict(ck.optimizer)
         _match_param_layout(self.optimizer)
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
