@@ -73,7 +73,8 @@ def test_tables_equal_diffusers_ddpm_scheduler(name, ours, zero_snr):
         s = s.rescale_zero_terminal_snr()
     # diffusers builds in float32 (and rescales from float32 ratios of ᾱ, which costs ~5e-4
     # relative in β; the float64 rescale is checked exactly in the next test)
-    rtol = 2e-3 if zero_snr else 2e-5
+    # (diffusers 0.42's float32 rescale puts β_0 of the cosine table 3.8e-3 off)
+    rtol = 5e-3 if zero_snr else 2e-5
     np.testing.assert_allclose(s.betas.numpy(), ref.betas.double().numpy(), rtol=rtol, atol=1e-8)
     np.testing.assert_allclose(
         s.alphas_cumprod.numpy(), ref.alphas_cumprod.double().numpy(), rtol=5e-5, atol=1e-7

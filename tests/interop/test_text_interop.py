@@ -255,7 +255,7 @@ def test_bad_inputs_are_clear_errors(folders, tmp_path):
     with pytest.raises(ValueError, match="no sdxl text encoder: no key starts with 'conditioner"):
         SDTextEncoder.from_single_file(state, "sdxl", folder, heads=TEXT_HEADS)
     with pytest.raises(ValueError, match="width 32 does not split into 0 heads"):
-        SDTextEncoder.from_single_file(state, "sd1", folder)
+        SDTextEncoder.from_single_file(state, "sd1", folder / "tokenizer")  # no text config
     with pytest.raises(ValueError, match="unknown family 'sd3'"):
         SDTextEncoder.from_diffusers(folder, "sd3")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="has no text_encoder_2/"):

