@@ -579,6 +579,7 @@ class Pipeline:
         noise: Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
+        callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
@@ -590,6 +591,7 @@ class Pipeline:
         of the seeded draw; ancestral samplers still draw their later noise from the seeds.
         ``height`` / ``width`` choose another image size in pixels (multiples of the
         network's and autoencoder's downsampling), for models that allow it.
+        ``callback(i, t, x_t, x0_pred)`` is called after each sampler step (as ``dl.sample``'s).
 
         Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral noise), so
         it equals the same seed drawn alone. ``class_labels`` (an int or ``n`` ints) conditions a
@@ -617,7 +619,8 @@ class Pipeline:
             negative_prompt=negative_prompt, negative_class=negative_class,
             size=None if height is None and width is None else (height, width),
         )  # fmt: skip
-        return self._generate(args, None, None, progress, options, noise=noise)[0]
+        out = self._generate(args, None, None, progress, options, noise=noise, callback=callback)
+        return out[0]
 
     @torch.no_grad()
     def img2img(
@@ -764,6 +767,7 @@ class Pipeline:
         options: dict[str, Any],
         mask: Tensor | None = None,
         noise: Tensor | None = None,
+        callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None,
     ) -> tuple[Tensor, list[float] | None]:
         """Images sampled from noise (``init`` None) or from ``init`` images, and the
         timesteps used (img2img only); the shared body of ``__call__`` and ``img2img``."""
@@ -806,6 +810,7 @@ class Pipeline:
             progress=progress,
             clip_x0=p["clip_x0"] or None,
             model_dtype=self.dtype,
+            callback=callback,  # (i, t, x_t, x0_pred) after each step, as dl.sample's
             **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
         common.update(self._scheduler_plan(p["sampler"], p["steps"], args["spacing"]))
