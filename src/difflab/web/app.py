@@ -381,11 +381,12 @@ async def job_events(request: Request) -> Response:
                 if job.preview is not None and job.preview_step != preview_sent:
                     preview_sent = job.preview_step
                     data["preview"] = f"/api/jobs/{job.id}/preview?step={job.preview_step}"
-                yield f"event: {job.state}\ndata: {json.dumps(data)}\n\n".encode()
-                if job.state in FINAL:
+                state = data["state"]  # one reading: the worker may move on meanwhile
+                yield f"event: {state}\ndata: {json.dumps(data)}\n\n".encode()
+                if state in FINAL:
                     return
-            else:
-                yield b": keep-alive\n\n" if await _idle(web, job) else b""
+            elif await _idle(web, job):
+                yield b": keep-alive\n\n"
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

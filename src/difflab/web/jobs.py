@@ -118,18 +118,14 @@ class Job:
 
     def snapshot(self) -> dict[str, Any]:
         """What ``GET /api/jobs/ID`` answers (JSON)."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "step": self.step_done,
-            "total": self.total,
-        }
-        if self.state == "queued":
+        state = self.state  # one reading: the worker thread may change it meanwhile
+        out: dict[str, Any] = {"id": self.id, "kind": self.kind, "state": state,
+                               "step": self.step_done, "total": self.total}  # fmt: skip
+        if state == "queued":
             out["position"] = self.position
         if self.error is not None:
             out["error"] = self.error
-        if self.state == "done" and isinstance(self.result, dict):
+        if state == "done" and isinstance(self.result, dict):
             out.update(self.result.get("public", {}))
         return out
 

@@ -251,7 +251,24 @@ def check_generate(
         pipe.resolve_params(**probe, size=None if size == (None, None) else size)
     except (ValueError, TypeError) as err:
         raise RequestError(str(err)) from None
+    _check_condition(kwargs, pipe)
     return kwargs, nrow
+
+
+def _check_condition(kwargs: Mapping[str, Any], pipe: Any) -> None:
+    """The conditioning checks ``Pipeline`` makes only when it samples, made before queueing."""
+    text = getattr(pipe, "context_dim", None) is not None
+    if "prompt" in kwargs and not text:
+        raise RequestError(
+            "a prompt was given, but this model has no text conditioning (context_dim=None); "
+            "use class_labels"
+        )
+    if text and "prompt" not in kwargs:
+        raise RequestError("this model is text-conditional: pass prompt")
+    if "negative_prompt" in kwargs and "prompt" not in kwargs:
+        raise RequestError("negative_prompt needs a prompt for the positive side")
+    if "negative_class" in kwargs and "class_labels" not in kwargs:
+        raise RequestError("negative_class needs class_labels for the positive side")
 
 
 def check_config(data: Any, *, max_steps: int, loras: bool) -> dict[str, Any]:
