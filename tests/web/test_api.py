@@ -40,9 +40,18 @@ def _events(url, job_id):
 
 
 def test_generate_returns_the_pipelines_grid_with_its_parameters(server, runs):
-    body = {"n": 3, "class_labels": [0, 1, 2], "sampler": "ddim", "steps": 3, "seed": 5,
-            "guidance_scale": 2.0, "guidance_rescale": 0.5, "guidance_interval": [0.1, 20],
-            "eta": 0.2, "nrow": 3}  # fmt: skip
+    body = {
+        "n": 3,
+        "class_labels": [0, 1, 2],
+        "sampler": "ddim",
+        "steps": 3,
+        "seed": 5,
+        "guidance_scale": 2.0,
+        "guidance_rescale": 0.5,
+        "guidance_interval": [0.1, 20],
+        "eta": 0.2,
+        "nrow": 3,
+    }
     status, headers, data = call(server.url, "POST", "/generate", body)
     assert status == 200 and headers["Content-Type"] == "image/png"
     png = Image.open(io.BytesIO(data))
@@ -108,8 +117,9 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_stays_up(server, body,
 
 
 def test_random_seed_is_drawn_and_reported(server):
-    status, headers, _ = call(server.url, "POST", "/generate", {"n": 1, "class_labels": 0,
-                                                                 "seed": "random"})  # fmt: skip
+    status, headers, _ = call(
+        server.url, "POST", "/generate", {"n": 1, "class_labels": 0, "seed": "random"}
+    )
     assert status == 200
     seed = json.loads(headers["X-Difflab-Params"])["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**32
@@ -128,9 +138,14 @@ def test_info_page_static_and_unknown_paths(server, runs):
         status, headers, body = call(server.url, "GET", f"/static/{name}")
         assert status == 200 and len(body) > 500
     assert call(server.url, "GET", "/static/../app.py")[0] == 404
-    for method, path in (("GET", "/nothing"), ("GET", "/api/jobs/nope"),
-                         ("DELETE", "/api/jobs/nope"), ("GET", "/api/gallery/x.png"),
-                         ("GET", "/api/ab/pairs/zz/left"), ("GET", "/api/sweeps/x/sweep.md")):  # fmt: skip
+    for method, path in (
+        ("GET", "/nothing"),
+        ("GET", "/api/jobs/nope"),
+        ("DELETE", "/api/jobs/nope"),
+        ("GET", "/api/gallery/x.png"),
+        ("GET", "/api/ab/pairs/zz/left"),
+        ("GET", "/api/sweeps/x/sweep.md"),
+    ):
         status, headers, data = call(server.url, method, path)
         assert status == 404 and "error" in data, path
     status, _, data = call(server.url, "PUT", "/generate", {})
@@ -199,8 +214,9 @@ def test_text_model_generates_from_prompts_and_refuses_class_labels(runs, tmp_pa
         status, headers, data = call(srv.url, "POST", "/generate", body)
         assert status == 200
         pipe = dl.Pipeline.from_run(runs["text"])
-        expected = make_grid(pipe(2, prompt=info["prompts"][0], negative_prompt="", seed=3,
-                                  progress=False))  # fmt: skip
+        expected = make_grid(
+            pipe(2, prompt=info["prompts"][0], negative_prompt="", seed=3, progress=False)
+        )
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(expected))
         status, _, data = call(srv.url, "POST", "/generate", {"class_labels": 1})
         assert status == 400 and "conditioned on text" in data["error"]
@@ -254,12 +270,14 @@ def test_token_guards_every_request(runs, tmp_path):
 def test_ab_pairs_votes_ranking_and_csv_are_durable(runs, tmp_path):
     srv = start(runs["class"], data_dir=tmp_path)
     try:
-        bad = [({"a": {"steps": 0}, "b": {}}, "steps must be an integer"),
-               ({"a": {"colour": 1}, "b": {}}, "unknown configuration field 'colour'"),
-               ({"a": {}, "b": {"lora_scale": 0.5}}, "needs a LoRA adapter"),
-               ({"a": [], "b": {}}, "must be an object"),
-               ({"a": {}, "b": {}, "condition": {"class_labels": [7]}}, "classes in 0..3"),
-               ({"a": {"weights": "best"}, "b": {}}, "weights must be 'ema' or 'raw'")]  # fmt: skip
+        bad = [
+            ({"a": {"steps": 0}, "b": {}}, "steps must be an integer"),
+            ({"a": {"colour": 1}, "b": {}}, "unknown configuration field 'colour'"),
+            ({"a": {}, "b": {"lora_scale": 0.5}}, "needs a LoRA adapter"),
+            ({"a": [], "b": {}}, "must be an object"),
+            ({"a": {}, "b": {}, "condition": {"class_labels": [7]}}, "classes in 0..3"),
+            ({"a": {"weights": "best"}, "b": {}}, "weights must be 'ema' or 'raw'"),
+        ]
         for body, message in bad:
             status, _, data = call(srv.url, "POST", "/api/ab/experiments", body)
             assert status == 400 and message in data["error"], body
@@ -279,12 +297,14 @@ def test_ab_pairs_votes_ranking_and_csv_are_durable(runs, tmp_path):
             b = make_grid(raw(1, label, seed=seed, steps=2, progress=False), 1, padding=0)
             a_left = np.array_equal(left, np.asarray(a))
             assert a_left or np.array_equal(left, np.asarray(b))
-            status, _, vote = call(srv.url, "POST", "/api/ab/votes", {"pair": pair["pair"],
-                                                                      "choice": choice})  # fmt: skip
+            status, _, vote = call(
+                srv.url, "POST", "/api/ab/votes", {"pair": pair["pair"], "choice": choice}
+            )
             expected = {"left": "a" if a_left else "b", "right": "b" if a_left else "a"}
             assert status == 201 and vote["winner"] == expected.get(choice, choice)
-        status, _, data = call(srv.url, "POST", "/api/ab/votes", {"pair": pair["pair"],
-                                                                  "choice": "left"})  # fmt: skip
+        status, _, data = call(
+            srv.url, "POST", "/api/ab/votes", {"pair": pair["pair"], "choice": "left"}
+        )
         assert status == 409 and "already has a vote" in data["error"]
         for body in ({"pair": pair["pair"], "choice": "up"}, {"pair": 1}, {"pair": "x" * 5}):
             assert call(srv.url, "POST", "/api/ab/votes", body)[0] in (400, 404)
@@ -346,8 +366,9 @@ def test_two_clients_at_once_each_get_their_own_images(server, runs):
     results = {}
 
     def client(label):
-        results[label] = call(server.url, "POST", "/generate", {"n": 1, "class_labels": label,
-                                                                 "seed": label})[2]  # fmt: skip
+        results[label] = call(
+            server.url, "POST", "/generate", {"n": 1, "class_labels": label, "seed": label}
+        )[2]
 
     threads = [threading.Thread(target=client, args=(c,)) for c in (0, 3)]
     for t in threads:

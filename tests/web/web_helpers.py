@@ -16,8 +16,16 @@ from _tiny_run import make_tiny_run  # noqa: E402
 import difflab as dl  # noqa: E402
 from difflab.web import WebServer, create_app  # noqa: E402
 
-TEXT = ["model.num_classes=null", "text.encoder=transformer", "text.width=16", "text.heads=2",
-        "text.layers=1", "text.max_length=8", "data.source=digits", "train.max_steps=1"]  # fmt: skip
+TEXT = [
+    "model.num_classes=null",
+    "text.encoder=transformer",
+    "text.width=16",
+    "text.heads=2",
+    "text.layers=1",
+    "text.max_length=8",
+    "data.source=digits",
+    "train.max_steps=1",
+]
 
 
 def class_run(root: Path, steps: int = 3) -> Path:

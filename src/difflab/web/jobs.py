@@ -98,7 +98,7 @@ class Job:
     def _changed(self, force: bool = True) -> None:
         self.version += 1
         now = time.perf_counter()
-        if self._hub is not None and (force or now - self._last_notify > 0.03):
+        if self._hub is not None and (force or now - self._last_notify > 0.1):
             self._last_notify = now
             self._hub.notify()
 

@@ -122,7 +122,7 @@ def render_page(pipe: Pipeline, limits: dict[str, Any]) -> str:
     _, h, w = data["pixel_shape"]
     f = data["size_multiple"]
     lim = data["limits"]
-    cfg = "" if not (data["num_classes"] or data["text"]) else " disabled"
+    cfg = "" if data["num_classes"] or data["text"] else " disabled"  # unconditional: no CFG
     default_cfg = d["guidance_scale"] if not cfg else 1.0
     generate = "".join(
         [
