@@ -379,3 +379,38 @@ def test_two_clients_at_once_each_get_their_own_images(server, runs):
         expected = make_grid(pipe(1, label, seed=label, progress=False))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(expected))
     assert torch.get_num_threads() >= 1
+
+
+def test_ab_lora_scales_compare_the_adapter_at_two_strengths(runs, tmp_path):
+    from difflab.finetune import add_lora, save_lora
+
+    base = dl.Pipeline.from_run(runs["class"])
+    add_lora(base.model, rank=2)
+    with torch.no_grad():  # a non-zero adapter (lora_up starts at zero)
+        for name, p in base.model.named_parameters():
+            if "lora_up" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    save_lora(base.model, tmp_path / "adapter.safetensors")
+    pipe = dl.Pipeline.from_run(runs["class"])
+    pipe.load_lora(tmp_path / "adapter.safetensors", scale=0.7)
+    from difflab.web import WebServer, create_app
+
+    srv = WebServer(create_app(pipe, data_dir=tmp_path / "web"))
+    try:
+        body = {"a": {"lora_scale": 0.0}, "b": {"lora_scale": 1.0}}
+        exp = call(srv.url, "POST", "/api/ab/experiments", body)[2]
+        pair = call(srv.url, "POST", "/api/ab/pairs", {"experiment": exp["id"]})[2]
+        label, seed = pair["condition"]["class_labels"], pair["seed"]
+        plain = dl.Pipeline.from_run(runs["class"])  # scale 0 = the base network exactly
+        zero = np.asarray(make_grid(plain(1, label, seed=seed, progress=False), 1, padding=0))
+        sides = [np.asarray(Image.open(io.BytesIO(call(srv.url, "GET", pair[s])[2])))
+                 for s in ("left", "right")]  # fmt: skip
+        assert sum(np.array_equal(side, zero) for side in sides) == 1
+        # the loaded strength is back afterwards: /generate equals the 0.7 pipeline
+        again = dl.Pipeline.from_run(runs["class"])
+        again.load_lora(tmp_path / "adapter.safetensors", scale=0.7)
+        expected = make_grid(again(1, 0, seed=1, progress=False))
+        data = call(srv.url, "POST", "/generate", {"n": 1, "class_labels": 0, "seed": 1})[2]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(expected))
+    finally:
+        srv.stop()

@@ -227,14 +227,16 @@ class WebState:
                 k: v for k, v in config.items() if k not in ("name", "weights", "lora_scale")
             }
             kwargs = {"n": 1, "seed": seed, **condition, **settings}
+            # every adapter's own multiplier, restored after this side (load_lora's scale)
+            layers = [(m, m.multiplier) for m in pipe.model.modules() if hasattr(m, "multiplier")]
             if "lora_scale" in config:
                 set_lora_scale(pipe.model, config["lora_scale"])
             try:
                 images = self._sample(pipe, kwargs, None)
                 params = self._params(pipe, kwargs)
             finally:
-                if "lora_scale" in config:
-                    set_lora_scale(pipe.model, 1.0)
+                for layer, multiplier in layers:
+                    layer.multiplier = multiplier
             pngs.append(png_bytes(make_grid(images, 1, padding=0), params))
             job.step(side + 1)
         pair = self.ab.add_pair(experiment["id"], seed, condition, pngs[0], pngs[1])
