@@ -925,10 +925,11 @@ def _grid_columns(path: str, n: int) -> int | None:
 def add_serve_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve a run over HTTP (a page to try it, and POST /generate for PNGs)",
-        description="Serve RUN: GET / is a page to sample it in a browser, GET /info its "
-        "settings, POST /generate (JSON: n, class_labels, prompt, sampler, steps, "
-        "guidance_scale, seed, spacing, nrow) returns a PNG grid with its parameters.",
+        help="serve a run over HTTP (a page to generate, browse, A/B-vote; POST /generate)",
+        description="Serve RUN: GET / is a page to sample it with live progress, a gallery, "
+        "human A/B evaluation and sweep results; GET /info its settings; POST /generate "
+        "(JSON: n, class_labels, prompt, sampler, steps, guidance_scale, seed, spacing, nrow, "
+        "...) returns a PNG grid with its parameters. README.md lists the HTTP API.",
     )
     p.add_argument(
         "run",
@@ -941,22 +942,17 @@ def add_serve_parser(subparsers: Any) -> None:
     _add_device_args(p)
     _add_adapter_args(p)
     p.add_argument("--max-n", type=int, default=64, help="largest n one request may ask for")
+    p.add_argument("--token", default=None, help="access token (required off 127.0.0.1)")
+    p.add_argument("--data-dir", default=None, help="gallery and A/B votes (default RUN/web)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import make_server
+    from .web import serve
 
     pipe = _load_pipeline(args)
-    server = make_server(pipe, args.host, args.port, max_n=args.max_n)
-    host, port = server.server_address[:2]
-    print(f"serving {args.run} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    serve(pipe, args.host, args.port, token=args.token, max_n=args.max_n, data_dir=args.data_dir)
     return 0
 
 

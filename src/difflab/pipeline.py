@@ -608,6 +608,7 @@ class Pipeline:
         height: int | None = None,
         width: int | None = None,
         clip_skip: int | None = None,
+        callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None,
         **sampler_options: Any,
     ) -> Tensor:
         """Draw ``n`` images ``[n, C, H, W]`` in [-1, 1].
@@ -621,6 +622,7 @@ class Pipeline:
         network's and autoencoder's downsampling), for models that allow it.  ``clip_skip``
         is A1111's "Clip skip" for SD models (1 = the text encoder's last layer, 2 = the
         layer before it, ...; diffusers' ``clip_skip`` is this minus one).
+        ``callback(i, t, x_t, x0_pred)`` is called after each sampler step (as ``dl.sample``'s).
 
         Image ``i`` uses its own generator seeded ``seed + i`` (initial and any ancestral noise), so
         it equals the same seed drawn alone. ``class_labels`` (an int or ``n`` ints) conditions a
@@ -649,7 +651,8 @@ class Pipeline:
             size=None if height is None and width is None else (height, width),
             clip_skip=clip_skip,
         )  # fmt: skip
-        return self._generate(args, None, None, progress, options, noise=noise)[0]
+        out = self._generate(args, None, None, progress, options, noise=noise, callback=callback)
+        return out[0]
 
     @torch.no_grad()
     def img2img(
@@ -810,6 +813,7 @@ class Pipeline:
         options: dict[str, Any],
         mask: Tensor | None = None,
         noise: Tensor | None = None,
+        callback: Callable[[int, float, Tensor, Tensor | None], None] | None = None,
     ) -> tuple[Tensor, list[float] | None]:
         """Images sampled from noise (``init`` None) or from ``init`` images, and the
         timesteps used (img2img only); the shared body of ``__call__`` and ``img2img``."""
@@ -859,6 +863,7 @@ class Pipeline:
             progress=progress,
             clip_x0=p["clip_x0"] or None,
             model_dtype=self.dtype,
+            callback=callback,  # (i, t, x_t, x0_pred) after each step, as dl.sample's
             **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
         plan = self._scheduler_plan(p["sampler"], p["steps"], args["spacing"])
