@@ -188,6 +188,7 @@ class Pipeline:
         self.embeddings: list[dict[str, Any]] = []  # words added by load_embedding
         self.dtype = torch.float32  # the networks' weights (Pipeline.to changes it)
         self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+        self._adapters: Any = None  # an SD model's AdapterSet, built by the first load_lora
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
@@ -334,17 +335,56 @@ class Pipeline:
         """
         from .finetune import load_lora
 
-        report = load_lora(self.model, path, scale=scale, strict=strict)
+        sd = self._sd_adapters()
+        if sd is not None:  # kohya / LyCORIS / diffusers-PEFT files on an SD model
+            report = sd.load(path, scale=scale, strict=strict)
+            applied = len(report.applied)
+            for encoder in self.text_encoder.encoder.models:  # type: ignore[union-attr]
+                encoder.to(self.device)
+        else:
+            report = load_lora(self.model, path, scale=scale, strict=strict)
+            applied = len(report.applied)
         self.model.to(self.device, self.dtype)  # the adapter's weights join the network's
-        self.loras.append({"path": str(path), "scale": float(scale), "layers": len(report.applied)})
+        self.loras.append({"path": str(path), "scale": float(scale), "layers": applied})
         return report
+
+    def _sd_adapters(self) -> Any:
+        """The ``AdapterSet`` over an SD model's U-Net and text encoders (adapter files name
+        their modules the diffusers / transformers way, or the original ldm way for SDXL's
+        U-Net); ``None`` for a difflab run."""
+        from .interop.sd import SDConditioner
+
+        if not isinstance(self.text_encoder, SDConditioner):
+            return None
+        if self._adapters is None:
+            from .finetune.lycoris import AdapterSet, AdapterTarget
+            from .interop.unet import diffusers_module_map, ldm_module_map
+
+            cfg = self.model.config  # type: ignore[union-attr]
+            names = {**diffusers_module_map(cfg), **ldm_module_map(cfg)}
+            targets: dict[str, Any] = {"unet": AdapterTarget(self.model, names)}
+            models = list(self.text_encoder.encoder.models)
+            keys = ["text_encoder", "text_encoder_2"]
+            if len(models) == 1 and self.text_encoder.family == "sdxl":  # the refiner
+                keys = ["text_encoder_2"]
+            targets.update(zip(keys, models))
+            self._adapters = AdapterSet(targets)
+        return self._adapters
 
     def load_embedding(self, path: str | Path) -> str:
         """Add a textual-inversion word (``difflab.finetune.inversion``) to this text run's
         vocabulary and token table; returns the word. Loud: a foreign file, a width that does
         not fit or a word already known raises."""
         from .finetune.inversion import load_embedding, read_word_vector
+        from .interop.sd import SDConditioner
         from .models.text import PretrainedTextEncoder, PromptEncoder
+
+        if isinstance(self.text_encoder, SDConditioner):  # A1111 / diffusers embeddings
+            from .interop.text import load_embedding as load_sd_embedding
+
+            word = load_sd_embedding(self.text_encoder.encoder, path)
+            self.embeddings.append({"path": str(path), "word": word})
+            return word
 
         if isinstance(self.text_encoder, PretrainedTextEncoder):  # a frozen CLIP / T5
             word, vector = read_word_vector(path)

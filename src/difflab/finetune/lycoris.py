@@ -329,9 +329,19 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, st
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118
+        except Exception as err:  # safetensors' own error type
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path} is not a readable .safetensors file ({reason})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one holding more than tensors
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{path} is neither .safetensors nor a torch file of plain tensors ({reason})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} is not an adapter file (expected a dict of tensors)")
     return state, {}
