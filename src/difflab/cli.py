@@ -698,8 +698,10 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
         "--lora",
         action="append",
         default=[],
-        metavar="FILE",
-        help="apply a LoRA/DoRA adapter file (repeatable; see difflab finetune)",
+        metavar="FILE[:SCALE]",
+        help="apply an adapter file: difflab's LoRA/DoRA, or for SD models kohya/LyCORIS "
+        "(LoRA, LoCon, LoHa, LoKr) and diffusers/PEFT files; repeatable, each with its own "
+        ":SCALE (default --lora-scale)",
     )
     p.add_argument(
         "--lora-scale", type=float, default=1.0, help="strength of --lora (0 = the base model)"
@@ -713,9 +715,21 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def lora_and_scale(item: str, default: float) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (a file's own strength, as A1111's ``<lora:name:0.8>``)."""
+    path, sep, tail = item.rpartition(":")
+    if sep and not Path(item).exists():
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return item, default
+
+
 def _apply_adapters(pipe: Any, args: argparse.Namespace) -> None:
-    for path in args.lora:
-        print(pipe.load_lora(path, scale=args.lora_scale))
+    for item in args.lora:
+        path, scale = lora_and_scale(item, args.lora_scale)
+        print(pipe.load_lora(path, scale=scale))
     for path in args.embedding:
         print(f"added the word {pipe.load_embedding(path)!r}")
 
@@ -889,12 +903,11 @@ def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
         args.apg_eta, args.apg_momentum = apg.get("eta"), apg.get("momentum")
         args.apg_threshold = apg.get("norm_threshold")
     loras = params.get("lora") or []
-    if loras and not args.lora:
-        scales = {float(lora["scale"]) for lora in loras}
-        if len(scales) > 1:
-            raise UserError(f"--from-png: the adapters were applied at several scales {scales}")
-        args.lora = [lora["path"] for lora in loras]
-        args.lora_scale = scales.pop() if args.lora_scale is None else args.lora_scale
+    if loras and not args.lora:  # each file at its own strength, unless --lora-scale says
+        args.lora = [
+            lora["path"] if args.lora_scale is not None else f"{lora['path']}:{lora['scale']}"
+            for lora in loras
+        ]
     if params.get("embeddings") and not args.embedding:
         args.embedding = [item["path"] for item in params["embeddings"]]
     if args.nrow is None and "n" not in given:

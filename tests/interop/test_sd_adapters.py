@@ -175,3 +175,33 @@ def test_a1111_embedding_gives_diffusers_prompt_embeddings(sd1, tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     plain, _ = ref.text_encoder(["a house"])
     assert not torch.allclose(got[:, :3], plain[:, :3])
+
+
+def test_cli_applies_several_adapter_files_each_at_its_scale(sd1, tmp_path):
+    """difflab sample FOLDER --lora A.safetensors:0.5 --lora B.safetensors records each file
+    with its own strength and draws what the pipeline draws with both loaded so."""
+    import numpy as np
+    from PIL import Image
+
+    from difflab.cli import lora_and_scale, main
+    from difflab.images import make_grid, read_png_params
+
+    ref = tiny_sd1_pipeline(seed=0)
+    for seed in (1, 2):
+        save_file(_kohya(ref.unet, ref.text_encoder, "lora", seed),
+                  str(tmp_path / f"s{seed}.safetensors"))  # fmt: skip
+    a, b = tmp_path / "s1.safetensors", tmp_path / "s2.safetensors"
+    assert lora_and_scale(f"{a}:0.5", 1.0) == (str(a), 0.5)
+    assert lora_and_scale(str(a), 0.7) == (str(a), 0.7)
+    out = tmp_path / "lora.png"
+    argv = ["sample", str(sd1), "--prompt", "a red house", "--n", "1", "--steps", "2",
+            "--lora", f"{a}:0.5", "--lora", str(b), "--lora-scale", "0.25", "-o", str(out)]
+    assert main(argv) == 0
+    loras = read_png_params(out)["lora"]
+    assert [(x["path"], x["scale"]) for x in loras] == [(str(a), 0.5), (str(b), 0.25)]
+    pipe = dl.Pipeline.from_pretrained(sd1)
+    pipe.load_lora(a, scale=0.5)
+    pipe.load_lora(b, scale=0.25)
+    want = pipe(1, prompt="a red house", steps=2, progress=False)
+    with Image.open(out) as img:
+        assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
