@@ -1,5 +1,5 @@
-"""The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``sample``,
-``serve``, ``ema``, ``eval`` and ``sweep``.
+"""The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``export``,
+``sample``, ``serve``, ``ema``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -493,6 +493,38 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+def add_export_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a text-to-image latent run as a diffusers folder, a single file or a "
+        "kohya LoRA",
+        description="Write RUN (a latent run with a frozen CLIP text encoder) as a diffusers "
+        "Stable Diffusion folder (--to diffusers), an original-layout .safetensors file "
+        "(--to single-file), or a fine-tuning run's LoRA in kohya layout (--to kohya).",
+    )
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--to", required=True, choices=["diffusers", "single-file", "kohya"])
+    p.add_argument("out", help="the folder (diffusers) or .safetensors file to write")
+    p.add_argument("--weights", default="ema", help="ema (default), raw or a weights file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .interop import export
+
+    if args.to == "kohya":
+        if Path(args.out).exists() and not args.overwrite:
+            raise UserError(f"{args.out} already exists; pass --overwrite to replace it")
+        out = export.export_kohya_lora(args.run, args.out, weights=args.weights)
+    else:
+        write = export.export_diffusers if args.to == "diffusers" else export.export_single_file
+        out = write(args.run, args.out, weights=args.weights, overwrite=args.overwrite)
+    print(f"{args.run} written to {out} ({args.to})")
+    return 0
+
+
 # ---------------------------------------------------------------------------- sample
 def add_sample_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -969,6 +1001,7 @@ SUBCOMMANDS: list[AddParser] = [
     add_train_parser,
     add_train_vae_parser,
     add_finetune_parser,
+    add_export_parser,
     add_sample_parser,
     add_serve_parser,
     add_ema_parser,
