@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -322,6 +323,31 @@ def export_kohya_lora(
     with torch.random.fork_rng(devices=[]):
         pipe = Pipeline.from_run(run, weights=weights)
     name_map = diffusers_module_map(pipe.model.config)  # type: ignore[union-attr]
+    ucfg: Any = pipe.model.config
     path = run / "lora_kohya.safetensors" if out is None else Path(out)
     meta = {"difflab_run": str(run)}
-    return save_kohya(path, {"unet": AdapterTarget(pipe.model, name_map)}, metadata=meta)
+    save_kohya(path, {"unet": AdapterTarget(pipe.model, name_map)}, metadata=meta)
+    if ucfg.transformer_conv_proj:  # SD 1.x's proj_in/proj_out are 1x1 convolutions
+        _as_conv1x1(path, _CONV_PROJ)
+    return path
+
+
+_CONV_PROJ = re.compile(r"attentions_\d+_proj_(in|out)\.lora_(down|up)\.weight$")
+
+
+def _as_conv1x1(path: Path, keys: re.Pattern[str]) -> None:
+    """Rewrite the ``[O, I]`` LoRA factors of ``keys`` as the ``[O, I, 1, 1]`` of the 1x1
+    convolutions they adapt in the file's (diffusers / SD 1.x) layout."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    for key, value in tensors.items():
+        if keys.search(key) and value.ndim == 2:
+            tensors[key] = value[:, :, None, None].contiguous()
+    from safetensors.torch import save
+
+    from ..train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, save(tensors, metadata=meta))
