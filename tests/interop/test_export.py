@@ -155,6 +155,8 @@ def test_cli_export_and_warnings(tmp_path, assets, capsys):
     assert "already exists" in capsys.readouterr().err
     assert cli_main(["export", str(run), "--to", "single-file", str(tmp_path / "m.ckpt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+    assert cli_main(["export", str(run), "--to", "kohya", str(tmp_path / "k.safetensors")]) == 2
+    assert "not a LoRA fine-tuning run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
