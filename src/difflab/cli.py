@@ -1,5 +1,5 @@
-"""The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``sample``,
-``serve``, ``ema``, ``eval`` and ``sweep``.
+"""The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``export``,
+``sample``, ``serve``, ``ema``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -393,7 +393,19 @@ def add_finetune_parser(subparsers: Any) -> None:
         "train. Writes a run directory with lora.safetensors and/or embedding.safetensors "
         "(EMA weights) beside the usual checkpoint.",
     )
-    p.add_argument("base", help="the run to adapt (a run directory)")
+    p.add_argument(
+        "base",
+        help="the run to adapt: a run directory, or a Stable Diffusion 1.x/2.x model (a "
+        "diffusers folder, or a single .safetensors file with --tokenizer), imported as "
+        "OUT/sd_base; its U-Net LoRA is also written in kohya layout (lora_kohya.safetensors)",
+    )
+    p.add_argument("--tokenizer", default=None, help="SD single files: a tokenizer folder")
+    p.add_argument(
+        "--prediction",
+        default=None,
+        choices=["eps", "v", "x0"],
+        help="SD models: override the prediction type (SD 2.x single files need it)",
+    )
     p.add_argument("--out", required=True, help="run directory of the fine-tuning run")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -476,8 +488,9 @@ def _finetune(args: argparse.Namespace) -> int:
     prior: str | int | None = args.prior
     if prior is not None and prior.strip().isdigit():
         prior = int(prior)  # a class label
+    base, stable_diffusion = _finetune_base(args)
     config = finetune_config(
-        args.base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
+        base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
         rslora=args.rslora, dora=args.dora, overrides=overrides, prior=prior,
         prior_images=args.prior_images, prior_weight=args.prior_weight,
         new_word=args.new_word, init_word=args.init_word,
@@ -487,9 +500,61 @@ def _finetune(args: argparse.Namespace) -> int:
     prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
     train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        made = [n for n in ("lora.safetensors", "embedding.safetensors")
+        if stable_diffusion and config.finetune.targets != "none" and not config.finetune.dora:
+            from .interop.export import export_kohya_lora
+
+            export_kohya_lora(config.run_dir)
+        made = [n for n in ("lora.safetensors", "lora_kohya.safetensors", "embedding.safetensors")
                 if (Path(config.run_dir) / n).is_file()]  # fmt: skip
         print(f"fine-tuning run written to {config.run_dir} ({', '.join(made)})")
+    return 0
+
+
+def _finetune_base(args: argparse.Namespace) -> tuple[str, bool]:
+    """``(base run, is it an imported Stable Diffusion model)``: an SD folder or file is
+    written as a difflab run in OUT/sd_base first (kept on --resume)."""
+    from .interop.sd import path_kind
+
+    if path_kind(args.base) == "run":
+        return str(args.base), False
+    from .interop.sd_import import import_stable_diffusion
+
+    base = Path(args.out) / "sd_base"
+    if not (args.resume and (base / "config.yaml").is_file()):
+        import_stable_diffusion(args.base, base, tokenizer=args.tokenizer,
+                                prediction=args.prediction)  # fmt: skip
+    return str(base), True
+
+
+# ---------------------------------------------------------------------------- export
+def add_export_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a text-to-image latent run as a diffusers folder, a single file or a "
+        "kohya LoRA",
+        description="Write RUN (a latent run with a frozen CLIP text encoder) as a diffusers "
+        "Stable Diffusion folder (--to diffusers), an original-layout .safetensors file "
+        "(--to single-file), or a fine-tuning run's LoRA in kohya layout (--to kohya).",
+    )
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--to", required=True, choices=["diffusers", "single-file", "kohya"])
+    p.add_argument("out", help="the folder (diffusers) or .safetensors file to write")
+    p.add_argument("--weights", default="ema", help="ema (default), raw or a weights file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .interop import export
+
+    if args.to == "kohya":
+        if Path(args.out).exists() and not args.overwrite:
+            raise UserError(f"{args.out} already exists; pass --overwrite to replace it")
+        out = export.export_kohya_lora(args.run, args.out, weights=args.weights)
+    else:
+        write = export.export_diffusers if args.to == "diffusers" else export.export_single_file
+        out = write(args.run, args.out, weights=args.weights, overwrite=args.overwrite)
+    print(f"{args.run} written to {out} ({args.to})")
     return 0
 
 
@@ -982,6 +1047,7 @@ SUBCOMMANDS: list[AddParser] = [
     add_train_parser,
     add_train_vae_parser,
     add_finetune_parser,
+    add_export_parser,
     add_sample_parser,
     add_serve_parser,
     add_ema_parser,
