@@ -931,7 +931,7 @@ class Pipeline:
             x, timesteps = result.images, result.timesteps
         if self.vae is not None:
             x = self.vae.images(x.to(next(self.vae.parameters()).dtype))
-        x = x.clamp(-1.0, 1.0)
+        x = x.float().clamp(-1.0, 1.0)  # float32 images whatever the networks ran in
         if mask is not None:  # the kept pixels exactly (the decoder only approximates them)
             x = mask.to(x.device) * x + (1 - mask.to(x.device)) * pixels
         return x, timesteps
