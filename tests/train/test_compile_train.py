@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
 from difflab.models.layers import Dropout, group_norm, timestep_embedding
-from difflab.train import Trainer, load_checkpoint, train
+from difflab.train import Trainer, load_checkpoint
 from difflab.train.compiled import COMPILE_CACHE
 
 pytestmark = pytest.mark.compile  # part of the default suite; `-m "not compile"` skips it
