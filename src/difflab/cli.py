@@ -640,6 +640,9 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("-o", "--out", default=None, help="output PNG (default RUN/samples/...)")
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the network first (Pipeline.compile)"
+    )
     _add_device_args(p)
     _add_adapter_args(p)
     _defer_defaults(p)
@@ -837,6 +840,8 @@ def _sample(args: argparse.Namespace) -> int:
     _from_png(args)
     labels, n = _expand_classes(args.classes, args.n)
     pipe = _load_pipeline(args)
+    if args.compile:
+        pipe.compile()
     kwargs = dict(
         class_labels=labels,
         prompt=args.prompt,
