@@ -935,7 +935,7 @@ def _from_png(args: argparse.Namespace) -> None:
                     f"--from-png {args.from_png}: its parameters name no difflab run{model}; "
                     "give the run directory as the first argument"
                 )
-        _fill_from_params(args, params)
+        _fill_from_params(args, params, sd_model=_is_sd_model(args.run))
     for dest, default in args._deferred.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
@@ -943,8 +943,24 @@ def _from_png(args: argparse.Namespace) -> None:
         raise UserError("sample needs a run directory (or --from-png PNG naming one)")
 
 
-def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``args``' flags left out <- ``params`` (difflab's names; see ``_PNG_FLAGS``)."""
+def _is_sd_model(path: str) -> bool:
+    """Whether ``path`` is a Stable Diffusion model (not a difflab run)."""
+    from .interop.sd import path_kind
+
+    try:
+        return path_kind(path) != "run"
+    except (OSError, ValueError):
+        return False  # the loader names what is wrong with it
+
+
+def _fill_from_params(
+    args: argparse.Namespace, params: dict[str, Any], *, sd_model: bool = False
+) -> None:
+    """``args``' flags left out <- ``params`` (difflab's names; see ``_PNG_FLAGS``); A1111's
+    Clip skip applies to SD models only (a difflab run has no CLIP layers to skip)."""
+    skip = params.get("clip_skip")
+    if skip is not None and not sd_model:
+        params = {k: v for k, v in params.items() if k != "clip_skip"}
     if params.get("size") and "height" not in params:  # difflab's [height, width]
         params = {**params, "height": params["size"][0], "width": params["size"][1]}
     if isinstance(params.get("negative_class"), list):  # one per image; the flag takes one
@@ -983,6 +999,8 @@ def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
     if args.nrow is None and "n" not in given:
         args.nrow = _grid_columns(args.from_png, int(params.get("n") or 1))
     unused = [f"sampler options {params['sampler_options']}"] if "sampler_options" in params else []
+    if skip not in (None, 1) and not sd_model:
+        unused.append(f"Clip skip {skip}")
     unused += [key for key in params.get("extra", {}) if key != "Version"]
     if unused:
         warnings.warn(f"--from-png: not applied: {', '.join(unused)}", stacklevel=2)
