@@ -85,8 +85,9 @@ PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num
 
 class PromptedPipeline:
     """A text-conditional pipeline seen as a K-class one: class ``k`` is drawn from the prompt
-    ``prompts[k]`` (the class's caption, `class_prompts`), so accuracy, FID/KID and the CLIP
-    score evaluate a text run exactly as they do a class-conditional run. Everything else
+    ``prompts[k]`` (the class's caption, `class_prompts`; or the ``k``-th given prompt, e.g. of
+    an SD model), so accuracy, FID/KID and the CLIP score evaluate a text model exactly as
+    they do a class-conditional run. Everything else
     (``model``, ``schedule``, ``device``, ...) is the wrapped pipeline's.
     """
 
@@ -262,9 +263,14 @@ def sample_images(
     return torch.cat(chunks), labels, nfe
 
 
+def _is_pretrained(pipe: PipeLike) -> bool:
+    """Whether the pipeline was loaded from a path that is not a difflab run (an SD model)."""
+    return getattr(pipe, "run_dir", None) is not None and not _is_run(pipe)
+
+
 def _data_section(pipe: PipeLike) -> Mapping[str, Any]:
     run_dir = getattr(pipe, "run_dir", None)
-    if run_dir is not None and not _is_run(pipe):
+    if _is_pretrained(pipe):
         raise ValueError(
             "fid / kid / precision_recall need real images, and a Stable Diffusion model has "
             "no training data: pass --reference DIR (a folder of real images; reference= in "
@@ -435,12 +441,9 @@ class _Evaluator:
                     f"metric 'accuracy': the classifier {classifier.id!r} knows "
                     f"{classifier.num_classes} classes but the model has {num_classes}"
                 )
-        if isinstance(reference, str | os.PathLike):  # a folder of real images
-            reference = reference_folder_config(reference, _pixel_shape(pipe))
-        if REFERENCE_METRICS & set(metrics) and reference is None:
-            # the run's data, unless only a cache file is available (no run directory)
-            if reference_cache is None or _is_run(pipe):
-                reference = _data_section(pipe)
+        no_reference = reference is None and reference_cache is None
+        if REFERENCE_METRICS & set(metrics) and no_reference and _is_pretrained(pipe):
+            _data_section(pipe)  # an SD model: say to pass a reference before anything else
         if extractor is None and set(metrics) - {"clip_score"}:  # features are needed
             if classifier is None:
                 _check_digits_scorer(
@@ -450,6 +453,12 @@ class _Evaluator:
                     ".safetensors; never downloaded)",
                 )  # fmt: skip
             extractor = classifier if classifier is not None else DigitsClassifier()
+        if isinstance(reference, str | os.PathLike):  # a folder of real images
+            reference = reference_folder_config(reference, _pixel_shape(pipe))
+        if REFERENCE_METRICS & set(metrics) and reference is None:
+            # the run's data, unless only a cache file is available (no run directory)
+            if reference_cache is None or _is_run(pipe):
+                reference = _data_section(pipe)
         return cls(
             metrics,
             extractor,
