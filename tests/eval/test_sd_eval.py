@@ -247,3 +247,17 @@ def test_read_prompts_from_a_file_or_a_captioned_folder(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="empty.txt holds no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_model_flags_reach_the_loader_and_output_folders(files, tmp_path):
+    """--prediction / --tokenizer are sample's (`_add_model_args`); results of a single file
+    go beside it."""
+    args = parse(["eval", str(files["sd"]), "--prompts", str(files["prompts"]), "--prediction",
+                  "v", "--tokenizer", str(files["sd"])])  # fmt: skip
+    pipe, prompts = cli_eval._model(args)
+    assert pipe.prediction == "v" and prompts == PROMPTS and pipe.prompts == PROMPTS
+    assert Pipeline.from_pretrained(files["sd"]).prediction == "eps"
+    single = tmp_path / "model.safetensors"
+    single.touch()
+    assert cli_eval._results_dir(str(single), "eval") == tmp_path / "model-eval"
+    assert cli_eval._results_dir(str(files["sd"]), "sweep") == files["sd"] / "sweep"
