@@ -163,12 +163,18 @@ def test_resume_with_discriminator_and_perceptual_term_is_bit_exact(tmp_path):
     full = train_autoencoder(tmp_path / "full", data, VAEConfig(**VAE), **kw)
     assert train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), stop_at=3, **kw) is None
     with pytest.raises(ValueError, match=r"other settings \(gan differ\)"):
-        train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), resume=True,
-                          **{**kw, "gan": GANConfig(start=1, layers=1, channels=8, weight=1)})
+        train_autoencoder(
+            tmp_path / "cut",
+            data,
+            VAEConfig(**VAE),
+            resume=True,
+            **{**kw, "gan": GANConfig(start=1, layers=1, channels=8, weight=1)},
+        )
     rest = train_autoencoder(tmp_path / "cut", data, VAEConfig(**VAE), resume=True, **kw)
     assert rest.final_loss == full.final_loss and rest.held_out_psnr == full.held_out_psnr
-    a, b = load_checkpoint(tmp_path / "full" / "checkpoint"), load_checkpoint(
-        tmp_path / "cut" / "checkpoint"
+    a, b = (
+        load_checkpoint(tmp_path / "full" / "checkpoint"),
+        load_checkpoint(tmp_path / "cut" / "checkpoint"),
     )
     assert a.model.keys() == b.model.keys() and any(k.startswith("discriminator.") for k in a.model)
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
