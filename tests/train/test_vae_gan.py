@@ -190,6 +190,20 @@ def test_resume_with_discriminator_and_perceptual_term_is_bit_exact(tmp_path):
     assert all(torch.equal(w[k], v[k]) for k in w)
 
 
+def test_a_checkpoint_from_before_the_gan_settings_resumes_without_held_out_images(tmp_path):
+    kw = {**KW, "steps": 3, "val_fraction": 0.0}
+    assert train_autoencoder(tmp_path, DIGITS, VAEConfig(**VAE), stop_at=2, **kw) is None
+    state = tmp_path / "checkpoint" / "train_state" / "state.json"
+    meta = json.loads(state.read_text())
+    for key in ("gan", "perceptual", "val_fraction"):  # what an older difflab wrote
+        del meta["settings"][key]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"other settings \(val_fraction differ\)"):
+        train_autoencoder(tmp_path, DIGITS, VAEConfig(**VAE), resume=True, **KW)
+    run = train_autoencoder(tmp_path, DIGITS, VAEConfig(**VAE), resume=True, **kw)
+    assert run.steps == 3 and run.held_out_psnr is None and not rows(tmp_path, "psnr_held_out")
+
+
 def test_held_out_psnr_and_digits_rfid_are_logged(tmp_path):
     from difflab.eval.features import DigitsClassifier
     from difflab.eval.metrics import FeatureStats, frechet_distance, to_uint8

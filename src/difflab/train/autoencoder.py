@@ -363,6 +363,10 @@ def _load_state_dicts(parts: _Parts, model: dict[str, Tensor], opt: dict[str, An
     })  # fmt: skip
 
 
+# What checkpoints written before these settings existed were trained with.
+_LEGACY_SETTINGS = {"gan": None, "perceptual": None, "val_fraction": 0.0}
+
+
 def _restore(
     ckpt_dir: Path,
     settings: dict[str, Any],
@@ -375,7 +379,8 @@ def _restore(
     """Load the checkpoint into the live objects; returns its step."""
     ck = load_checkpoint(ckpt_dir, optimizer_like=_state_dicts(parts)[1])
     meta = ck.meta
-    changed = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
+    saved = {**_LEGACY_SETTINGS, **meta["settings"]}
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
     if changed:
         raise ValueError(
             f"{ckpt_dir} was trained with other settings ({', '.join(changed)} differ); "
