@@ -323,7 +323,47 @@ def add_train_vae_parser(subparsers: Any) -> None:
         "--device", default=None, help="torch device (default: cuda when available, else cpu)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    _add_vae_loss_arguments(p)
     p.set_defaults(func=_train_vae)
+
+
+def _add_vae_loss_arguments(p: argparse.ArgumentParser) -> None:
+    """LDM's adversarial and perceptual terms, and the held-out evaluations."""
+    g = p.add_argument_group("LDM's GAN and perceptual terms (Rombach et al. 2022, app. G)")
+    # fmt: off
+    g.add_argument("--disc-start", type=int, default=None, metavar="N",
+                   help="add a PatchGAN discriminator after N warm-up steps (default: none)")
+    g.add_argument("--disc-weight", type=float, default=None,
+                   help="factor on the adaptive GAN weight (default 0.5)")
+    g.add_argument("--disc-layers", type=int, default=None,
+                   help="stride-2 layers of the PatchGAN (default 3; 8-px images fit 1)")
+    g.add_argument("--disc-channels", type=int, default=None, help="its first width (64)")
+    g.add_argument("--disc-lr", type=float, default=None, help="its Adam LR (default: --lr)")
+    g.add_argument("--perceptual-weights", default=None, metavar="PATH",
+                   help="local LPIPS-style network (.safetensors; see docs/training.md); "
+                   "without it there is no perceptual term")
+    g.add_argument("--perceptual-weight", type=float, default=1.0)
+    g.add_argument("--val-fraction", type=float, default=0.05,
+                   help="images held out for PSNR (and rFID on the digits); 0: none")
+    g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps")
+    # fmt: on
+
+
+def _vae_loss_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``train_autoencoder`` that :func:`_add_vae_loss_arguments`
+    sets."""
+    from .train.gan_loss import GANConfig
+
+    disc = {"weight": args.disc_weight, "layers": args.disc_layers,
+            "channels": args.disc_channels, "lr": args.disc_lr}  # fmt: skip
+    given = {k: v for k, v in disc.items() if v is not None}
+    if args.disc_start is None and given:
+        names = ", ".join(f"--disc-{k}" for k in given)
+        raise UserError(f"{names} configure the discriminator: add --disc-start N to use one")
+    gan = None if args.disc_start is None else GANConfig(start=args.disc_start, **given)
+    return {"gan": gan, "perceptual_weights": args.perceptual_weights,
+            "perceptual_weight": args.perceptual_weight, "val_fraction": args.val_fraction,
+            "eval_every": args.eval_every}  # fmt: skip
 
 
 # What train-vae writes into its folder; --overwrite removes exactly these.
@@ -371,7 +411,7 @@ def _train_vae(args: argparse.Namespace) -> int:
     run = train_autoencoder(
         out, data_cfg, vae, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         kl_weight=args.kl_weight, seed=args.seed, save_every=args.save_every,
-        resume=args.resume, device=args.device,
+        resume=args.resume, device=args.device, **_vae_loss_options(args),
     )  # fmt: skip
     assert run is not None  # only a stop_at run stops early
     print(
@@ -379,6 +419,9 @@ def _train_vae(args: argparse.Namespace) -> int:
         f"{run.psnr:.1f} dB, latent std {run.latent_std:.3g} -> scaling_factor "
         f"{run.scaling_factor:.4g}; use it with --set latent.vae={out}"
     )
+    if run.held_out_psnr is not None:
+        rfid = "" if run.rfid is None else f", reconstruction FID (digits) {run.rfid:.3g}"
+        print(f"held-out images: PSNR {run.held_out_psnr:.1f} dB{rfid}")
     return 0
 
 
