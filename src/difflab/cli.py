@@ -504,7 +504,7 @@ def finetune_config(
 ) -> Any:
     """The config of a LoRA run on ``base``: its config with ``finetune`` set, ``run_dir``
     = ``out``, its train/sample/text sections kept, then ``overrides``."""
-    from .pipeline import read_run_config
+    from .runs import read_run_config
     from .train import TrainConfig, apply_overrides
 
     cfg = read_run_config(base)

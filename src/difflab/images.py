@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
+
+from .runs import atomic_write_bytes
 
 __all__ = [
     "A1111_KEY",
@@ -133,18 +133,7 @@ def save_png(
     ``difflab`` (JSON) and ``parameters`` (A1111) text chunks (``png_bytes``; ``size`` is
     one image's ``(width, height)``, default ``image.size``).  Returns the path written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(image, params, size=size)
-    # os.open with 0o666 honours the umask (tempfile.mkstemp would make the PNG mode 600)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, png_bytes(image, params, size=size))  # honours the umask
     return path
 
 
@@ -228,8 +217,7 @@ def new_figure(n_rows: int, n_cols: int, width: float = 3.6, height: float = 2.8
 def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG atomically (a temporary file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

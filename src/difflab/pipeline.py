@@ -16,85 +16,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
+from .runs import load_weights, read_run_config, weights_file
 from .samplers.api import Img2ImgResult
 from .schedules import NoiseSchedule
 
 __all__ = ["Pipeline", "load_weights", "read_run_config"]
 
-WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
-
-
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved ``config.yaml`` of a run directory, as plain dicts."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run directory {str(run)!r} does not exist")
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run)!r} is not a run directory: it has no config.yaml")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise ValueError(f"{path} has no 'model' section; is it a difflab run config?")
-    return data
-
-
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Load a safetensors file into ``model``; every key and shape must match exactly.
-
-    :return: the file's metadata (e.g. ``step``).
-    :raises ValueError: "checkpoint from another architecture", listing missing,
-        unexpected and shape-mismatched keys.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    try:
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-    except Exception as err:  # SafetensorError: a truncated or foreign file
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {what} key(s): {'; '.join(items[:3])}{more}")
-        raise ValueError(
-            f"{path} is a checkpoint from another architecture than its config.yaml "
-            f"describes: {', '.join(parts)}"
-        )
-    model.load_state_dict(state)
-    return metadata
-
-
-def _weights_file(run_dir: Path, weights: str) -> Path:
-    """``ema`` / ``raw``, or ``NAME`` / ``NAME.safetensors`` of a file in the run directory."""
-    if weights in WEIGHTS:
-        return run_dir / WEIGHTS[weights]
-    name = weights if weights.endswith(".safetensors") else f"{weights}.safetensors"
-    if "/" not in name and (run_dir / name).is_file():
-        return run_dir / name
-    found = sorted(p.stem for p in run_dir.glob("*.safetensors") if p.stem not in ("ema", "model"))
-    raise ValueError(
-        f"unknown weights {weights!r}: choose ema, raw or a weights file in {run_dir}"
-        + (f" ({', '.join(found)})" if found else "")
-    )
 
 
 def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]:
@@ -230,14 +160,14 @@ class Pipeline:
         :raises ValueError: the checkpoint does not fit the configured architecture.
         """
         cfg = read_run_config(run_dir)
-        weights_file = _weights_file(Path(run_dir), weights)
+        path = weights_file(Path(run_dir), weights)
         text_cfg = cfg.get("text") or {}
         vae = None
         # The networks' random initialisation is overwritten by the loaded weights; it must
         # not draw from (and so change) the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             model, tokenizer = _build_model(cfg, Path(run_dir))
-            load_weights(model, weights_file)
+            load_weights(model, path)
             vae_path = (cfg.get("latent") or {}).get("vae")
             if vae_path is not None:
                 from .models.vae import AutoencoderKL

@@ -281,7 +281,7 @@ def _data_section(pipe: PipeLike) -> Mapping[str, Any]:
             "fid / kid / precision_recall need real images: pass reference= (a tensor of "
             "images or a data config) for a pipeline that was not loaded from a run directory"
         )
-    from difflab.pipeline import read_run_config
+    from difflab.runs import read_run_config
 
     data = read_run_config(run_dir).get("data")
     if not isinstance(data, Mapping):

@@ -100,7 +100,7 @@ def save_word_vector(
     """The embedding file of one word (``{word: vector}``, format ``difflab-ti/1``)."""
     from safetensors.torch import save
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     vector = vector.detach().float().cpu()
     meta = {**(metadata or {}), "format": TI_FORMAT, "word": word, "width": str(len(vector))}

@@ -342,7 +342,7 @@ def save_lora(model: nn.Module, path: str | Path, metadata: dict[str, str] | Non
     """Write the adapter as safetensors with its rank, alpha and modules (atomically)."""
     from safetensors.torch import save
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     layers = _require_lora(model)
     first = layers[0][1]

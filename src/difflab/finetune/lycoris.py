@@ -710,7 +710,7 @@ def save_kohya(
     """
     from safetensors.torch import save
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     two_encoders = "text_encoder_2" in targets
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_",

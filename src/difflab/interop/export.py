@@ -192,7 +192,7 @@ def _read_run(run: Path, weights: str) -> _Exported:
 def _save_tensors(state: Mapping[str, Tensor], path: Path) -> None:
     from safetensors.torch import save
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
@@ -348,6 +348,6 @@ def _as_conv1x1(path: Path, keys: re.Pattern[str]) -> None:
             tensors[key] = value[:, :, None, None].contiguous()
     from safetensors.torch import save
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     atomic_write_bytes(path, save(tensors, metadata=meta))

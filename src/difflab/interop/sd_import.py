@@ -90,7 +90,7 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, **meta: str) -> No
     (a copy where links are not possible): an imported model has one set of weights."""
     from safetensors.torch import save
 
-    from ..train.checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     ema, raw = (out / name for name in BASE_WEIGHTS)

@@ -513,7 +513,7 @@ class AutoencoderKL(nn.Module):
         """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (atomically)."""
         from safetensors.torch import save
 
-        from ..train.checkpoint import atomic_write_bytes
+        from ..runs import atomic_write_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -526,7 +526,7 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> AutoencoderKL:
         """Load a folder written by :meth:`save_pretrained` or a diffusers/SD VAE folder."""
-        from ..pipeline import load_weights
+        from ..runs import load_weights
 
         folder = Path(folder)
         if not (folder / CONFIG_FILE).is_file():

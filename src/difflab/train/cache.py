@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write_bytes
+from ..runs import atomic_write_bytes
 
 __all__ = ["EncoderCache", "content_key", "module_digest", "tensor_key"]
 

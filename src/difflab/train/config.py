@@ -629,7 +629,7 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write ``config.to_dict()`` as YAML (atomically: temp file + rename)."""
-    from .checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write_bytes(Path(path), text.encode("utf-8"))

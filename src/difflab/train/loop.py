@@ -311,7 +311,7 @@ class Trainer:
         """Load the base run's weights into ``model`` and wrap its target layers in LoRA
         adapters; only the adapters train (``finetune`` config section)."""
         from ..finetune import add_lora
-        from ..pipeline import WEIGHTS, load_weights
+        from ..runs import WEIGHTS, load_weights
 
         ft = self.cfg.finetune
         load_weights(model, Path(str(ft.base_run)) / WEIGHTS[ft.weights])

@@ -68,7 +68,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> int:
 
     The file is rewritten atomically; records without a step are kept.
     """
-    from .checkpoint import atomic_write_bytes
+    from ..runs import atomic_write_bytes
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

@@ -38,7 +38,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from .._validate import unknown_message
-from .checkpoint import atomic_write_bytes
+from ..runs import atomic_write_bytes
 
 __all__ = [
     "FORMAT",

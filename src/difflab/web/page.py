@@ -39,7 +39,7 @@ def default_prompts(pipe: Pipeline, limit: int = 20) -> list[str]:
         return []
     try:
         from ..eval.sweep import text_run_prompts
-        from ..pipeline import read_run_config
+        from ..runs import read_run_config
 
         prompts, _ = text_run_prompts(read_run_config(pipe.run_dir).get("data") or {})
         return prompts[:limit]
