@@ -189,7 +189,7 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
     torch.set_num_threads(args.threads)
     names, dtype, data = args.models.split(","), DTYPES[precision], inputs(args)
     models = {name: build(name, precision, args) for name in names}
-    rows = {name: dict(model=name, precision=precision) for name in names}
+    rows = {name: dict(model=name, precision=precision, peak_mib=float("nan")) for name in names}
     cuda = args.device.startswith("cuda")
     with torch.inference_mode():
         forwards = {n: make_forward(n, m, data, dtype) for n, m in models.items()}
