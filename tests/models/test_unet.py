@@ -236,9 +236,9 @@ def test_upsample_conv3x3_equals_nearest_upsample_then_conv(memory_format):
     """The folded stride-2 transposed conv is the same linear map as DDPM's upsample + conv,
     forward and backward (input, weight and bias gradients)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 3, 4, generator=g).contiguous(memory_format=memory_format)
+    x = torch.randn(2, 5, 8, 9, generator=g).contiguous(memory_format=memory_format)
     w, b = torch.randn(7, 5, 3, 3, generator=g), torch.randn(7, generator=g)
-    grad_out = torch.randn(2, 7, 6, 8, generator=g)
+    grad_out = torch.randn(2, 7, 16, 18, generator=g)
     results = []
     for fast in (False, True):
         xi, wi, bi = (v.clone().requires_grad_() for v in (x, w, b))
@@ -251,12 +251,22 @@ def test_upsample_conv3x3_equals_nearest_upsample_then_conv(memory_format):
     for fast, ref in zip(results[1], results[0]):
         assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5), (fast - ref).abs().max()
     # known answer: a one-hot pixel becomes a 2x2 block; an all-ones 3x3 kernel counts overlaps
-    onehot = torch.zeros(1, 1, 3, 3)
+    # (an input of 16x16 >= 128 pixels: the folded path; smaller ones take the plain form)
+    onehot = torch.zeros(1, 1, 16, 16)
     onehot[0, 0, 1, 1] = 1.0
     ones = upsample_conv3x3(onehot, torch.ones(1, 1, 3, 3), None)[0, 0]
-    expected = torch.zeros(6, 6)
+    expected = torch.zeros(32, 32)
     expected[1:5, 1:5] = torch.tensor([[1.0, 2, 2, 1], [2, 4, 4, 2], [2, 4, 4, 2], [1, 2, 2, 1]])
     assert torch.equal(ones, expected)
+
+
+def test_upsample_conv3x3_small_inputs_take_the_plain_form():
+    """Below 128 input pixels (batch x height x width) no kernel is folded: the result is
+    the upsample-then-conv one, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 6, 4, 4, generator=g), torch.randn(6, 6, 3, 3, generator=g), None
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    assert torch.equal(upsample_conv3x3(x, w, b), ref)
 
 
 def test_upsample_then_conv_respects_hooks_and_wrappers():

@@ -158,6 +158,9 @@ def _fold_nearest2x(weight: Tensor, dim: int) -> Tensor:
     return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
+_FOLD_MIN_PIXELS = 128  # upsample_conv3x3 folds its kernel from B * H * W input pixels on
+
+
 def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` with padding 1 (DDPM's ``Upsample``), ``[B, C, H, W]
     -> [B, C_out, 2H, 2W]``.
@@ -167,10 +170,15 @@ def upsample_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     of 9 * 4 = 36 multiply-adds per input pixel and channel pair, and no upsampled copy
     (1.4-2x faster forward + backward with oneDNN). With reduced-precision compute (bf16/fp16
     weights or autocast) oneDNN's transposed convolution is slower than its plain one, and
-    other devices are unmeasured, so the upsample-then-conv form is kept there.
+    other devices are unmeasured, so the upsample-then-conv form is kept there. Folding costs
+    a pass over the weights on every call, which the smaller convolution repays only from
+    about ``B * H * W = 128`` input pixels (one thread, AMD EPYC AVX2, ``bench/sd_sampling.py``:
+    at batch 2 the folded form took 2-9x as long on 2x2 and 4x4 inputs, as long on 8x8, half
+    as long from 16x16 up); smaller inputs take the plain form too.
     """
     reduced = x.dtype != torch.float32 or weight.dtype != torch.float32
-    if x.device.type != "cpu" or reduced or _autocast_enabled("cpu"):
+    small = x.shape[0] * x.shape[-2] * x.shape[-1] < _FOLD_MIN_PIXELS
+    if x.device.type != "cpu" or reduced or small or _autocast_enabled("cpu"):
         return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
     kernel = _fold_nearest2x(_fold_nearest2x(weight, -2), -1)  # (C_out, C_in, 4, 4)
     return F.conv_transpose2d(x, kernel.transpose(0, 1), bias, stride=2, padding=1)
