@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from .formulations import FormulationSchedule, formulation_from_config
 from .samplers.api import Img2ImgResult
 from .schedules import NoiseSchedule
 
@@ -148,6 +149,9 @@ class Pipeline:
         :meth:`from_pretrained`): a sampler named without a spacing then walks the timesteps
         diffusers' scheduler for that sampler would (``interop.scheduler.sampling_plan``), so
         the same sampler name gives the same images as diffusers.
+    :param formulation: ``"edm"``, ``"flow"`` or a ``difflab.formulations`` object for
+        networks trained in those formulations (the run's ``diffusion.formulation``); the
+        schedule is then the formulation's sampling table.  None / ``"ddpm"``: the default.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         vae: nn.Module | None = None,
         scheduler_config: Mapping[str, Any] | None = None,
+        formulation: Any = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.to(self.device).eval()
@@ -189,6 +194,10 @@ class Pipeline:
         self.dtype = torch.float32  # the networks' weights (Pipeline.to changes it)
         self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
         self._adapters: Any = None  # an SD model's AdapterSet, built by the first load_lora
+        # edm / flow networks (difflab.formulations; None: ddpm) and their sampling table
+        self.formulation = formulation_from_config(formulation)
+        if self.formulation is not None and not isinstance(schedule, FormulationSchedule):
+            self.schedule = self.formulation.schedule
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
@@ -261,6 +270,9 @@ class Pipeline:
                     text_encoder.add_word(word, getattr(model, WORD_PARAM).detach())
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
+        formulation = formulation_from_config(
+            diffusion.get("formulation", "ddpm"), diffusion.get("formulation_options")
+        )
         mc = model.config  # type: ignore[attr-defined]
         return cls(
             model,
@@ -276,6 +288,7 @@ class Pipeline:
             weights=weights,
             device=device,
             vae=vae,
+            formulation=formulation,
         )
 
     @classmethod
@@ -912,6 +925,7 @@ class Pipeline:
             clip_x0=p["clip_x0"] or None,
             model_dtype=self.dtype,
             callback=callback,  # (i, t, x_t, x0_pred) after each step, as dl.sample's
+            formulation=self.formulation,
             **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
         plan = self._scheduler_plan(p["sampler"], p["steps"], args["spacing"])
