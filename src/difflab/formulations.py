@@ -423,4 +423,3 @@ class FormulationDenoiser(Denoiser):
         _check_output(out, x)
         x0, eps = self.formulation.to_x0_eps(out, x, a, s)
         return DenoiserOutput(x0=x0, eps=eps)
-
