@@ -104,30 +104,44 @@ def test_edm_sampling_grid_is_eq5():
     assert lv.sigma_ve[:-1] == pytest.approx(ref, rel=1e-9)
 
 
-def test_edm_heun_is_edm_algorithm_1():
-    """difflab's ``heun`` on EDM's σ grid reproduces Karras et al. 2022 Alg. 1 (deterministic)."""
+@pytest.mark.parametrize("churn", [0.0, 40.0], ids=["alg1", "alg2-churn"])
+def test_edm_heun_is_edm_algorithms_1_and_2(churn):
+    """difflab's ``heun`` on EDM's σ grid is Karras et al. 2022 Alg. 1 (deterministic) and,
+    with S_churn, Alg. 2 (stochastic; ImageNet's S_tmin, S_tmax, S_noise), same noise draws."""
     edm, n = EDM(), 12
     net = edm_exact_net(edm)
     z = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(2))
     smax, smin, rho = 80.0, 0.002, 7.0
-    ts = [(smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-          for i in range(n)] + [0.0]  # fmt: skip
+    s_tmin, s_tmax, s_noise = 0.05, 50.0, 1.003
+    ts = [
+        (smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        for i in range(n)
+    ] + [0.0]
 
     def d_of(x, s):
         c_skip, c_out, c_in, c_noise = edm.precondition(torch.full((3, 1, 1, 1), s))
         return c_skip * x + c_out * net(c_in * x, c_noise.reshape(-1))
 
-    x = z * ts[0]  # Alg. 1 line 2 (float64 for a clean reference)
+    gen = torch.Generator().manual_seed(9)
+    x = z * ts[0]  # Alg. 1/2 line 2
     for i in range(n):
-        d = (x - d_of(x, ts[i])) / ts[i]
-        x_next = x + (ts[i + 1] - ts[i]) * d
+        gamma = min(churn / n, math.sqrt(2) - 1) if s_tmin <= ts[i] <= s_tmax else 0.0
+        t_hat = ts[i] * (1 + gamma)
+        if gamma > 0:  # Alg. 2 lines 5-6
+            x = x + math.sqrt(t_hat**2 - ts[i] ** 2) * s_noise * torch.randn(x.shape, generator=gen)
+        d = (x - d_of(x, t_hat)) / t_hat
+        x_next = x + (ts[i + 1] - t_hat) * d
         if ts[i + 1] != 0:
             d2 = (x_next - d_of(x_next, ts[i + 1])) / ts[i + 1]
-            x_next = x + (ts[i + 1] - ts[i]) * (0.5 * d + 0.5 * d2)
+            x_next = x + (ts[i + 1] - t_hat) * (0.5 * d + 0.5 * d2)
         x = x_next
     alpha0 = 1 / math.sqrt(1 + smax**2)  # difflab's start state is on the VP scale
-    out = dl.sample(net, noise=z * smax * alpha0, formulation=edm, sampler="heun", steps=n,
-                    spacing="karras", rho=7.0, max_ratio=math.inf)  # fmt: skip
+    opts = dict(s_churn=churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise) if churn else {}
+    out = dl.sample(
+        net, noise=z * smax * alpha0, formulation=edm, sampler="heun", steps=n,
+        spacing="karras", rho=7.0, max_ratio=math.inf,
+        generator=torch.Generator().manual_seed(9), **opts,
+    )  # fmt: skip
     torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-5)
 
 
