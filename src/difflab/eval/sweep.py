@@ -553,6 +553,11 @@ def evaluate_likelihood(
             "likelihood of a text-conditional model needs a null text embedding; only "
             "unconditional and class-conditional models are supported"
         )
+    if getattr(pipe, "formulation", None) is not None:  # bits_per_dim / ode_likelihood: VP only
+        raise ValueError(
+            f"likelihood metrics need a ddpm run; this run's formulation is "
+            f"{pipe.formulation.name!r}"
+        )
     real = to_uint8(reference_images(_data_section(pipe) if reference is None else reference))
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(real), generator=gen)[: min(n, len(real))]
