@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .formulations import FormulationSchedule, formulation_from_config
 from .runs import load_weights, read_run_config, weights_file
 from .samplers.api import Img2ImgResult
 from .schedules import NoiseSchedule
@@ -78,6 +79,9 @@ class Pipeline:
         :meth:`from_pretrained`): a sampler named without a spacing then walks the timesteps
         diffusers' scheduler for that sampler would (``interop.scheduler.sampling_plan``), so
         the same sampler name gives the same images as diffusers.
+    :param formulation: ``"edm"``, ``"flow"`` or a ``difflab.formulations`` object for
+        networks trained in those formulations (the run's ``diffusion.formulation``); the
+        schedule is then the formulation's sampling table.  None / ``"ddpm"``: the default.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         vae: nn.Module | None = None,
         scheduler_config: Mapping[str, Any] | None = None,
+        formulation: Any = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.to(self.device).eval()
@@ -119,6 +124,10 @@ class Pipeline:
         self.dtype = torch.float32  # the networks' weights (Pipeline.to changes it)
         self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
         self._adapters: Any = None  # an SD model's AdapterSet, built by the first load_lora
+        # edm / flow networks (difflab.formulations; None: ddpm) and their sampling table
+        self.formulation = formulation_from_config(formulation)
+        if self.formulation is not None and not isinstance(schedule, FormulationSchedule):
+            self.schedule = self.formulation.schedule
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None
@@ -191,6 +200,9 @@ class Pipeline:
                     text_encoder.add_word(word, getattr(model, WORD_PARAM).detach())
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
+        formulation = formulation_from_config(
+            diffusion.get("formulation", "ddpm"), diffusion.get("formulation_options")
+        )
         mc = model.config  # type: ignore[attr-defined]
         return cls(
             model,
@@ -206,6 +218,7 @@ class Pipeline:
             weights=weights,
             device=device,
             vae=vae,
+            formulation=formulation,
         )
 
     @classmethod
@@ -842,6 +855,7 @@ class Pipeline:
             clip_x0=p["clip_x0"] or None,
             model_dtype=self.dtype,
             callback=callback,  # (i, t, x_t, x0_pred) after each step, as dl.sample's
+            formulation=self.formulation,
             **options,  # eta, guidance_rescale, guidance_interval and the sampler's own
         )
         plan = self._scheduler_plan(p["sampler"], p["steps"], args["spacing"])

@@ -656,6 +656,11 @@ def evaluate_likelihood(
         )
     if isinstance(reference, str | os.PathLike):  # a folder of real images
         reference = reference_folder_config(reference, _pixel_shape(pipe))
+    if getattr(pipe, "formulation", None) is not None:  # bits_per_dim / ode_likelihood: VP only
+        raise ValueError(
+            f"likelihood metrics need a ddpm run; this run's formulation is "
+            f"{pipe.formulation.name!r}"
+        )
     real = to_uint8(reference_images(_data_section(pipe) if reference is None else reference))
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(real), generator=gen)[: min(n, len(real))]

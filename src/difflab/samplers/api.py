@@ -74,7 +74,7 @@ class _Plan:
 def _plan(
     model: Callable[..., Tensor],
     *,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | None,
     sampler: str | SamplerSpec | None,
     steps: int | None,
     prediction: str,
@@ -91,8 +91,14 @@ def _plan(
     clip_x0: bool | float | None,
     model_dtype: torch.dtype | None,
     sampler_options: dict[str, Any],
+    formulation: Any = None,
 ) -> _Plan:
     """Resolve every argument into (spec, wrapped denoiser, levels, sampler options)."""
+    from ..formulations import formulation_from_config
+
+    form = formulation_from_config(formulation)
+    if schedule is None and form is not None:
+        schedule = form.schedule
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     if sampler is None:  # the recommended configuration; explicit arguments still win
@@ -146,6 +152,8 @@ def _plan(
 
     if isinstance(model, Denoiser):
         den: Any = model
+    elif form is not None:  # an edm / flow network: its own input scaling and output
+        den = form.denoiser(model, model_dtype)
     else:
         den = Denoiser(model, schedule, prediction, variance, model_dtype)
     if guidance_scale != 1.0:
@@ -251,7 +259,7 @@ def sample(
     model: Callable[..., Tensor],
     shape: Sequence[int] | None = None,
     *,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | None = None,
     sampler: str | SamplerSpec | None = None,
     steps: int | None = None,
     prediction: str = "eps",
@@ -274,6 +282,7 @@ def sample(
     progress: bool | None = None,
     model_dtype: torch.dtype | None = None,
     enable_grad: bool = False,
+    formulation: Any = None,
     **sampler_options: Any,
 ) -> Tensor:
     """Draw samples ``[B, ...]`` from ``model`` (DESIGN.md's contract) with a named sampler.
@@ -308,6 +317,12 @@ def sample(
     :param dynamic_threshold: Imagen's percentile p (e.g. 0.995), or None.
     :param clip_x0: True (clip x̂0 to [-1, 1]), a float limit, or None.
     :param progress: force the progress bar on/off (None: on when stderr is a terminal).
+    :param formulation: ``"ddpm"`` / None (the default: ``model`` is a ``prediction``
+        network of ``schedule``), ``"edm"``, ``"flow"`` or a ``difflab.formulations``
+        object: the network is converted exactly into the x̂0 / ε̂ denoiser every sampler
+        takes (``FormulationDenoiser``), and ``schedule`` defaults to the formulation's
+        sampling schedule (``spacing="karras"`` walks EDM's σ grid, ``trailing`` a flow's
+        shifted uniform time grid).
     :param enable_grad: differentiate through sampling (gradients reach the model's weights,
         ``noise`` and the conditioning); off by default, so no autograd graph is kept over
         the steps, as k-diffusion's and diffusers' samplers do.
@@ -340,6 +355,7 @@ def sample(
         clip_x0=clip_x0,
         model_dtype=model_dtype,
         sampler_options=sampler_options,
+        formulation=formulation,
     )
     if noise is None:
         assert shape is not None
@@ -364,7 +380,7 @@ def img2img(
     x0: Tensor,
     *,
     strength: float,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | None = None,
     sampler: str | SamplerSpec | None = None,
     steps: int | None = None,
     prediction: str = "eps",
@@ -387,6 +403,7 @@ def img2img(
     progress: bool | None = None,
     model_dtype: torch.dtype | None = None,
     enable_grad: bool = False,
+    formulation: Any = None,
     **sampler_options: Any,
 ) -> Img2ImgResult:
     """SDEdit-style image-to-image (Meng et al. 2022): noise ``x0`` part-way, then denoise.
@@ -418,6 +435,7 @@ def img2img(
         clip_x0=clip_x0,
         model_dtype=model_dtype,
         sampler_options=sampler_options,
+        formulation=formulation,
     )
     n = len(plan.levels)
     used = min(int(n * strength), n)

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .._validate import unknown_message
-from . import ddpm, dpm_solver, dpmpp, karras, pndm, unipc
+from . import ddpm, dpm_solver, dpmpp, flow, karras, pndm, unipc
 from .common import SamplerSpec
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-_MODULES = (ddpm, pndm, karras, dpm_solver, dpmpp, unipc)
+_MODULES = (ddpm, pndm, karras, dpm_solver, dpmpp, unipc, flow)
 
 # Samplers that use only the two ends of ``levels`` and place their own intermediate levels
 # (DPM-Solver-fast's order schedule, DPM-Solver's adaptive step size, Lu et al. 2022 §3.4):

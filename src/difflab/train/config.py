@@ -123,6 +123,12 @@ class DiffusionConfig:
     :param cond_drop_prob: probability a class label is replaced by the null label, so the
         same network learns the unconditional model for classifier-free guidance (Ho &
         Salimans 2022).
+    :param formulation: ddpm (the discrete VP process of ``schedule``, default) | edm
+        (Karras et al. 2022) | flow (rectified flow, Esser et al. 2024); see
+        ``difflab.formulations``.  edm and flow draw their own noise levels and ignore
+        ``schedule``, ``prediction`` and ``timestep_sampler``.
+    :param formulation_options: the edm / flow options (``EDM`` / ``Flow`` fields, e.g.
+        ``{sigma_data: 0.5}`` or ``{timestep_sampling: logit_normal, shift: 3.0}``).
     """
 
     schedule: dict[str, Any] = field(default_factory=lambda: {"name": "cosine", "T": 1000})
@@ -135,8 +141,11 @@ class DiffusionConfig:
     offset_noise: float = 0.0
     input_perturbation: float = 0.0
     cond_drop_prob: float = 0.1
+    formulation: str = "ddpm"
+    formulation_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_formulation()
         check_choice("prediction", self.prediction, PREDICTIONS)
         check_choice("variance", self.variance, VARIANCES)
         check_choice("weighting", self.weighting, WEIGHTINGS)
@@ -150,6 +159,30 @@ class DiffusionConfig:
             raise ValueError(f"config key 'diffusion.schedule': {err}") from None
         for name in ("snr_gamma", "vlb_weight", "offset_noise", "input_perturbation"):
             _check_range(f"diffusion.{name}", getattr(self, name), 0.0)
+
+    def _check_formulation(self) -> None:
+        from ..formulations import formulation_from_config
+
+        try:
+            form = formulation_from_config(self.formulation, self.formulation_options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"config key 'diffusion.formulation': {err}") from None
+        if form is None:
+            return
+        unsupported = {
+            "variance": (self.variance, "fixedsmall"),
+            "weighting": (self.weighting, "none"),
+            "timestep_sampler": (self.timestep_sampler, "uniform"),
+            "offset_noise": (self.offset_noise, 0.0),
+            "input_perturbation": (self.input_perturbation, 0.0),
+        }
+        for key, (value, default) in unsupported.items():
+            if value != default:
+                raise ValueError(
+                    f"diffusion.{key}={value!r} applies to formulation ddpm; formulation "
+                    f"{self.formulation} sets its own noise levels and loss weight "
+                    f"(leave {key} at {default!r})"
+                )
 
     @property
     def learned_variance(self) -> bool:
@@ -424,6 +457,11 @@ class TrainConfig:
             )
         if self.train.eval_every:
             self._check_eval()
+        if self.diffusion.formulation != "ddpm" and self.train.val_fraction > 0:
+            raise ValueError(
+                f"train.val_fraction (validation loss) supports formulation ddpm only, not "
+                f"{self.diffusion.formulation!r}; set train.val_fraction=0"
+            )
         if self.train.encoder_cache is not None and vae is None and not self.text.pretrained:
             raise ValueError(
                 "train.encoder_cache caches frozen encoders' outputs, and this run has none: "

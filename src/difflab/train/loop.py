@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ..finetune.inversion import WORD_PARAM
 from ..finetune.lora import LORA_FILE
+from ..formulations import formulation_from_config
 from ..losses import LossSecondMomentSampler, training_loss
 from ..models.text import (
     TOKENIZER_FILE,
@@ -159,6 +160,12 @@ class Trainer:
             raise ValueError(f"run_dir {str(self.run_dir)!r} is a file, not a directory")
         self.precision = resolve_precision(tc.mixed_precision, self.device)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
+        # edm / flow (difflab.formulations): their own noise levels, loss and sampling table
+        self.formulation = formulation_from_config(
+            cfg.diffusion.formulation, cfg.diffusion.formulation_options
+        )
+        if self.formulation is not None:
+            self.schedule = self.formulation.schedule
         rank = self.dist.rank
         # Shared by all ranks: condition dropout, timesteps, noise of the global batch.
         self.gen = torch.Generator().manual_seed(_subseed(cfg.seed, 0))
@@ -423,6 +430,8 @@ class Trainer:
         if self.timestep_sampler is not None:
             t, w = self.timestep_sampler.sample(B)
             t, importance = t[rows].to(dev), w[rows].to(dev)
+        elif self.formulation is not None:  # EDM's σ or flow's t, float [B]
+            t = self.formulation.draw_levels(B, self.gen)[rows].to(dev)
         else:
             t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.gen)
             t = t[rows].to(dev)
@@ -506,6 +515,11 @@ class Trainer:
 
     def _forward(self, model: nn.Module, mb: _MicroBatch) -> tuple[Tensor, Tensor]:
         """Scalar loss (importance-weighted mean) and per-sample losses of one micro-batch."""
+        if self.formulation is not None:  # edm / flow: the formulation's loss at its levels
+            with self.precision.autocast():
+                f = self.formulation.training_loss(model, mb.x0, mb.t, mb.noise, mb.cond)
+            weight = 1.0 if mb.importance is None else mb.importance
+            return (f.per_sample * weight).mean(), f.per_sample
         d = self.cfg.diffusion
         with self.precision.autocast():
             out = training_loss(
@@ -922,6 +936,7 @@ class Trainer:
                     prompts=self.grid_prompts,
                     text_encoder=self._prompt_encoder(net),
                     vae=self.vae,
+                    formulation=self.formulation,
                 )
             )
         return out
@@ -992,6 +1007,7 @@ class Trainer:
             text_encoder=self._prompt_encoder(net),
             device=self.device,
             vae=self.vae,  # latent runs are scored on decoded images
+            formulation=self.formulation,
         )
         if self.cfg.text.enabled:  # classes drawn from their captions (text_run_prompts)
             if self._eval_prompts is None:

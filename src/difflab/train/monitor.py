@@ -165,6 +165,7 @@ def sample_grid(
     prompts: list[str] | None = None,
     text_encoder: Any = None,
     vae: Any = None,
+    formulation: Any = None,
 ) -> Path:
     """Draw ``config.sample.num_images`` images with a fixed seed and save them as a grid.
 
@@ -211,6 +212,7 @@ def sample_grid(
                 generator=torch.Generator().manual_seed(config.seed),
                 clip_x0=vae is None,  # as Pipeline: x̂0 clipped to the data range [-1, 1]
                 progress=False,
+                formulation=formulation,  # edm / flow networks (difflab.formulations)
             )
         if vae is not None:
             with torch.no_grad():
