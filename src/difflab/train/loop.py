@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,9 @@ from ..models.text import (
 from ..models.vae import AutoencoderKL
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
+from .adapt import adapt_to_data
 from .amp import resolve_precision
+from .budget import TimeBudget, format_duration, parse_duration
 from .cache import EncoderCache, content_key, module_digest, tensor_key
 from .checkpoint import (
     Checkpoint,
@@ -64,6 +66,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
+from .early_stop import BEST_FILE, EarlyStopping
 from .ema import EMA
 from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
@@ -103,6 +106,8 @@ class TrainResult:
     :param evals: the periodic metric records (``train.eval_every``) written by this call.
     :param validation: the validation-loss records (``train.val_every``) of this call
         (rank 0 only; empty on the other ranks).
+    :param stop_reason: ``max_steps``, ``time budget`` (``train.max_time``) or ``early
+        stopping`` (``train.patience``).
     """
 
     run_dir: Path
@@ -114,6 +119,7 @@ class TrainResult:
     grids: list[Path] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     validation: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = "max_steps"
 
 
 @dataclass
@@ -135,6 +141,8 @@ class Trainer:
     :param model: a network honouring the model contract; default
         ``difflab.models.UNet(config.model_config())`` initialised from ``config.seed``.
     :param progress: progress bar on/off; None: on when stderr is a terminal (rank 0 only).
+    :param clock: seconds from any origin, read for ``train.max_time`` (default
+        ``time.monotonic``; tests inject a scripted one).
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class Trainer:
         dataset: Dataset | None = None,
         model: nn.Module | None = None,
         progress: bool | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.cfg = cfg = config.resolve()
         tc = cfg.train
@@ -187,6 +196,12 @@ class Trainer:
         dataset, self.val_set = split_dataset(dataset, tc.val_fraction, _subseed(cfg.seed, 50))
         if self.val_set is not None and self.dist.is_main:
             print(f"validation: {len(self.val_set)} held-out samples, {len(dataset)} for training")
+        notes = adapt_to_data(
+            cfg, dataset, num_classes_given=model is not None or "num_classes" in config.model,
+            world_size=self.dist.world_size,
+        )  # fmt: skip
+        if notes and self.dist.is_main:
+            print("\n".join(notes))
         self.stream = BatchStream(
             dataset,
             tc.batch_size,
@@ -232,7 +247,14 @@ class Trainer:
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer, self.lr_schedule = build_optimizer(self.model, tc)
+        self.budget: TimeBudget | None = None  # train.max_time
+        if tc.max_time is not None:
+            seconds = parse_duration(tc.max_time)
+            self.budget = TimeBudget(seconds, tc.max_steps, clock=clock or time.monotonic)
+        self.early = EarlyStopping(tc.patience, tc.min_delta) if tc.patience else None
+        self.stop_reason = ""
+        progress_of = self.budget.effective_step if self.budget is not None else None
+        self.optimizer, self.lr_schedule = build_optimizer(self.model, tc, progress=progress_of)
         self.scaler = self.precision.grad_scaler()
         self.timestep_sampler = None
         if cfg.diffusion.timestep_sampler == "importance":
@@ -244,6 +266,7 @@ class Trainer:
         self.log: MetricsLog | None = None
         self._eval_extractor: Any = None  # built on the first periodic eval
         self._eval_prompts: tuple[list[str], bool] | None = None  # a text run's prompts
+        self._last_records: dict[str, dict[str, Any]] = {}  # latest val / eval record
 
     # ------------------------------------------------------------------ setup helpers
     def _with_prior(self, dataset: Any) -> Any:
@@ -651,6 +674,10 @@ class Trainer:
                 "timestep_sampler": ts.state_dict() if ts is not None else None,
                 "world_size": self.dist.world_size,
             }
+            if self.budget is not None:
+                meta["train_time"] = self.budget.elapsed
+            if self.early is not None:
+                meta["early_stopping"] = self.early.state_dict()
             ckpt = Checkpoint(
                 model=self.model.state_dict(),
                 ema=self.ema.state_dict(),
@@ -719,6 +746,10 @@ class Trainer:
         if self.timestep_sampler is not None and meta["timestep_sampler"] is not None:
             self.timestep_sampler.load_state_dict(meta["timestep_sampler"])
         self.step, self.last_loss = int(meta["step"]), float(meta["loss"])
+        if self.budget is not None:
+            self.budget.spent = float(meta.get("train_time", 0.0))
+        if self.early is not None and meta.get("early_stopping") is not None:
+            self.early.load_state_dict(meta["early_stopping"])
         self.stream.epoch = int(meta["data_position"]["epoch"])
         self.stream.index = int(meta["data_position"]["index"])
         self.gen.set_state(ck.rng["shared.noise"])
@@ -776,9 +807,11 @@ class Trainer:
         # Output to a file (no terminal) gets a plain line per logged step instead of a bar.
         plain = main and self.show_progress is None and not sys.stderr.isatty()
         start_step, start_time = self.step, time.perf_counter()
+        if self.budget is not None:
+            self.budget.start()
         bar = progress_bar(
             range(self.step, last), total=max(0, last - self.step), desc="train",
-            disable=disable,
+            disable=disable, leave=True,
         )  # fmt: skip
         window: list[float] = []
         parts: dict[str, list[float]] = {}
@@ -798,8 +831,12 @@ class Trainer:
                         if rec.get(key) is not None:
                             parts.setdefault(key, []).append(rec[key])
                     good = rec
+                if step < last and self._budget_spent():  # train.max_time: this is the last
+                    last, self.stop_reason = step, "time budget"
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    left = {} if self.budget is None else {
+                        "left": format_duration(self.budget.remaining)}  # fmt: skip
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", **left)
                 if window and (step % tc.log_every == 0 or step == last):
                     elapsed = max(time.perf_counter() - tick, 1e-9)
                     n = len(window) * tc.batch_size * tc.grad_accum
@@ -810,16 +847,22 @@ class Trainer:
                     self._log(record)
                     if plain:
                         since = time.perf_counter() - start_time
-                        print(log_line(record, last, since, start_step), flush=True)
+                        left_s = None if self.budget is None else self.budget.remaining
+                        line = log_line(record, last, since, start_step, time_left=left_s)
+                        print(line, flush=True)
                     window, parts, tick = [], {}, time.perf_counter()
                 if tc.sample_every and step % tc.sample_every == 0:
                     result.grids += self._grids()
                 if tc.val_every and (step % tc.val_every == 0 or step == last):
                     if record := self._validation():  # {} on ranks other than 0
                         result.validation.append(record)
+                    if self._early_stop("val") and step < last:
+                        last, self.stop_reason = step, "early stopping"
                 if tc.eval_every and (step % tc.eval_every == 0 or step == last):
                     if record := self._periodic_eval():  # {} on ranks other than 0
                         result.evals.append(record)
+                    if self._early_stop("eval") and step < last:
+                        last, self.stop_reason = step, "early stopping"
                 saved = (tc.save_every and step % tc.save_every == 0) or step == last
                 if saved:
                     self.save()
@@ -827,7 +870,15 @@ class Trainer:
                     if not saved:
                         self.save()
                     raise TrainingInterrupted(step, stop[0], self.run_dir)
+                if step >= last:  # the time budget or early stopping ended the run here
+                    break
+        if hasattr(bar, "close"):
+            bar.close()
         result.step, result.final_loss = self.step, self.last_loss
+        result.stop_reason = self.stop_reason or "max_steps"
+        if main:
+            spent = self.budget.elapsed if self.budget is not None else None
+            print(self._summary(start_step, time.perf_counter() - start_time, spent), flush=True)
         result.ema_updates = self.ema.num_updates
         if result.skipped_steps and main:  # never silent: a skipped step trained nothing
             shown = ", ".join(map(str, result.skipped_steps[:10]))
@@ -839,6 +890,56 @@ class Trainer:
                 stacklevel=2,
             )
         return result
+
+    def _summary(self, start_step: int, seconds: float, spent: float | None) -> str:
+        """The run's last line: steps, time, last loss, why it stopped, where it is."""
+        total = f", {format_duration(spent)} in all" if spent is not None else ""
+        best = ""
+        if self.early is not None and self.early.best_step >= 0:
+            best = (f"; best {self.cfg.train.early_stop_metric} {self.early.best:.4g} at step "
+                    f"{self.early.best_step} ({self.run_dir / BEST_FILE})")  # fmt: skip
+        return (
+            f"done: step {self.step} ({self.step - start_step} this session in "
+            f"{format_duration(seconds)}{total}); last loss {self.last_loss:.4f}; stopped "
+            f"by {self.stop_reason or 'max_steps'}{best}; run in {self.run_dir}"
+        )
+
+    def _budget_spent(self) -> bool:
+        """Whether ``train.max_time`` is used up (every rank agrees, as rank 0 says)."""
+        if self.budget is None:
+            return False
+        flag = torch.tensor([float(self.budget.exhausted)], device=self.device)
+        if self.dist.distributed:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _early_stop(self, kind: str) -> bool:
+        """Early stopping after a validation (``kind="val"``) or periodic evaluation: keep
+        the best EMA weights; True when patience ran out (every rank agrees)."""
+        metric = self.cfg.train.early_stop_metric
+        if self.early is None or metric.startswith("val") != (kind == "val"):
+            return False
+        flag = torch.zeros(1, device=self.device)
+        if self.dist.is_main:
+            record = self._last_records.get(kind, {})
+            if metric not in record:
+                raise ValueError(
+                    f"train.early_stop_metric={metric!r} is not among the measured metrics "
+                    f"({', '.join(k for k in record if k not in ('step', 'event'))}); add it "
+                    "to train.eval_metrics or choose another"
+                )
+            improved, stop = self.early.update(float(record[metric]), self.step)
+            if improved:
+                from safetensors.torch import save_file
+
+                tmp = self.run_dir / (BEST_FILE + ".tmp")
+                meta = {"step": str(self.step), metric: repr(self.early.best)}
+                save_file(self.ema.state_dict(), str(tmp), metadata=meta)
+                os.replace(tmp, self.run_dir / BEST_FILE)
+            flag[0] = float(stop)
+        if self.dist.distributed:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _stopping(self, stop: list[int]) -> bool:
         """Whether a stop signal arrived on any rank (every rank stops after the same step)."""
@@ -925,6 +1026,7 @@ class Trainer:
                     prepare=self._validation_inputs,
                 )
         self._log(record)
+        self._last_records["val"] = record
         return record
 
     @torch.no_grad()
@@ -993,6 +1095,7 @@ class Trainer:
             {k: v for k, v in scores.items() if isinstance(v, (int, float, str)) and k != "step"}
         )
         self._log(record)
+        self._last_records["eval"] = record
         return record
 
     def close(self) -> None:
