@@ -81,3 +81,63 @@ def _classes(cfg: TrainConfig, dataset: Any, given: bool) -> list[str]:
         f"model: class-conditional on the {k} class folders ({shown}) since model.num_classes "
         "is not set; set model.num_classes: null for an unconditional model"
     ]
+
+
+def set_bucket_step(cfg: TrainConfig) -> None:
+    """``data.buckets``: bucket sides default to (and must be multiples of) the network's
+    size multiple, the autoencoder's factor times the U-Net's downsampling (64 for Stable
+    Diffusion's 8 x 8); the checks name what does not fit."""
+    if not cfg.data.buckets:
+        return
+    mcfg = cfg.model_config()
+    if not hasattr(mcfg, "downsample_factor"):
+        raise ValueError("data.buckets needs a U-Net (a DiT's position table is square)")
+    vae = cfg.latent.vae_config()
+    need = mcfg.downsample_factor * (vae.downsample_factor if vae is not None else 1)
+    if cfg.data.bucket_step is None:
+        cfg.data.bucket_step = need
+    elif cfg.data.bucket_step % need:
+        raise ValueError(
+            f"data.bucket_step={cfg.data.bucket_step} must be a multiple of {need} (the "
+            "autoencoder's factor times the U-Net's downsampling)"
+        )
+    clash = [k for k, on in (("train.val_fraction", cfg.train.val_fraction > 0),
+                             ("data.mix", cfg.data.mix is not None),
+                             ("finetune.prior_condition", cfg.finetune.prior_condition is not None))
+             if on]  # fmt: skip
+    if clash:
+        raise ValueError(f"data.buckets cannot be combined with {', '.join(clash)} yet")
+
+
+def build_stream(
+    cfg: TrainConfig,
+    dataset: Any,
+    *,
+    rank: int,
+    world_size: int,
+    mix_seed: int,
+    generator: Any,
+) -> Any:
+    """The run's batch stream: plain, bucketed (``data.buckets``) or mixed (``data.mix``)."""
+    from ..data import build_dataset
+    from .stream import BatchStream, BucketBatchStream, MixedStream
+
+    tc = cfg.train
+    common = {"rank": rank, "world_size": world_size, "num_workers": tc.num_workers}
+    if cfg.data.buckets:
+        ids = dataset.bucket_ids
+        return BucketBatchStream(dataset, tc.batch_size, bucket_ids=ids, seed=cfg.seed, **common)
+    if cfg.data.mix is None:
+        return BatchStream(dataset, tc.batch_size, seed=cfg.seed, **common)
+    mix_cfg, fraction = cfg.data.mix_config()
+    m = round(fraction * tc.batch_size)
+    if not 0 < m < tc.batch_size:
+        raise ValueError(
+            f"data.mix.fraction={fraction} of train.batch_size={tc.batch_size} is {m} samples; "
+            "a mixed batch needs at least one of each"
+        )
+    mix_set, report = build_dataset(mix_cfg, generator=generator)
+    if rank == 0:
+        print(f"mixed into every batch: {m} of {tc.batch_size} samples from\n{report}")
+    main = BatchStream(dataset, tc.batch_size - m, seed=cfg.seed, **common)
+    return MixedStream(main, BatchStream(mix_set, m, seed=mix_seed, **common))

@@ -238,7 +238,9 @@ class LoopConfig:
         _check_range("train.patience", self.patience, 0)
         _check_range("train.min_delta", self.min_delta, 0.0)
         if self.patience:
-            watched = self.val_every if self.early_stop_metric.startswith("val") else self.eval_every
+            watched = (
+                self.val_every if self.early_stop_metric.startswith("val") else self.eval_every
+            )
             if not watched:
                 needs = "val_every" if self.early_stop_metric.startswith("val") else "eval_every"
                 raise ValueError(

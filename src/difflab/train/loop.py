@@ -52,7 +52,7 @@ from ..models.text import (
 from ..models.vae import AutoencoderKL
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
-from .adapt import adapt_to_data
+from .adapt import adapt_to_data, build_stream, set_bucket_step
 from .amp import resolve_precision
 from .budget import TimeBudget, format_duration, parse_duration
 from .cache import EncoderCache, content_key, module_digest, tensor_key
@@ -72,7 +72,6 @@ from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_m
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .posthoc_ema import PostHocEMA, PostHocEMAConfig
-from .stream import BatchStream
 from .validation import split_dataset, validation_loss
 
 __all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
@@ -131,6 +130,7 @@ class _MicroBatch:
     importance: Tensor | None
     rng: dict[str, Tensor]  # global + aux RNG states before its forward (for diagnosis)
     prior: Tensor | None = None  # DreamBooth: which rows are prior-preservation images
+    mix: Tensor | None = None  # data.mix: which rows come from the general data set
 
 
 class Trainer:
@@ -173,12 +173,12 @@ class Trainer:
         self.aux_gen = torch.Generator().manual_seed(_subseed(cfg.seed, 1 + 2 * rank))
         self.data_gen = torch.Generator().manual_seed(_subseed(cfg.seed, 2 + 2 * rank))
 
+        set_bucket_step(cfg)  # data.buckets: sides in multiples the network takes
+        report = None  # printed once the captions' token counts are known
         if dataset is None:
             from ..data import build_dataset
 
             dataset, report = build_dataset(cfg.data, generator=self.data_gen)
-            if self.dist.is_main:
-                print(report)
             if self.dist.is_main and cfg.data.source == "captions" and not cfg.text.enabled:
                 warnings.warn(
                     "data.source=captions, but text.encoder is none: the captions are read and "
@@ -200,22 +200,16 @@ class Trainer:
             cfg, dataset, num_classes_given=model is not None or "num_classes" in config.model,
             world_size=self.dist.world_size,
         )  # fmt: skip
-        if notes and self.dist.is_main:
-            print("\n".join(notes))
-        self.stream = BatchStream(
-            dataset,
-            tc.batch_size,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=self.dist.world_size,
-            num_workers=tc.num_workers,
-        )
+        self.stream = build_stream(
+            cfg, dataset, rank=rank, world_size=self.dist.world_size,
+            mix_seed=_subseed(cfg.seed, 60), generator=self.data_gen,
+        )  # fmt: skip
 
         self.tokenizer: WordTokenizer | None = None  # text.encoder: transformer
         self.frozen_text: PretrainedTextEncoder | None = None  # text.encoder: clip or t5
         self.grid_prompts: list[str] | None = None
         if cfg.text.enabled:
-            texts = self._captions(dataset)
+            texts = self._train_texts = self._captions(dataset)
             n = cfg.sample.num_images
             distinct = list(dict.fromkeys(texts))
             self.grid_prompts = [distinct[i % len(distinct)] for i in range(n)]
@@ -226,6 +220,12 @@ class Trainer:
                 )  # fmt: skip
             else:
                 self.tokenizer = self._build_tokenizer(texts)
+        if self.dist.is_main:
+            if report is not None:
+                self._count_truncated(report)
+                print(report)
+            if notes:
+                print("\n".join(notes))
         self.vae: AutoencoderKL | None = None  # latent diffusion: the frozen autoencoder
         if cfg.latent.vae is not None:
             self.vae = AutoencoderKL.from_pretrained(cfg.latent.vae).to(self.device)
@@ -296,6 +296,24 @@ class Trainer:
                 f"{missing} of {len(texts)} have none (see the data report)"
             )
         return list(texts)
+
+    def _count_truncated(self, report: Any) -> None:
+        """The data report's count of captions longer than the text encoder takes."""
+        from ..data.captions import count_truncated
+
+        texts = getattr(self, "_train_texts", None)
+        if not texts:
+            return
+        if self.tokenizer is not None:  # the trained encoder keeps max_length - 1 words
+            limit = self.cfg.text.max_length - 1
+            report.truncated_captions = count_truncated(texts, lambda t: len(words(t)), limit)
+        elif self.frozen_text is not None:  # CLIP / T5 tokens, the special ones included
+            tok, limit = self.frozen_text.tokenizer, self.frozen_text.max_length
+            length = lambda t: len(tok(t)["input_ids"])  # noqa: E731
+            report.truncated_captions = count_truncated(texts, length, limit)
+        else:
+            return
+        report.token_limit = limit
 
     def _build_tokenizer(self, texts: list[str]) -> WordTokenizer:
         """The caption vocabulary (the same on every rank), or the base run's when
@@ -414,6 +432,8 @@ class Trainer:
         if self.null_label is not None:
             if "class_label" in batch:
                 labels = batch["class_label"].to(dev).long()
+                if "mix" in batch:  # data.mix: the general data trains the null label
+                    labels = torch.where(batch["mix"].to(dev), self.null_label, labels)
                 bad = labels[(labels < 0) | (labels >= self.null_label)]
                 if bad.numel():
                     raise ValueError(
@@ -448,7 +468,8 @@ class Trainer:
             prior = torch.as_tensor(prior, device=dev).bool()
             weight = torch.where(prior, self.cfg.finetune.prior_weight, 1.0)
             importance = weight if importance is None else importance * weight
-        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior)
+        mix = batch["mix"].to(dev) if "mix" in batch else None
+        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior, mix)
 
     def _text_cond(self, texts: list[str], dev: torch.device) -> dict[str, Tensor]:
         """The model's text inputs: token ids for an encoder that trains inside the model,
@@ -569,9 +590,10 @@ class Trainer:
                 self.scaler.scale(loss / tc.grad_accum).backward()
             self._update_timestep_sampler(mb, per_sample)
             total += loss.detach().float() / tc.grad_accum
-            if mb.prior is not None:  # instance / prior loss sums and counts, logged apart
+            split = mb.prior if mb.prior is not None else mb.mix
+            if split is not None:  # instance / prior (or main / mix) loss sums and counts
                 ps = per_sample.detach().float()
-                prior = mb.prior.float()
+                prior = split.float()
                 parts += torch.stack([(ps * (1 - prior)).sum(), (1 - prior).sum(),
                                       (ps * prior).sum(), prior.sum()]).cpu()  # fmt: skip
             micro.append(mb)
@@ -586,13 +608,16 @@ class Trainer:
         bad_grad = bool(flags[2] > 0) and not self.precision.needs_scaler  # fp16: scaler skips
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": k, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
-        if self.cfg.finetune.prior_condition is not None:
+        if self.cfg.finetune.prior_condition is not None or self.cfg.data.mix is not None:
             if self.dist.distributed:
                 parts = parts.to(self.device)
                 dist.all_reduce(parts)
             inst_sum, inst_n, prior_sum, prior_n = parts.tolist()
-            record["loss_instance"] = inst_sum / inst_n if inst_n else None
-            record["loss_prior"] = prior_sum / prior_n if prior_n else None
+            names = (
+                ("loss_main", "loss_mix") if self.cfg.data.mix else ("loss_instance", "loss_prior")
+            )
+            record[names[0]] = inst_sum / inst_n if inst_n else None
+            record[names[1]] = prior_sum / prior_n if prior_n else None
         if bad_loss or bad_grad:
             what = "loss" if bad_loss else "gradient"
             module = self._diagnose(micro)
@@ -750,8 +775,7 @@ class Trainer:
             self.budget.spent = float(meta.get("train_time", 0.0))
         if self.early is not None and meta.get("early_stopping") is not None:
             self.early.load_state_dict(meta["early_stopping"])
-        self.stream.epoch = int(meta["data_position"]["epoch"])
-        self.stream.index = int(meta["data_position"]["index"])
+        self.stream.set_position(meta["data_position"])
         self.gen.set_state(ck.rng["shared.noise"])
         prefix = f"rank{self.dist.rank}."
         if meta["world_size"] != self.dist.world_size or prefix + "torch_cpu" not in ck.rng:
@@ -827,7 +851,7 @@ class Trainer:
                     self._log(rec)
                 else:
                     window.append(rec["loss"])
-                    for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
+                    for key in ("loss_instance", "loss_prior", "loss_main", "loss_mix"):
                         if rec.get(key) is not None:
                             parts.setdefault(key, []).append(rec[key])
                     good = rec

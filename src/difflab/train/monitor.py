@@ -105,7 +105,8 @@ def log_line(
     parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
     for key, fmt in (
         ("loss", "loss {:.4f}"), ("loss_instance", "instance {:.4f}"),
-        ("loss_prior", "prior {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3g}"),
+        ("loss_prior", "prior {:.4f}"), ("loss_mix", "mix {:.4f}"), ("lr", "lr {:.2e}"),
+        ("grad_norm", "grad {:.3g}"),
         ("imgs_per_s", "{:.0f} img/s"), ("epoch", "epoch {}"), ("ema_decay", "ema {:.3f}"),
     ):  # fmt: skip
         if record.get(key) is not None:
