@@ -26,10 +26,10 @@ __all__ = ["BucketDataset", "assign_buckets", "bucket_sizes"]
 
 def bucket_sizes(max_area: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """Every ``(W, H)``, multiples of ``step``, ``W·H <= max_area``, each the largest ``H`` for
-    its ``W`` (NovelAI), aspect ratio ``<= max_ratio``; sorted by ``W/H``.
+    its ``W`` (NovelAI), with its transpose, aspect ratio ``<= max_ratio``; sorted by ``W/H``.
 
-    >>> bucket_sizes(32 * 32, 8)
-    [(16, 64), (24, 40), (32, 32), (40, 24), (64, 16)]
+    >>> bucket_sizes(32 * 32, 8, max_ratio=2.0)
+    [(24, 40), (32, 32), (40, 24)]
     """
     if step < 1 or max_area < step * step:
         raise ValueError(f"no bucket of side >= step {step} fits in an area of {max_area}")
@@ -39,7 +39,7 @@ def bucket_sizes(max_area: int, step: int, max_ratio: float = 2.0) -> list[tuple
     for w in range(step, max_area // step + 1, step):
         h = (max_area // w) // step * step
         if h >= step and max(w / h, h / w) <= max_ratio:
-            out.add((w, h))
+            out.update({(w, h), (h, w)})  # portrait and landscape alike
     return sorted(out, key=lambda s: (s[0] / s[1], s[0]))
 
 

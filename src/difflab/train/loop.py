@@ -433,7 +433,7 @@ class Trainer:
             if "class_label" in batch:
                 labels = batch["class_label"].to(dev).long()
                 if "mix" in batch:  # data.mix: the general data trains the null label
-                    labels = torch.where(batch["mix"].to(dev), self.null_label, labels)
+                    labels = torch.where(batch["mix"].to(dev), 0, labels)
                 bad = labels[(labels < 0) | (labels >= self.null_label)]
                 if bad.numel():
                     raise ValueError(
@@ -445,6 +445,8 @@ class Trainer:
                 labels = torch.full((b,), self.null_label, device=dev, dtype=torch.long)
             drop = torch.rand(B, generator=self.gen)[rows].to(dev)
             null = torch.full_like(labels, self.null_label)
+            if "mix" in batch and "class_label" in batch:
+                labels = torch.where(batch["mix"].to(dev), null, labels)
             cond["class_labels"] = torch.where(
                 drop < self.cfg.diffusion.cond_drop_prob, null, labels
             )
