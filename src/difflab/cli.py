@@ -85,7 +85,7 @@ class UserError(Exception):
 # Files a training run (and the demo) writes into its run directory; --overwrite removes
 # exactly these, never anything else a user keeps there.
 RUN_FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "metrics.jsonl",
-             "demo_grid.png", "tokenizer.json", "lora.safetensors")  # fmt: skip
+             "demo_grid.png", "tokenizer.json", "lora.safetensors", "best.safetensors")  # fmt: skip
 RUN_DIRS = ("train_state", "samples", "tensorboard")
 
 
