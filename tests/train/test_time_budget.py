@@ -94,3 +94,9 @@ def test_resume_keeps_the_remaining_budget(tmp_path):
     assert result.step == 5 and result.stop_reason == "time budget"
     for key in want:
         assert torch.equal(got[key], want[key]), key
+    spent = _trainer(cfg)
+    try:
+        again = spent.run(resume=True)  # nothing left: no step is trained
+    finally:
+        spent.close()
+    assert (again.step, again.losses, again.stop_reason) == (5, [], "time budget")

@@ -835,6 +835,8 @@ class Trainer:
         start_step, start_time = self.step, time.perf_counter()
         if self.budget is not None:
             self.budget.start()
+            if self.budget.exhausted:  # a resumed run whose budget was already spent
+                last, self.stop_reason = self.step, "time budget"
         bar = progress_bar(
             range(self.step, last), total=max(0, last - self.step), desc="train",
             disable=disable, leave=True,
@@ -858,7 +860,7 @@ class Trainer:
                             parts.setdefault(key, []).append(rec[key])
                     good = rec
                 if step < last and self._budget_spent():  # train.max_time: this is the last
-                    last, self.stop_reason = step, "time budget"
+                    last = self._end_early(step, "time budget")
                 if hasattr(bar, "set_postfix"):
                     left = {} if self.budget is None else {
                         "left": format_duration(self.budget.remaining)}  # fmt: skip
@@ -883,12 +885,12 @@ class Trainer:
                     if record := self._validation():  # {} on ranks other than 0
                         result.validation.append(record)
                     if self._early_stop("val") and step < last:
-                        last, self.stop_reason = step, "early stopping"
+                        last = self._end_early(step, "early stopping")
                 if tc.eval_every and (step % tc.eval_every == 0 or step == last):
                     if record := self._periodic_eval():  # {} on ranks other than 0
                         result.evals.append(record)
                     if self._early_stop("eval") and step < last:
-                        last, self.stop_reason = step, "early stopping"
+                        last = self._end_early(step, "early stopping")
                 saved = (tc.save_every and step % tc.save_every == 0) or step == last
                 if saved:
                     self.save()
@@ -929,6 +931,15 @@ class Trainer:
             f"{format_duration(seconds)}{total}); last loss {self.last_loss:.4f}; stopped "
             f"by {self.stop_reason or 'max_steps'}{best}; run in {self.run_dir}"
         )
+
+    def _end_early(self, step: int, reason: str) -> int:
+        """This step is the run's last (time budget, early stopping): the post-hoc EMA gets
+        its final snapshot here, as at ``max_steps``; returns the new last step."""
+        self.stop_reason = reason
+        ph = self.posthoc
+        if ph is not None and ph.write and step % ph.config.every:
+            ph.snapshot(step)
+        return step
 
     def _budget_spent(self) -> bool:
         """Whether ``train.max_time`` is used up (every rank agrees, as rank 0 says)."""
