@@ -12,11 +12,19 @@ counts. Peak memory is read in a fresh process per (model, precision) from
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the growth of the peak resident set size
 over the warm-up steps plus one (model, optimiser and data already built before).
 
+Model FLOPs per image are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
+eager forward + backward at the run's precision (the compiled network does the same maths),
+and each row's achieved FLOP/s is given as a share of the device's peak: dense bf16/fp16
+tensor-core peaks from the vendors' data sheets (H100/H200 SXM 989 TFLOP/s, A100 312; fp32
+rows against the TF32 peak, 495 and 156, which cuDNN's convolutions use by default), and on
+CPU a peak measured in the timing process: the best of five 1024^3 GEMMs, run as 1x1
+convolutions (oneDNN), at the run's thread count and dtype.
+
 Usage::
 
     python bench/train_throughput.py --preset cifar10 --batch-size 8 --iters 10
     python bench/train_throughput.py --preset digits --channels-last
-    python bench/train_throughput.py --preset digits --compile --no-memory  # ~2 min/compile
+    python bench/train_throughput.py --preset digits --modes eager,compiled --no-memory
     python bench/train_throughput.py --device cuda --batch-size 128 --precisions fp32,bf16,fp16
 
 On CUDA the windows are timed after ``torch.cuda.synchronize()``, peak memory is the growth
@@ -24,8 +32,8 @@ of ``torch.cuda.max_memory_allocated`` over the warm-up steps (read in the timin
 and fp16 trains with a ``GradScaler``; torch's
 default TF32 settings apply to both models alike.
 
-With ``--compile`` the warm-up column holds the compilation time, which the images/s
-exclude.
+With ``--modes ...,compiled`` the compiled rows' warm-up column holds the compilation time,
+which the images/s exclude.
 """
 
 from __future__ import annotations
@@ -41,10 +49,37 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from difflab.models import UNet, UNetConfig
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.md"
+
+# Dense peak FLOP/s per data-sheet device name fragment: (bf16/fp16 tensor, TF32 tensor).
+GPU_PEAKS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12)}
+
+
+def peak_flops(device: str, precision: str, threads: int) -> float:
+    """The device's peak FLOP/s for ``precision``: the data-sheet table on GPUs (NaN when
+    unknown), a measured GEMM peak on CPU."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        for key, (half, tf32) in GPU_PEAKS.items():
+            if key in name:
+                return tf32 if precision == "fp32" else half
+        return float("nan")
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # A 1024^3 GEMM run as a 1x1 convolution: oneDNN, the kernels the networks' convolutions
+    # use (torch's CPU bf16 `matmul` can take a reference kernel, 50x slower).
+    n = 1024
+    x, w = torch.randn(1, n, 32, 32).to(dtype), torch.randn(n, n, 1, 1).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        F.conv2d(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def diffusers_kwargs(cfg: UNetConfig) -> dict[str, Any]:
@@ -100,8 +135,11 @@ def max_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any, int]:
-    """One DDPM training step of model ``name`` (``step()``) and its parameter count."""
+def make_step(
+    name: str, precision: str, args: argparse.Namespace, compiled: bool = False
+) -> tuple[Any, int, Any]:
+    """One DDPM training step of model ``name`` (``step()``), its parameter count and
+    ``flops()``: model FLOPs per image of one eager forward + backward."""
     cfg = UNetConfig.preset(
         args.preset, **({"image_size": args.image_size} if args.image_size else {})
     )
@@ -109,7 +147,8 @@ def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any,
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     device = torch.device(args.device)
     model.train().to(device, memory_format=fmt)  # in place: ``forward`` still calls this model
-    if args.compile:
+    eager_forward = forward
+    if compiled:
         forward = torch.compile(forward)
     if args.optimizer == "native" and name == "difflab":
         from difflab.train.config import LoopConfig
@@ -138,7 +177,15 @@ def make_step(name: str, precision: str, args: argparse.Namespace) -> tuple[Any,
         scaler.step(opt)
         scaler.update()
 
-    return step, sum(p.numel() for p in model.parameters())
+    def flops() -> float:
+        with FlopCounterMode(display=False) as counter:
+            with autocast:
+                pred = eager_forward(x_t, t.float() if name == "difflab" else t)
+            F.mse_loss(pred.float(), noise).backward()
+        opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / args.batch_size
+
+    return step, sum(p.numel() for p in model.parameters()), flops
 
 
 def sync(args: argparse.Namespace) -> None:
@@ -151,11 +198,16 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
     """Images/s of every model, timed in alternating windows so that load from other
     processes on a shared machine hits all models alike; the best window counts."""
     torch.set_num_threads(args.threads)
-    names = args.models.split(",")
-    steps = {name: make_step(name, precision, args) for name in names}
+    names = [(model, mode) for mode in args.modes.split(",") for model in args.models.split(",")]
+    steps = {
+        (model, mode): make_step(model, precision, args, mode == "compiled")
+        for model, mode in names
+    }
+    flops = {key: steps[key][2]() for key in names}  # before any step: eager, equal weights
+    peak = peak_flops(args.device, precision, args.threads)
     warmup_s, peak_mib = {}, {}
     cuda = args.device.startswith("cuda")
-    for name, (step, _) in steps.items():
+    for name, (step, _, _) in steps.items():
         if cuda:  # the allocator's peak is exact per model: no fresh process needed
             sync(args)
             torch.cuda.reset_peak_memory_stats()
@@ -169,7 +221,7 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
             peak_mib[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
     best = dict.fromkeys(names, float("inf"))
     for _ in range(args.repeats):
-        for name, (step, _) in steps.items():
+        for name, (step, _, _) in steps.items():
             sync(args)
             start = time.perf_counter()
             for _ in range(args.iters):
@@ -177,17 +229,20 @@ def speed_worker(precision: str, args: argparse.Namespace, queue: Any) -> None:
             sync(args)
             best[name] = min(best[name], time.perf_counter() - start)
     queue.put([
-        dict(model=name, precision=precision, params=steps[name][1],
+        dict(model=name[0], mode=name[1], precision=precision, params=steps[name][1],
              images_per_s=args.iters * args.batch_size / best[name], warmup_s=warmup_s[name],
+             flops_per_image=flops[name], peak_flops=peak,
              **({"peak_mib": peak_mib[name]} if name in peak_mib else {}))
         for name in names
     ])  # fmt: skip
 
 
-def memory_worker(name: str, precision: str, args: argparse.Namespace, queue: Any) -> None:
+def memory_worker(
+    name: str, mode: str, precision: str, args: argparse.Namespace, queue: Any
+) -> None:
     """Growth of the peak RSS over warm-up plus one step, in a fresh process."""
     torch.set_num_threads(args.threads)
-    step, _ = make_step(name, precision, args)
+    step, _, _ = make_step(name, precision, args, mode == "compiled")
     rss0 = max_rss_bytes()
     for _ in range(args.warmup + 1):
         step()
@@ -232,7 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--models", default="difflab,diffusers")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--modes",
+        default="eager",
+        help="comma list of eager, compiled (torch.compile); every model runs in each mode",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last for both models")
     p.add_argument(
         "--optimizer",
@@ -257,17 +316,19 @@ def main(argv: list[str] | None = None) -> None:
         for row in in_subprocess(speed_worker, precision, args):
             if "peak_mib" not in row:  # CPU: RSS, read in a fresh process per row
                 row["peak_mib"] = (
-                    in_subprocess(memory_worker, row["model"], precision, args)
+                    in_subprocess(memory_worker, row["model"], row["mode"], precision, args)
                     if args.memory
                     else float("nan")
                 )
             rows.append(row)
         print(f"done: {precision}", file=sys.stderr)
 
-    base = {r["precision"]: r["images_per_s"] for r in rows if r["model"] == "diffusers"}
+    base = {
+        (r["mode"], r["precision"]): r["images_per_s"] for r in rows if r["model"] == "diffusers"
+    }
     lines = [
         f"Preset `{args.preset}`, batch {args.batch_size}, best of {args.repeats} windows of "
-        f"{args.iters} steps after {args.warmup} warm-up, compile={args.compile}, "
+        f"{args.iters} steps after {args.warmup} warm-up, modes={args.modes}, "
         f"channels_last={args.channels_last}, optimizer={args.optimizer}, "
         f"{args.threads} CPU threads, "
         f"torch {torch.__version__}, {device_name(args.device)}.",
@@ -279,16 +340,27 @@ def main(argv: list[str] | None = None) -> None:
             else "Peak memory: growth of max RSS (getrusage) over the warm-up steps plus one, "
             "in a fresh process."
         ),
+        "Model FLOPs: FlopCounterMode over one eager forward + backward, per image; share of "
+        "peak: achieved FLOP/s over "
+        + (
+            "the data-sheet dense peak (bf16/fp16 tensor cores; TF32 for fp32)."
+            if args.device.startswith("cuda")
+            else "a measured GEMM peak (1024^3 as a 1x1 conv, same threads and dtype)."
+        ),
         "",
-        "| model | precision | params (M) | images/s | vs diffusers | peak memory (MiB) "
-        "| warm-up (s) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | mode | precision | params (M) | GFLOP/image | images/s | vs diffusers "
+        "| TFLOP/s | peak TFLOP/s | share of peak | peak memory (MiB) | warm-up (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = r["images_per_s"] / base[r["precision"]] if r["precision"] in base else float("nan")
+        key = (r["mode"], r["precision"])
+        ratio = r["images_per_s"] / base[key] if key in base else float("nan")
+        achieved = r["flops_per_image"] * r["images_per_s"]
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
-            f"{r['images_per_s']:.1f} | {ratio:.2f}x | {r['peak_mib']:.0f} | "
+            f"| {r['model']} | {r['mode']} | {r['precision']} | {r['params'] / 1e6:.2f} | "
+            f"{r['flops_per_image'] / 1e9:.2f} | {r['images_per_s']:.1f} | {ratio:.2f}x | "
+            f"{achieved / 1e12:.3g} | {r['peak_flops'] / 1e12:.3g} | "
+            f"{100 * achieved / r['peak_flops']:.1f}% | {r['peak_mib']:.0f} | "
             f"{r['warmup_s']:.1f} |"
         )
     if len({r["params"] for r in rows}) > 1:

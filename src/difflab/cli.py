@@ -1,5 +1,5 @@
-"""The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``sample``,
-``serve``, ``ema``, ``eval`` and ``sweep``.
+"""The ``difflab`` command: ``demo``, ``train``, ``train-vae``, ``finetune``, ``export``,
+``sample``, ``serve``, ``ema``, ``eval`` and ``sweep``.
 
 Owns argument parsing and error reporting only: each subcommand parses, builds the
 library objects and calls them (``difflab.train.train``, ``difflab.Pipeline``,
@@ -388,7 +388,19 @@ def add_finetune_parser(subparsers: Any) -> None:
         "train. Writes a run directory with lora.safetensors and/or embedding.safetensors "
         "(EMA weights) beside the usual checkpoint.",
     )
-    p.add_argument("base", help="the run to adapt (a run directory)")
+    p.add_argument(
+        "base",
+        help="the run to adapt: a run directory, or a Stable Diffusion 1.x/2.x model (a "
+        "diffusers folder, or a single .safetensors file with --tokenizer), imported as "
+        "OUT/sd_base; its U-Net LoRA is also written in kohya layout (lora_kohya.safetensors)",
+    )
+    p.add_argument("--tokenizer", default=None, help="SD single files: a tokenizer folder")
+    p.add_argument(
+        "--prediction",
+        default=None,
+        choices=["eps", "v", "x0"],
+        help="SD models: override the prediction type (SD 2.x single files need it)",
+    )
     p.add_argument("--out", required=True, help="run directory of the fine-tuning run")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -471,8 +483,9 @@ def _finetune(args: argparse.Namespace) -> int:
     prior: str | int | None = args.prior
     if prior is not None and prior.strip().isdigit():
         prior = int(prior)  # a class label
+    base, stable_diffusion = _finetune_base(args)
     config = finetune_config(
-        args.base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
+        base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
         rslora=args.rslora, dora=args.dora, overrides=overrides, prior=prior,
         prior_images=args.prior_images, prior_weight=args.prior_weight,
         new_word=args.new_word, init_word=args.init_word,
@@ -482,9 +495,61 @@ def _finetune(args: argparse.Namespace) -> int:
     prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
     train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        made = [n for n in ("lora.safetensors", "embedding.safetensors")
+        if stable_diffusion and config.finetune.targets != "none" and not config.finetune.dora:
+            from .interop.export import export_kohya_lora
+
+            export_kohya_lora(config.run_dir)
+        made = [n for n in ("lora.safetensors", "lora_kohya.safetensors", "embedding.safetensors")
                 if (Path(config.run_dir) / n).is_file()]  # fmt: skip
         print(f"fine-tuning run written to {config.run_dir} ({', '.join(made)})")
+    return 0
+
+
+def _finetune_base(args: argparse.Namespace) -> tuple[str, bool]:
+    """``(base run, is it an imported Stable Diffusion model)``: an SD folder or file is
+    written as a difflab run in OUT/sd_base first (kept on --resume)."""
+    from .interop.sd import path_kind
+
+    if path_kind(args.base) == "run":
+        return str(args.base), False
+    from .interop.sd_import import import_stable_diffusion
+
+    base = Path(args.out) / "sd_base"
+    if not (args.resume and (base / "config.yaml").is_file()):
+        import_stable_diffusion(args.base, base, tokenizer=args.tokenizer,
+                                prediction=args.prediction)  # fmt: skip
+    return str(base), True
+
+
+# ---------------------------------------------------------------------------- export
+def add_export_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a text-to-image latent run as a diffusers folder, a single file or a "
+        "kohya LoRA",
+        description="Write RUN (a latent run with a frozen CLIP text encoder) as a diffusers "
+        "Stable Diffusion folder (--to diffusers), an original-layout .safetensors file "
+        "(--to single-file), or a fine-tuning run's LoRA in kohya layout (--to kohya).",
+    )
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--to", required=True, choices=["diffusers", "single-file", "kohya"])
+    p.add_argument("out", help="the folder (diffusers) or .safetensors file to write")
+    p.add_argument("--weights", default="ema", help="ema (default), raw or a weights file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .interop import export
+
+    if args.to == "kohya":
+        if Path(args.out).exists() and not args.overwrite:
+            raise UserError(f"{args.out} already exists; pass --overwrite to replace it")
+        out = export.export_kohya_lora(args.run, args.out, weights=args.weights)
+    else:
+        write = export.export_diffusers if args.to == "diffusers" else export.export_single_file
+        out = write(args.run, args.out, weights=args.weights, overwrite=args.overwrite)
+    print(f"{args.run} written to {out} ({args.to})")
     return 0
 
 
@@ -570,6 +635,9 @@ def add_sample_parser(subparsers: Any) -> None:
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
     p.add_argument("-o", "--out", default=None, help="output PNG (default RUN/samples/...)")
     p.add_argument("--separate", action="store_true", help="also write one PNG per image")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the network first (Pipeline.compile)"
+    )
     _add_device_args(p)
     _add_adapter_args(p)
     _defer_defaults(p)
@@ -767,6 +835,8 @@ def _sample(args: argparse.Namespace) -> int:
     _from_png(args)
     labels, n = _expand_classes(args.classes, args.n)
     pipe = _load_pipeline(args)
+    if args.compile:
+        pipe.compile()
     kwargs = dict(
         class_labels=labels,
         prompt=args.prompt,
@@ -860,7 +930,7 @@ def _from_png(args: argparse.Namespace) -> None:
                     f"--from-png {args.from_png}: its parameters name no difflab run{model}; "
                     "give the run directory as the first argument"
                 )
-        _fill_from_params(args, params)
+        _fill_from_params(args, params, sd_model=_is_sd_model(args.run))
     for dest, default in args._deferred.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
@@ -868,8 +938,24 @@ def _from_png(args: argparse.Namespace) -> None:
         raise UserError("sample needs a run directory (or --from-png PNG naming one)")
 
 
-def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """``args``' flags left out <- ``params`` (difflab's names; see ``_PNG_FLAGS``)."""
+def _is_sd_model(path: str) -> bool:
+    """Whether ``path`` is a Stable Diffusion model (not a difflab run)."""
+    from .interop.sd import path_kind
+
+    try:
+        return path_kind(path) != "run"
+    except (OSError, ValueError):
+        return False  # the loader names what is wrong with it
+
+
+def _fill_from_params(
+    args: argparse.Namespace, params: dict[str, Any], *, sd_model: bool = False
+) -> None:
+    """``args``' flags left out <- ``params`` (difflab's names; see ``_PNG_FLAGS``); A1111's
+    Clip skip applies to SD models only (a difflab run has no CLIP layers to skip)."""
+    skip = params.get("clip_skip")
+    if skip is not None and not sd_model:
+        params = {k: v for k, v in params.items() if k != "clip_skip"}
     if params.get("size") and "height" not in params:  # difflab's [height, width]
         params = {**params, "height": params["size"][0], "width": params["size"][1]}
     if isinstance(params.get("negative_class"), list):  # one per image; the flag takes one
@@ -908,6 +994,8 @@ def _fill_from_params(args: argparse.Namespace, params: dict[str, Any]) -> None:
     if args.nrow is None and "n" not in given:
         args.nrow = _grid_columns(args.from_png, int(params.get("n") or 1))
     unused = [f"sampler options {params['sampler_options']}"] if "sampler_options" in params else []
+    if skip not in (None, 1) and not sd_model:
+        unused.append(f"Clip skip {skip}")
     unused += [key for key in params.get("extra", {}) if key != "Version"]
     if unused:
         warnings.warn(f"--from-png: not applied: {', '.join(unused)}", stacklevel=2)
@@ -977,6 +1065,7 @@ SUBCOMMANDS: list[AddParser] = [
     add_train_parser,
     add_train_vae_parser,
     add_finetune_parser,
+    add_export_parser,
     add_sample_parser,
     add_serve_parser,
     add_ema_parser,

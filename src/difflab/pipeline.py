@@ -327,6 +327,14 @@ class Pipeline:
         )
         return pipe if dtype is None else pipe.to(dtype=dtype)
 
+    def compile(self) -> Pipeline:
+        """``torch.compile`` the network in place (``nn.Module.compile``): every model call of
+        the sampling loop then runs one compiled graph, built at the first call (and again
+        for a new batch size or dtype).  The module, its weights and its parameter names
+        stay what they were.  Returns ``self``."""
+        self.model.compile()
+        return self
+
     def load_lora(self, path: str | Path, scale: float = 1.0, *, strict: bool = True) -> Any:
         """Apply a LoRA adapter file (``difflab.finetune.load_lora``) at strength ``scale``.
 
@@ -931,7 +939,7 @@ class Pipeline:
             x, timesteps = result.images, result.timesteps
         if self.vae is not None:
             x = self.vae.images(x.to(next(self.vae.parameters()).dtype))
-        x = x.clamp(-1.0, 1.0)
+        x = x.float().clamp(-1.0, 1.0)  # float32 images whatever the networks ran in
         if mask is not None:  # the kept pixels exactly (the decoder only approximates them)
             x = mask.to(x.device) * x + (1 - mask.to(x.device)) * pixels
         return x, timesteps

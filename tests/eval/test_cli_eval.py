@@ -90,7 +90,7 @@ def test_sweep_writes_files_and_resumes(run_dir, tmp_path, capsys):
 def test_sweep_default_lists_and_bad_names(run_dir):
     args = parse(["sweep", str(run_dir)])
     assert (args.samplers, args.steps, args.cfg) == ("dpmpp_2m,ddim,heun", "5,10,20,50", "1,2,4")
-    assert args.metrics == "fid,accuracy" and args.n == 2000 and args.out is None
+    assert args.metrics is None and args.n == 2000 and args.out is None
     bad = parse(["sweep", str(run_dir), "--samplers", "eulr", "--n", "4"])
     with pytest.raises(ValueError, match="did you mean 'euler'"):
         bad.func(bad)

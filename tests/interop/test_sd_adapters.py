@@ -205,3 +205,37 @@ def test_cli_applies_several_adapter_files_each_at_its_scale(sd1, tmp_path):
     want = pipe(1, prompt="a red house", steps=2, progress=False)
     with Image.open(out) as img:
         assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
+
+
+def test_the_web_page_serves_an_sd_model_with_a_negative_prompt(sd1, tmp_path):
+    """difflab serve on a diffusers folder: /api/info offers a prompt and a negative prompt,
+    and POST /generate answers the pipeline's images with both metadata chunks."""
+    import io
+    import json
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    from difflab.images import make_grid
+    from difflab.web import WebServer, create_app
+
+    pipe = dl.Pipeline.from_pretrained(sd1)
+    server = WebServer(create_app(pipe, data_dir=tmp_path / "web"))
+    try:
+        with urllib.request.urlopen(server.url + "/api/info", timeout=60) as resp:
+            info = json.loads(resp.read())
+        assert info["text"] and not info["num_classes"]
+        body = {"n": 1, "prompt": "a red house", "negative_prompt": "blurry", "steps": 2,
+                "seed": 3, "guidance_scale": 5.0, "sampler": "Euler a"}  # fmt: skip
+        req = urllib.request.Request(server.url + "/generate", json.dumps(body).encode(),
+                                     method="POST")  # fmt: skip
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            png = Image.open(io.BytesIO(resp.read()))
+    finally:
+        server.stop()
+    assert "Negative prompt: blurry" in png.text["parameters"]
+    assert json.loads(png.text["difflab"])["negative_prompt"] == "blurry"
+    want = pipe(1, prompt="a red house", negative_prompt="blurry", steps=2, seed=3,
+                guidance_scale=5.0, sampler="Euler a", progress=False)  # fmt: skip
+    assert np.array_equal(np.asarray(png), np.asarray(make_grid(want)))

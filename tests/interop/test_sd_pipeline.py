@@ -201,3 +201,19 @@ def test_the_cli_samples_a_diffusers_folder_with_a_negative_prompt(folders, tmp_
                     sampler="Euler a", guidance_scale=5.0, progress=False)  # fmt: skip
         assert np.array_equal(np.asarray(img), np.asarray(make_grid(want)))
     assert json.loads(Image.open(out).text["difflab"])["run"] == str(folder)
+
+
+def test_bf16_weights_run_the_networks_in_bf16_and_stay_close(folders):
+    """dtype="bf16": the U-Net, VAE and text encoder weights in bf16, the sampler in fp32;
+    the images stay near the fp32 ones (random tiny weights: a loose bound)."""
+    _, folder = folders["sd1"]
+    full = dl.Pipeline.from_pretrained(folder)
+    half = dl.Pipeline.from_pretrained(folder, dtype="bf16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert next(half.vae.parameters()).dtype == torch.bfloat16
+    kw = dict(n=1, prompt="a red house", sampler="ddim", steps=4, guidance_scale=4.0, seed=1,
+              progress=False)  # fmt: skip
+    a, b = full(**kw), half(**kw)
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (a - b).abs().mean() < 0.05
+    assert half.resolve_params(1, prompt="x")["dtype"] == "bf16"

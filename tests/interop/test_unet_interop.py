@@ -177,6 +177,31 @@ def test_diffusers_round_trips(name):
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_scale_shift_resblocks_equal_diffusers_both_ways():
+    """ADM's scale-shift ResBlocks (difflab's default) are diffusers'
+    ``resnet_time_scale_shift="scale_shift"``: config and weights map both ways, and the
+    two networks agree."""
+    torch.manual_seed(0)
+    config = {**CASES["sd1"]["config"], "resnet_time_scale_shift": "scale_shift"}
+    ref = diffusers.UNet2DConditionModel(**config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cfg = unet_config_from_diffusers(ref.config)
+    assert cfg.use_scale_shift_norm
+    assert unet_config_to_diffusers(cfg)["resnet_time_scale_shift"] == "scale_shift"
+    assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+    model = UNet(cfg).eval()
+    model.load_state_dict(unet_state_from_diffusers(ref.state_dict(), cfg), strict=True)
+    x, t, context, _ = inputs("sd1")
+    with torch.no_grad():
+        expected = ref(x, t, context).sample
+        torch.testing.assert_close(model(x, t, context=context), expected, atol=1e-5, rtol=1e-5)
+    back = unet_state_to_diffusers(model.state_dict(), cfg)
+    assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_ldm_layout_matches_diffusers_converter(name):
     ref, cfg, model = ported(name)
@@ -232,7 +257,7 @@ def test_errors_are_clear():
         unet_config_from_diffusers({**config, "down_block_types": ["SimpleCrossAttnDownBlock2D",
                                                                    "DownBlock2D"]})  # fmt: skip
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
-        unet_config_from_diffusers({**config, "resnet_time_scale_shift": "scale_shift"})
+        unet_config_from_diffusers({**config, "resnet_time_scale_shift": "ada_group"})
     with pytest.raises(ValueError, match="mirror"):
         unet_config_from_diffusers({**config, "up_block_types": [CROSS[1], PLAIN[1]]})
     ref, cfg, model = ported("sd1")

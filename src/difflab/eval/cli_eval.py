@@ -1,7 +1,10 @@
 """The ``difflab eval`` and ``difflab sweep`` subcommands.
 
 Owns argument parsing and printing only: ``eval`` calls `difflab.eval.sweep.evaluate_pipeline`,
-``sweep`` calls `difflab.eval.sweep.run_sweep`. Register them with
+``sweep`` calls `difflab.eval.sweep.run_sweep`. Both take a difflab run or a Stable Diffusion
+model (a diffusers folder or a single file, with ``--tokenizer`` / ``--prediction`` as
+``difflab sample``), with ``--prompts`` and ``--reference`` for what an SD model has no data
+for. Register them with
 ``add_eval_parser(subparsers)`` and ``add_sweep_parser(subparsers)``; each parser sets
 ``func=handler`` where ``handler(args) -> int`` (exit status).
 """
@@ -14,15 +17,36 @@ import os
 from pathlib import Path
 from typing import Any
 
-from difflab.cli import add_refinement_args, refinement_options
+from difflab.cli import _add_model_args, add_refinement_args, refinement_options
 from difflab.eval.features import RESIZE_MODES, FeatureExtractor
 
 __all__ = ["add_eval_parser", "add_sweep_parser", "format_results", "run_eval", "run_sweep_cli"]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory (config.yaml + *.safetensors)")
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    p.add_argument(
+        "run",
+        help="a run directory (config.yaml + *.safetensors), a diffusers Stable Diffusion "
+        "folder or an SD .safetensors file",
+    )
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="runs: which weights")
+    _add_model_args(p)
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="text models: one prompt per line, or a captioned image folder (its captions); "
+        "sample i is drawn from prompt i mod N and CLIP-scored against it. Required for SD "
+        "models; replaces a text run's data captions",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="DIR",
+        help="a folder of real images for FID/KID/precision-recall (resized and centre-cropped "
+        "to the model's size; features cached). Required for those on SD models; replaces a "
+        "run's data",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
@@ -45,7 +69,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="local Hugging Face CLIP folder for --metrics clip_score (each sample against its "
-        "class prompt; never downloaded)",
+        "own prompt, a class model's against its class prompt; never downloaded)",
     )
     p.add_argument(
         "--clip-scale",
@@ -69,6 +93,25 @@ def _clip(args: argparse.Namespace) -> Any:
     from difflab.eval.clip import CLIPScorer
 
     return CLIPScorer(args.clip_model, scale=args.clip_scale, device=args.device or "cpu")
+
+
+def _model(args: argparse.Namespace) -> tuple[Any, list[str] | None]:
+    """The pipeline of ``args.run`` (with ``--prompts`` read) and the prompts."""
+    from difflab.eval.sources import read_prompts
+    from difflab.eval.sweep import load_pipeline
+
+    prompts = None if args.prompts is None else read_prompts(args.prompts)
+    pipe = load_pipeline(
+        args.run, weights=args.weights, device=args.device, prompts=prompts,
+        tokenizer=args.tokenizer, prediction=args.prediction,
+    )  # fmt: skip
+    return pipe, prompts
+
+
+def _results_dir(run: str, kind: str) -> Path:
+    """``RUN/<kind>`` for a run or diffusers folder; ``<stem>-<kind>`` beside a single file."""
+    path = Path(run)
+    return path / kind if path.is_dir() else path.with_name(f"{path.stem}-{kind}")
 
 
 def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
@@ -99,14 +142,16 @@ def add_eval_parser(subparsers: Any) -> None:
         default=None,
         help="comma-separated: fid, kid, precision_recall, inception_score, accuracy, "
         "clip_score (needs --clip-model), or none "
-        "(default: fid,kid plus accuracy for a class-conditional model)",
+        "(default: fid,kid plus accuracy for a class-conditional model; fid/kid/"
+        "precision_recall of an SD model need --reference)",
     )
     p.add_argument(
         "--likelihood",
         default=None,
         metavar="METHODS",
-        help="also report bits/dim of real images of the run's data: vlb (the full variational "
-        "bound, T model calls per image), ode (probability-flow ODE), or vlb,ode",
+        help="also report bits/dim of real images of the run's data (or --reference): vlb "
+        "(the full variational bound, T model calls per image), ode (probability-flow ODE), "
+        "or vlb,ode",
     )
     p.add_argument(
         "--likelihood-n",
@@ -120,8 +165,10 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
     add_refinement_args(p)
     p.add_argument(
-        "-o", "--out", default=None, help="results JSON (default RUN/eval/<settings>.json)"
-    )
+        "-o", "--out", default=None,
+        help="results JSON (default RUN/eval/<settings>.json; beside an SD single file, "
+        "<stem>-eval/)",
+    )  # fmt: skip
     p.set_defaults(func=run_eval)
 
 
@@ -154,12 +201,12 @@ def format_results(results: dict[str, Any]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``difflab eval``."""
-    from difflab.eval.sweep import evaluate_likelihood, evaluate_pipeline, load_pipeline
+    from difflab.eval.sweep import evaluate_likelihood, evaluate_pipeline, labelled_classes
 
-    pipe = load_pipeline(args.run, weights=args.weights, device=args.device)
+    pipe, prompts = _model(args)
     metrics = args.metrics
     if metrics is None:
-        metrics = "fid,kid" + (",accuracy" if pipe.num_classes is not None else "")
+        metrics = "fid,kid" + (",accuracy" if labelled_classes(pipe) else "")
     if metrics.strip() == "none" and args.likelihood is None:
         raise ValueError("--metrics none leaves nothing to compute: add --likelihood vlb|ode")
     results: dict[str, Any] = {"run": str(args.run), "weights": args.weights}
@@ -178,6 +225,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 reference_cache=args.reference_cache,
                 batch_size=args.batch_size,
                 sampler_options=refinement_options(args),
+                reference=args.reference,
+                prompts=prompts,
             )
         )
     if args.likelihood is not None:
@@ -187,9 +236,12 @@ def run_eval(args: argparse.Namespace) -> int:
                 args.likelihood,
                 n=args.likelihood_n,
                 seed=args.seed,
+                reference=args.reference,
                 batch_size=min(args.batch_size, 64),
             )
         )
+    if args.prompts is not None:
+        results["prompts_file"] = str(args.prompts)
     if args.out is not None:
         out = Path(args.out)
     elif "sampler" in results:
@@ -197,13 +249,16 @@ def run_eval(args: argparse.Namespace) -> int:
             f"-{key}{'-'.join(f'{v:g}' for v in (value if isinstance(value, list) else [value]))}"
             for key, value in (results.get("sampler_options") or {}).items()
         )  # e.g. -guidance_interval0.3-5
+        if args.prompts is not None:
+            extra += f"-prompts_{Path(args.prompts).stem}"
         name = (
             f"{results['sampler']}-{results['steps']}steps-cfg{results['guidance_scale']:g}"
             f"{extra}-n{args.n}-seed{args.seed}.json"
         )
-        out = Path(args.run) / "eval" / name
+        out = _results_dir(args.run, "eval") / name
     else:
-        out = Path(args.run) / "eval" / f"likelihood-n{args.likelihood_n}-seed{args.seed}.json"
+        name = f"likelihood-n{args.likelihood_n}-seed{args.seed}.json"
+        out = _results_dir(args.run, "eval") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -231,38 +286,46 @@ def add_sweep_parser(subparsers: Any) -> None:
     add_refinement_args(p)
     p.add_argument(
         "--metrics",
-        default="fid,accuracy",
+        default=None,
         help="comma-separated: fid, kid, precision_recall, inception_score, accuracy, "
-        "clip_score (needs --clip-model)",
+        "clip_score (needs --clip-model) (default: fid, plus accuracy for a class-conditional "
+        "model)",
     )
     p.add_argument("--n", type=int, default=2000, help="samples per cell (default 2000)")
-    p.add_argument("--out", default=None, help="output folder (default RUN/sweep)")
+    p.add_argument(
+        "--out", default=None,
+        help="output folder (default RUN/sweep; beside an SD single file, <stem>-sweep/)",
+    )  # fmt: skip
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     p.set_defaults(func=run_sweep_cli)
 
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
     """Handler of ``difflab sweep``."""
-    from difflab.eval.sweep import run_sweep
+    from difflab.eval.sweep import labelled_classes, run_sweep
 
-    out = Path(args.out) if args.out is not None else Path(args.run) / "sweep"
+    pipe, prompts = _model(args)
+    metrics = args.metrics
+    if metrics is None:
+        metrics = "fid" + (",accuracy" if labelled_classes(pipe) else "")
+    out = Path(args.out) if args.out is not None else _results_dir(args.run, "sweep")
     result = run_sweep(
-        args.run,
+        pipe,
         samplers=args.samplers,
         steps=args.steps,
         cfg_scales=args.cfg,
-        metrics=args.metrics,
+        metrics=metrics,
         n=args.n,
         out_dir=out,
         seed=args.seed,
         batch_size=args.batch_size,
         extractor=_extractor(args),
-        clip_model=_clip(args) if "clip_score" in args.metrics else None,
+        clip_model=_clip(args) if "clip_score" in metrics else None,
+        reference=args.reference,
         reference_cache=args.reference_cache,
         plots=args.plots,
-        weights=args.weights,
-        device=args.device,
         sampler_options=refinement_options(args),
+        prompts=prompts,
     )
     print(result.to_markdown())
     reused = len(result.rows) - len(result.computed)

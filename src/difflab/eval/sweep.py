@@ -1,9 +1,12 @@
 """Evaluating a trained run: one setting (`evaluate_pipeline`, `periodic_eval`) or a grid of
 them (`run_sweep`: sampler × steps × guidance scale), with tables and plots.
 
-Owns: drawing class-conditional samples from a `Pipeline` in batches (labels cycle over the
-classes, image *i* uses seed ``seed + i``), counting network evaluations (NFE), the real-data
-reference of a run (its ``data:`` section, features cached as ``.npz`` keyed by extractor and
+Owns: loading what is evaluated (a difflab run, or a Stable Diffusion folder / single file
+through ``Pipeline.from_pretrained``; a text model is drawn from prompts: a text run's captions,
+or a prompt list, which an SD model needs), drawing class-conditional samples from a `Pipeline`
+in batches (labels cycle over the classes or prompts, image *i* uses seed ``seed + i``),
+counting network evaluations (NFE), the real-data reference (a run's ``data:`` section or a
+folder of images, `difflab.eval.sources`; features cached as ``.npz`` keyed by extractor and
 image content), the resumable sweep log ``sweep.jsonl`` and its CSV / markdown / PNG views.
 
 Knows nothing of metric maths (`difflab.eval.metrics.evaluate` computes every number) or of
@@ -34,6 +37,7 @@ from torch import Tensor
 from difflab._validate import check_choice
 from difflab.eval.features import DigitsClassifier, FeatureExtractor, cache_dir
 from difflab.eval.metrics import METRICS, evaluate, to_uint8
+from difflab.eval.sources import prompts_identity, reference_folder_config
 from difflab.images import new_figure, save_figure
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "evaluate_likelihood",
     "class_prompts",
     "evaluate_pipeline",
+    "labelled_classes",
     "load_pipeline",
     "metric_columns",
     "periodic_eval",
@@ -80,8 +85,9 @@ PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num
 
 class PromptedPipeline:
     """A text-conditional pipeline seen as a K-class one: class ``k`` is drawn from the prompt
-    ``prompts[k]`` (the class's caption, `class_prompts`), so accuracy, FID/KID and the CLIP
-    score evaluate a text run exactly as they do a class-conditional run. Everything else
+    ``prompts[k]`` (the class's caption, `class_prompts`; or the ``k``-th given prompt, e.g. of
+    an SD model), so accuracy, FID/KID and the CLIP score evaluate a text model exactly as
+    they do a class-conditional run. Everything else
     (``model``, ``schedule``, ``device``, ...) is the wrapped pipeline's.
     """
 
@@ -119,22 +125,68 @@ def load_pipeline(
     *,
     weights: str = "ema",
     device: torch.device | str | None = None,
+    prompts: Sequence[str] | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    prediction: str | None = None,
 ) -> PipeLike:
-    """A `Pipeline` from a run directory; anything else is returned unchanged.
+    """A `Pipeline` from a path (`Pipeline.from_pretrained`: a difflab run, a diffusers Stable
+    Diffusion folder or an SD single file); a pipeline object is returned as is unless
+    ``prompts`` are given.
 
-    A text run comes as a `PromptedPipeline` (`text_run_prompts`): with class labels in its
-    data (the digits) each class is drawn from its caption and scored like a
+    A text model comes as a `PromptedPipeline` whose samples cycle over ``prompts`` (sample
+    ``i`` is drawn from ``prompts[i % N]``; `difflab.eval.sources.read_prompts` reads a file).
+    Without ``prompts`` a text run takes them from its data (`text_run_prompts`): with class
+    labels (the digits) each class is drawn from its caption and scored like a
     class-conditional run; with captions only, the samples cycle over the distinct captions.
+    An SD model has no data, so it needs ``prompts``.
+
+    :param tokenizer: SD single files: a local folder with the tokenizer(s).
+    :param prediction: override the model's prediction type (SD 2.x single files need it).
     """
-    if isinstance(pipe_or_run_dir, str | os.PathLike):
+    loaded = isinstance(pipe_or_run_dir, str | os.PathLike)
+    pipe = pipe_or_run_dir
+    if loaded:
         from difflab.pipeline import Pipeline
 
-        pipe = Pipeline.from_run(pipe_or_run_dir, weights=weights, device=device)
-        if pipe.context_dim is not None and pipe.num_classes is None:
-            prompts, labelled = text_run_prompts(_data_section(pipe))
-            pipe = PromptedPipeline(pipe, prompts, labelled=labelled)
-        return pipe
-    return pipe_or_run_dir
+        pipe = Pipeline.from_pretrained(
+            pipe_or_run_dir, weights=weights, device=device, tokenizer=tokenizer,
+            prediction=prediction,
+        )  # fmt: skip
+    if prompts is not None:
+        if isinstance(prompts, str) or not all(isinstance(t, str) for t in prompts):
+            raise ValueError(
+                "prompts must be a list of strings; read a prompts file with "
+                "difflab.eval.sources.read_prompts(path)"
+            )
+        if isinstance(pipe, PromptedPipeline):
+            pipe = pipe.pipe  # the given prompts replace the data's
+        if getattr(pipe, "num_classes", None) is not None:
+            raise ValueError("prompts (--prompts) given, but this model is class-conditional")
+        if getattr(pipe, "context_dim", None) is None:
+            raise ValueError("prompts (--prompts) given, but this model is unconditional")
+        return PromptedPipeline(pipe, list(prompts), labelled=False)
+    if loaded and pipe.context_dim is not None and pipe.num_classes is None:
+        if not _is_run(pipe):
+            raise ValueError(
+                f"{pipe_or_run_dir} is a Stable Diffusion model, which has no training data "
+                "to take prompts from: pass --prompts FILE (one prompt per line, or a "
+                "captioned image folder; prompts= in Python)"
+            )
+        prompts, labelled = text_run_prompts(_data_section(pipe))
+        pipe = PromptedPipeline(pipe, prompts, labelled=labelled)
+    return pipe
+
+
+def labelled_classes(pipe: PipeLike) -> bool:
+    """Whether the pipeline's samples have class labels a classifier can check (a class run,
+    or a text run over its data's classes): the default metrics then include accuracy."""
+    return getattr(pipe, "num_classes", None) is not None and getattr(pipe, "labelled", True)
+
+
+def _is_run(pipe: PipeLike) -> bool:
+    """Whether the pipeline was loaded from a difflab run directory (it has a config.yaml)."""
+    run_dir = getattr(pipe, "run_dir", None)
+    return run_dir is not None and (Path(run_dir) / "config.yaml").is_file()
 
 
 def text_run_prompts(data: Mapping[str, Any] | Any) -> tuple[list[str], bool]:
@@ -211,8 +263,19 @@ def sample_images(
     return torch.cat(chunks), labels, nfe
 
 
+def _is_pretrained(pipe: PipeLike) -> bool:
+    """Whether the pipeline was loaded from a path that is not a difflab run (an SD model)."""
+    return getattr(pipe, "run_dir", None) is not None and not _is_run(pipe)
+
+
 def _data_section(pipe: PipeLike) -> Mapping[str, Any]:
     run_dir = getattr(pipe, "run_dir", None)
+    if _is_pretrained(pipe):
+        raise ValueError(
+            "fid / kid / precision_recall need real images, and a Stable Diffusion model has "
+            "no training data: pass --reference DIR (a folder of real images; reference= in "
+            "Python), or choose --metrics clip_score only"
+        )
     if run_dir is None:
         raise ValueError(
             "fid / kid / precision_recall need real images: pass reference= (a tensor of "
@@ -329,7 +392,7 @@ class _Evaluator:
     """Extractor, classifier and (lazily) the reference features shared by many cells."""
 
     metrics: list[str]
-    extractor: FeatureExtractor
+    extractor: FeatureExtractor | None  # None when only the CLIP score is asked for
     classifier: FeatureExtractor | None
     reference: Tensor | Mapping[str, Any] | Any | None
     reference_cache: str | os.PathLike | None
@@ -363,8 +426,8 @@ class _Evaluator:
                 raise ValueError("metric 'accuracy' needs a class-conditional model")
             if not getattr(pipe, "labelled", True):
                 raise ValueError(
-                    "metric 'accuracy' needs classes, and this text run's data has captions "
-                    "only; use fid, kid, precision_recall or clip_score"
+                    "metric 'accuracy' needs classes, and this text model is evaluated on "
+                    "prompts without class labels; use fid, kid, precision_recall or clip_score"
                 )
             if classifier is None:
                 _check_digits_scorer(
@@ -378,7 +441,10 @@ class _Evaluator:
                     f"metric 'accuracy': the classifier {classifier.id!r} knows "
                     f"{classifier.num_classes} classes but the model has {num_classes}"
                 )
-        if extractor is None:
+        no_reference = reference is None and reference_cache is None
+        if REFERENCE_METRICS & set(metrics) and no_reference and _is_pretrained(pipe):
+            _data_section(pipe)  # an SD model: say to pass a reference before anything else
+        if extractor is None and set(metrics) - {"clip_score"}:  # features are needed
             if classifier is None:
                 _check_digits_scorer(
                     pipe, "FID/KID/precision-recall/IS take their features from",
@@ -387,9 +453,11 @@ class _Evaluator:
                     ".safetensors; never downloaded)",
                 )  # fmt: skip
             extractor = classifier if classifier is not None else DigitsClassifier()
+        if isinstance(reference, str | os.PathLike):  # a folder of real images
+            reference = reference_folder_config(reference, _pixel_shape(pipe))
         if REFERENCE_METRICS & set(metrics) and reference is None:
             # the run's data, unless only a cache file is available (no run directory)
-            if reference_cache is None or getattr(pipe, "run_dir", None) is not None:
+            if reference_cache is None or _is_run(pipe):
                 reference = _data_section(pipe)
         return cls(
             metrics,
@@ -410,27 +478,38 @@ class _Evaluator:
             return None, self.reference_cache
         if self._ref is None:
             self._ref = to_uint8(reference_images(self.reference))
+        assert self.extractor is not None  # build() sets it whenever features are needed
         path = self.reference_cache or reference_cache_path(self.extractor, self._ref)
         return self._ref, path
 
     def __call__(self, images: Tensor, labels: Tensor | None) -> dict[str, Any]:
-        reference, cache = self.reference_args()
-        out = evaluate(
-            images,
-            reference,
-            extractor=self.extractor,
-            metrics=[m for m in self.metrics if m != "clip_score"],
-            labels=labels,
-            classifier=self.classifier,
-            reference_cache=cache,
-            batch_size=self.batch_size,
-            **self.options,
-        )
+        out: dict[str, Any] = {"n": len(images)}
+        if self.extractor is not None:
+            reference, cache = self.reference_args()
+            out = evaluate(
+                images,
+                reference,
+                extractor=self.extractor,
+                metrics=[m for m in self.metrics if m != "clip_score"],
+                labels=labels,
+                classifier=self.classifier,
+                reference_cache=cache,
+                batch_size=self.batch_size,
+                **self.options,
+            )
         if self.clip is not None and self.prompts is not None and labels is not None:
             scores = self.clip(images, [self.prompts[int(k)] for k in labels])
             out.update({k: v for k, v in scores.items() if k.startswith("clip_score")})
             out["clip_model"], out["clip_scale"] = scores["model"], scores["scale"]
         return out
+
+
+def _pixel_shape(pipe: PipeLike) -> tuple[int, ...]:
+    """``(C, H, W)`` of the images a pipeline makes (decoded ones for a latent model)."""
+    shape = getattr(pipe, "pixel_shape", None) or getattr(pipe, "image_shape", None)
+    if shape is None:
+        raise ValueError("a reference folder needs the model's image size: pass reference images")
+    return tuple(int(v) for v in shape)
 
 
 def _clip_setup(pipe: PipeLike, clip_model: Any) -> tuple[Any, list[str]]:
@@ -442,7 +521,7 @@ def _clip_setup(pipe: PipeLike, clip_model: Any) -> tuple[Any, list[str]]:
     if getattr(pipe, "num_classes", None) is None:
         raise ValueError(
             "metric 'clip_score' needs prompts: a class-conditional run (each sample is scored "
-            "against its class prompt)"
+            "against its class prompt) or a text model (against its own prompt)"
         )
     from difflab.eval.clip import CLIPScorer
 
@@ -474,26 +553,36 @@ def evaluate_pipeline(
     device: torch.device | str | None = None,
     clip_model: Any = None,
     sampler_options: Mapping[str, Any] | None = None,
+    prompts: Sequence[str] | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    prediction: str | None = None,
 ) -> dict[str, Any]:
-    """Draw ``n`` samples from a run and score them with `difflab.eval.metrics.evaluate`.
+    """Draw ``n`` samples from a run or a Stable Diffusion model and score them with
+    `difflab.eval.metrics.evaluate`.
 
-    Samples are class-conditional for a class-conditional model (labels ``i % K``). FID/KID/
-    precision-recall use ``extractor`` (default: `DigitsClassifier`, id ``digits-cnn``) against
-    ``reference`` (images or a data config; default the run's ``data:`` section), whose
-    features are cached under ``cache_dir()/reference``; accuracy uses ``classifier``.
+    Samples are class-conditional for a class-conditional model (labels ``i % K``); a text
+    model's sample ``i`` is drawn from prompt ``i % N`` (``prompts``, or a text run's data;
+    an SD model needs ``prompts``). FID/KID/precision-recall use ``extractor`` (default:
+    `DigitsClassifier`, id ``digits-cnn``) against ``reference`` (images, a data config, or a
+    folder of real images resized and centre-cropped to the model's size; default the run's
+    ``data:`` section), whose features are cached under ``cache_dir()/reference``; accuracy
+    uses ``classifier``. ``tokenizer`` / ``prediction``: see `load_pipeline`.
 
     :param metric_options: extra keyword arguments of ``evaluate`` (``kid_subsets``,
         ``kid_subset_size``, ``pr_k``, ``is_splits``).
     :param clip_model: for ``"clip_score"``: a `CLIPScorer` or a local CLIP model folder; each
-        sample is scored against its class's prompt (`class_prompts`).
+        sample is scored against its own prompt (its class's, `class_prompts`, for a class
+        model).
     :param sampler_options: further sampling arguments of the pipeline call, e.g.
         ``{"guidance_interval": (0.3, 5.0), "guidance_rescale": 0.7, "eta": 1.0}``.
     :return: the resolved sampling settings (``sampler``, ``steps``, ``guidance_scale``,
         ``sampler_options``, ``seed``, ``nfe``, ``sample_seconds``, ``eval_seconds``) and
         everything ``evaluate`` returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...).
-        JSON-able.
+        JSON-able; with ``prompts`` or a reference folder, also ``prompts`` (their count and
+        digest, `prompts_identity`) and ``reference`` (the folder).
     """
-    pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device)
+    pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device, prompts=prompts,
+                         tokenizer=tokenizer, prediction=prediction)  # fmt: skip
     ev = _Evaluator.build(
         pipe,
         metrics,
@@ -505,9 +594,21 @@ def evaluate_pipeline(
         metric_options=metric_options,
         clip_model=clip_model,
     )
-    return _evaluate_cell(
+    row = _evaluate_cell(
         pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size, sampler_options
     )
+    return {**row, **_source_settings(prompts, reference)}
+
+
+def _source_settings(prompts: Sequence[str] | None, reference: Any) -> dict[str, Any]:
+    """What a result records of the given prompts and reference folder (nothing for a run's
+    own data): part of a sweep cell's key."""
+    out: dict[str, Any] = {}
+    if prompts is not None:
+        out["prompts"] = prompts_identity(prompts)
+    if isinstance(reference, str | os.PathLike):
+        out["reference"] = str(reference)
+    return out
 
 
 def evaluate_likelihood(
@@ -553,6 +654,8 @@ def evaluate_likelihood(
             "likelihood of a text-conditional model needs a null text embedding; only "
             "unconditional and class-conditional models are supported"
         )
+    if isinstance(reference, str | os.PathLike):  # a folder of real images
+        reference = reference_folder_config(reference, _pixel_shape(pipe))
     real = to_uint8(reference_images(_data_section(pipe) if reference is None else reference))
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(real), generator=gen)[: min(n, len(real))]
@@ -678,11 +781,12 @@ def periodic_eval(
 # --------------------------------------------------------------------------------------------
 
 _KEY_FIELDS = ("sampler", "steps", "guidance_scale", "n", "seed", "metrics", "scorers", "options",
-               "sampler_options")  # fmt: skip
+               "sampler_options", "prompts", "reference")  # fmt: skip
 
 
 def _cell_key(row: Mapping[str, Any]) -> str:
-    """Identity of a cell: sampler, steps, guidance, n, seed, metric set, extractors, options."""
+    """Identity of a cell: sampler, steps, guidance, n, seed, metric set, extractors, options,
+    given prompts and reference folder (absent from a run's own rows: ``None``)."""
     return json.dumps({k: row.get(k) for k in _KEY_FIELDS}, sort_keys=True)
 
 
@@ -783,6 +887,9 @@ def run_sweep(
     device: torch.device | str | None = None,
     clip_model: Any = None,
     sampler_options: Mapping[str, Any] | None = None,
+    prompts: Sequence[str] | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    prediction: str | None = None,
 ) -> SweepResult:
     """Evaluate every sampler × steps × guidance-scale cell and tabulate and plot the results.
 
@@ -794,8 +901,10 @@ def run_sweep(
     when both FID and accuracy are measured, ``sweep_tradeoff.png`` (FID against accuracy
     across guidance scales, a line per sampler, a panel per steps).
 
-    Every cell uses the same ``n`` samples' seeds and labels (see `sample_images`) and the same
-    ``sampler_options`` (part of each cell's key); metrics are those of `evaluate_pipeline`.
+    Every cell uses the same ``n`` samples' seeds and labels or prompts (see `sample_images`)
+    and the same ``sampler_options`` (part of each cell's key, as are the ``prompts`` and a
+    reference folder); metrics, ``reference``, ``prompts``, ``tokenizer`` and ``prediction``
+    are those of `evaluate_pipeline` (an SD model is swept as a run is).
     ``progress``: a bar over cells (None: on when stderr is a terminal).
     """
     from difflab.samplers import SAMPLERS
@@ -807,7 +916,8 @@ def run_sweep(
     scale_list = _as_list(cfg_scales, float, "guidance scale")
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n!r}")
-    pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device)
+    pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device, prompts=prompts,
+                         tokenizer=tokenizer, prediction=prediction)  # fmt: skip
     if getattr(pipe, "num_classes", None) is None and any(s != 1.0 for s in scale_list):
         raise ValueError(
             f"guidance scales {scale_list} need a class-conditional model; this model is "
@@ -833,12 +943,13 @@ def run_sweep(
         "seed": seed,
         "metrics": sorted(ev.metrics),
         "scorers": sorted(
-            {ev.extractor.id}
+            ({ev.extractor.id} if ev.extractor else set())
             | ({ev.classifier.id} if ev.classifier else set())
             | ({ev.clip.id} if ev.clip is not None else set())
         ),
         "options": dict(sorted(ev.options.items())),
         "sampler_options": _json_options(sampler_options),
+        **_source_settings(prompts, reference),
     }
     cells = list(itertools.product(sampler_list, step_list, scale_list))
     rows, computed = [], []
@@ -938,10 +1049,15 @@ def _markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         note = ", ".join(f"{k}={v}" for k, v in settings.items())
         if r0.get("sampler_options"):  # the same for every cell of one sweep
             note = f"sampling options {json.dumps(r0['sampler_options'])}, {note}"
+        cycling = "labels cycling over the classes"
+        if r0.get("prompts"):
+            cycling = f"prompts cycling over {r0['prompts']['count']} given prompts"
+        if r0.get("reference"):
+            note = f"reference images from {r0['reference']}, {note}"
         lines += [
             "",
             f"n={r0.get('n')} samples per cell, seed {r0.get('seed')} (image i: seed+i), "
-            f"labels cycling over the classes; {note}.",
+            f"{cycling}; {note}.",
         ]
         if isinstance(r0.get("n"), int) and r0["n"] < 10_000:
             lines.append(

@@ -76,14 +76,14 @@ class _Leaf:
 
 
 def _check_supported(cfg: UNetConfig) -> None:
-    """The Stable Diffusion formats hold cross-attention U-Nets with additive ResBlocks."""
+    """The Stable Diffusion formats hold cross-attention U-Nets with strided-conv resampling;
+    ADM's scale-shift ResBlocks keep their layer names (diffusers'
+    ``resnet_time_scale_shift="scale_shift"``, ldm's ``use_scale_shift_norm``)."""
     problems = []
     if cfg.context_dim is None:
         problems.append("no cross-attention (context_dim=None)")
     if cfg.num_classes is not None:
         problems.append(f"class labels (num_classes={cfg.num_classes})")
-    if cfg.use_scale_shift_norm:
-        problems.append("scale-shift ResBlocks (use_scale_shift_norm=True)")
     if cfg.resblock_updown:
         problems.append("residual down/upsampling (resblock_updown=True)")
     if problems:
@@ -389,6 +389,7 @@ def _sd_config(
     vector_dim: int | None,
     norm_groups: int,
     dropout: float = 0.0,
+    scale_shift: bool = False,
 ) -> UNetConfig:
     """The UNetConfig of a Stable Diffusion U-Net with these level widths and options."""
     mc = widths[0]
@@ -410,7 +411,7 @@ def _sd_config(
         attention_resolutions=tuple(image_size // 2**i for i, a in enumerate(attn) if a),
         dropout=dropout,
         context_dim=context_dim,
-        use_scale_shift_norm=False,
+        use_scale_shift_norm=scale_shift,
         norm_groups=norm_groups,
         transformer_norm_eps=SD_TRANSFORMER_NORM_EPS,
         fuse_qkv=False,
@@ -427,7 +428,7 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "downsample_padding": 1,
     "mid_block_scale_factor": 1, "act_fn": "silu", "norm_eps": 1e-5, "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "num_attention_heads": None, "dual_cross_attention": False,
-    "class_embed_type": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "class_embed_type": None, "num_class_embeds": None,
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
@@ -444,6 +445,7 @@ _DIFFUSERS_READ = {
     "mid_block_only_cross_attention",
     "upcast_attention",  # float32 attention scores: difflab's attention already has them
     "addition_embed_type_num_heads",  # used only by the "text_image" addition embedding
+    "resnet_time_scale_shift",  # "default" (additive) or "scale_shift" (ADM)
 }  # fmt: skip
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -490,6 +492,11 @@ def _check_diffusers_options(config: Mapping[str, Any]) -> None:
     only_cross = [only_cross] if isinstance(only_cross, bool) else list(only_cross)
     if any(only_cross) or config.get("mid_block_only_cross_attention"):
         raise ValueError("unsupported diffusers UNet option only_cross_attention=True")
+    if config.get("resnet_time_scale_shift", "default") not in ("default", "scale_shift"):
+        raise ValueError(
+            f"unsupported diffusers resnet_time_scale_shift "
+            f"{config['resnet_time_scale_shift']!r} (supported: 'default', 'scale_shift')"
+        )
     if config.get("addition_embed_type") not in (None, "text_time"):
         raise ValueError(
             f"unsupported diffusers addition_embed_type "
@@ -568,6 +575,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         vector_dim=vector_dim,
         norm_groups=groups,
         dropout=config.get("dropout", 0.0),
+        scale_shift=config.get("resnet_time_scale_shift") == "scale_shift",
     )
 
 
@@ -627,6 +635,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "freq_shift": 0,
         "act_fn": "silu",
         "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "resnet_time_scale_shift": "scale_shift" if cfg.use_scale_shift_norm else "default",
     }
     if cfg.vector_dim is not None:
         config.update(

@@ -90,10 +90,15 @@ class Dropout(nn.Dropout):
     Off the CPU (CUDA's fused dropout kernel is fast), in eval mode or at p = 0 this is
     ``nn.Dropout``. The global generator is the one the trainer checkpoints, so a resumed
     run draws the same masks.
+
+    Under ``torch.compile`` it is ``nn.Dropout`` too: the in-place ``random_`` draw cuts
+    the compiled graph, and inductor generates the mask inside its fused kernel anyway.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if torch.compiler.is_compiling():  # inductor draws (and fuses) the mask itself
             return super().forward(x)
         n = x.numel()
         draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)

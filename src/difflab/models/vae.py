@@ -475,11 +475,24 @@ class AutoencoderKL(nn.Module):
         return self._saving_memory(lambda t: decoder(post_quant(t)), z, slicing, tiling, up=True)
 
     def forward(
-        self, x: Tensor, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction of ``x`` (from a posterior sample, or the mean without generator)
-        and the posterior."""
+        """Reconstruction of ``x`` (from a posterior sample, or the mean without generator
+        and noise) and the posterior.
+
+        :param noise: ``[B, L, H/f, W/f]`` standard normal draws for the sample
+            ``mean + std * noise`` instead of drawing them from ``generator``: the form
+            ``torch.compile`` traces without a graph break (a generator argument cuts it).
+        """
         posterior = self.encode(x)
+        if noise is not None:
+            if generator is not None:
+                raise ValueError("pass generator or noise to AutoencoderKL.forward, not both")
+            return self.decode(posterior.mean + posterior.std * noise.to(posterior.mean)), posterior
         return self.decode(posterior.sample(generator)), posterior
 
     def scale(self, z: Tensor) -> Tensor:

@@ -196,6 +196,9 @@ class LoopConfig:
     encoder_cache: str | None = None
     grad_checkpointing: bool = False
     channels_last: bool = False
+    # torch.compile the network for the training steps (the first step compiles, its time is
+    # logged once); inductor's cache lives in RUN/compile_cache, so a resume reuses it.
+    compile: bool = False
     on_nonfinite: str = "stop"
     log_every: int = 50
     sample_every: int = 500  # 0 = never

@@ -3,8 +3,9 @@
 Owns :func:`train` and the :class:`Trainer` behind it: AdamW with linear warm-up then cosine
 or constant learning rate, gradient accumulation and clipping, EMA (one update per optimiser
 step), mixed precision, classifier-free-guidance condition dropout, non-finite detection,
-DDP under torchrun, logging, sample grids and exact resume.  Every loss, weighting and
-timestep sampler comes from ``difflab.losses``; sampling from ``difflab.samplers``.
+DDP under torchrun, ``torch.compile`` (``train.compile``), logging, sample grids and exact
+resume.  Every loss, weighting and timestep sampler comes from ``difflab.losses``; sampling
+from ``difflab.samplers``.
 
 Randomness: no global RNG is drawn by the loop.  A trainer-owned generator (seeded from
 ``config.seed``, the same on every rank) draws condition dropout, timesteps and noise for
@@ -64,6 +65,7 @@ from .checkpoint import (
     repair_run_dir,
     save_checkpoint,
 )
+from .compiled import COMPILE_CACHE, inductor_cache
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .early_stop import BEST_FILE, EarlyStopping
@@ -247,6 +249,11 @@ class Trainer:
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self._exit = contextlib.ExitStack()  # undone by close()
+        self._compile_pending = tc.compile  # the first step compiles; its time is logged
+        if tc.compile:  # DDP first, then compile (DDP's buckets split the compiled graph)
+            self._exit.enter_context(inductor_cache(self.run_dir / COMPILE_CACHE))
+            self.ddp = torch.compile(self.ddp)
         self.budget: TimeBudget | None = None  # train.max_time
         if tc.max_time is not None:
             seconds = parse_duration(tc.max_time)
@@ -847,8 +854,12 @@ class Trainer:
         tick = time.perf_counter()
         with _stop_on_signals() as stop:
             for _ in bar:
+                began = time.perf_counter()
                 rec = self.train_step()
                 step = self.step
+                if self._compile_pending:
+                    self._compile_pending = False
+                    self._report_compile(step, time.perf_counter() - began)
                 result.losses.append(rec["loss"])
                 if rec.get("skipped"):
                     result.skipped_steps.append(step)
@@ -987,6 +998,17 @@ class Trainer:
         if flag.item() and not stop:
             stop.append(int(signal.SIGTERM))
         return bool(flag.item())
+
+    def _report_compile(self, step: int, seconds: float) -> None:
+        """Log (once) how long the first compiled step took, compilation included."""
+        cache = self.run_dir / COMPILE_CACHE
+        self._log({"step": step, "event": "compile", "seconds": seconds, "cache": str(cache)})
+        if self.dist.is_main:
+            print(
+                f"train.compile: the first step took {seconds:.1f} s, compilation included "
+                f"(inductor cache {cache})",
+                flush=True,
+            )
 
     def _warn_config_changes(self) -> None:
         """Resuming with a different config is allowed (e.g. more steps) but is worth a word."""
@@ -1140,6 +1162,7 @@ class Trainer:
         self.stream.close()
         if self.log is not None:
             self.log.close()
+        self._exit.close()
         teardown_distributed(self.dist)
 
 

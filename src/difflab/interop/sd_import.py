@@ -1,0 +1,102 @@
+"""A Stable Diffusion checkpoint written as a difflab base run, so that fine-tuning (LoRA /
+LoCon ranks on the U-Net, DreamBooth's prior, textual inversion) runs on it unchanged.
+
+Owns :func:`import_stable_diffusion`: ``config.yaml`` (the SD U-Net's ``UNetConfig``, the
+scheduler's betas and prediction type, ``latent.vae`` = the autoencoder folder written here,
+``text.encoder: clip`` with ``text.path`` = a folder holding the text model and its
+tokenizer, ``mask_padding: false`` and ``max_length: 77``: Stable Diffusion's recipe,
+Rombach et al. 2022 sec. 4.3.2), and the U-Net weights as ``ema.safetensors`` /
+``model.safetensors``.  SD 1.x and 2.x only: SDXL's two text encoders and pooled vector have
+no difflab text-run form yet.  Reading the checkpoint is :mod:`difflab.interop.sd`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["import_stable_diffusion"]
+
+BASE_WEIGHTS = ("ema.safetensors", "model.safetensors")
+
+
+def import_stable_diffusion(
+    path: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    prediction: str | None = None,
+    variant: str | None = None,
+) -> Path:
+    """Write the SD 1.x / 2.x model at ``path`` (a diffusers folder or an original single
+    ``.safetensors`` file with ``tokenizer``) as a difflab run directory ``out``.
+
+    The run's ``data`` section is a placeholder (captions at the model's image size, no
+    path): fine-tuning sets ``data.path``.
+    :raises ValueError: SDXL, or anything ``load_stable_diffusion`` refuses.
+    """
+    from ..train import TrainConfig, save_config
+    from .scheduler import default_sampler, schedule_from_diffusers
+    from .sd import load_stable_diffusion
+
+    out = Path(out)
+    parts = load_stable_diffusion(path, tokenizer=tokenizer, prediction=prediction, variant=variant)
+    if parts.family == "sdxl":
+        raise ValueError(
+            f"{path} is an SDXL model; fine-tuning SDXL (two text encoders and a pooled "
+            "vector) is not supported yet: use an SD 1.x or 2.x model"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    vae_dir = parts.vae.save_pretrained(out / "vae")  # type: ignore[operator]
+    encoder: Any = parts.conditioner.encoder
+    text_dir = out / "text_encoder"
+    if text_dir.exists():
+        shutil.rmtree(text_dir)
+    encoder.models[0].save_pretrained(text_dir)
+    encoder.tokenizers[0].save_pretrained(text_dir)
+    ucfg: Any = parts.unet.config
+    f = int(parts.vae.config.downsample_factor)  # type: ignore[union-attr]
+    schedule = schedule_from_diffusers(parts.scheduler)
+    model = ucfg.to_dict()
+    model.pop("use_checkpoint", None)
+    config = TrainConfig.from_dict({
+        "run_dir": str(out),
+        "model": model,
+        "diffusion": {"schedule": schedule.to_config(), "prediction": parts.prediction},
+        "data": {"source": "captions", "path": "-", "image_size": ucfg.image_size * f,
+                 "channels": int(parts.vae.config.in_channels)},  # type: ignore[union-attr]
+        "latent": {"vae": str(vae_dir)},
+        "text": {"encoder": "clip", "path": str(text_dir), "max_length": encoder.max_length,
+                 "mask_padding": False},
+        "train": {"batch_size": 1, "lr": 1.0e-4, "warmup_steps": 0, "max_steps": 500,
+                  "log_every": 10, "sample_every": 0, "save_every": 0, "tensorboard": False,
+                  "plot_metrics": False},
+        "sample": {"sampler": default_sampler(parts.scheduler),
+                   "steps": parts.sample_defaults["steps"],
+                   "guidance_scale": parts.sample_defaults["guidance_scale"]},
+    }).resolve()  # fmt: skip
+    config.data.path = None  # a placeholder: fine-tuning names the data
+    save_config(config, out / "config.yaml")
+    _write_weights(parts.unet.state_dict(), out, source=str(path), family=parts.family)
+    return out
+
+
+def _write_weights(state: dict[str, torch.Tensor], out: Path, **meta: str) -> None:
+    """The U-Net as ``ema.safetensors``, and ``model.safetensors`` as a hard link to it
+    (a copy where links are not possible): an imported model has one set of weights."""
+    from safetensors.torch import save
+
+    from ..train.checkpoint import atomic_write_bytes
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    ema, raw = (out / name for name in BASE_WEIGHTS)
+    atomic_write_bytes(ema, save(tensors, metadata={"format": "pt", **meta}))
+    raw.unlink(missing_ok=True)
+    try:
+        os.link(ema, raw)
+    except OSError:
+        shutil.copyfile(ema, raw)

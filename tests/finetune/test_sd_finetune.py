@@ -1,0 +1,122 @@
+"""Fine-tuning a Stable Diffusion model: ``difflab finetune SD_FOLDER --out RUN`` imports the
+model as a difflab base run and trains on it unchanged; the LoRA's kohya file loads in
+diffusers' ``load_lora_weights`` with the same U-Net output as difflab's adapted model, and a
+textual-inversion word's file loads in both difflab and diffusers with the same encoding."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
+from sd_helpers import tiny_sd1_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from train_helpers import write_captioned_images  # noqa: E402
+
+import difflab as dl  # noqa: E402
+from difflab.cli import main as cli_main  # noqa: E402
+from difflab.interop.sd_import import import_stable_diffusion  # noqa: E402
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+CAPTIONS = ["a red cat", "a blue house", "a cat in the tree", "the red sky"]
+FT = ["--steps", "2", "--lr", "0.01", "--set", "train.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd1") / "sd"
+    tiny_sd1_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_captioned_images(tmp_path_factory.mktemp("data") / "images", CAPTIONS)
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    return x, torch.tensor([10.0, 600.0]), context
+
+
+def test_imported_base_run_equals_the_sd_model(sd_folder, tmp_path):
+    """The base run's network, schedule and text encoder are the SD model's."""
+    run = import_stable_diffusion(sd_folder, tmp_path / "base")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["text"] == {**cfg["text"], "encoder": "clip", "mask_padding": False,
+                           "max_length": 77}  # fmt: skip
+    ours = dl.Pipeline.from_run(run)
+    sd = dl.Pipeline.from_pretrained(sd_folder)
+    assert ours.schedule == sd.schedule and ours.prediction == sd.prediction == "eps"
+    x, t, context = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.model(x, t, context=context), sd.model(x, t, context=context), atol=0, rtol=0
+        )
+        mine, _ = ours.text_encoder(["a red cat"])
+        theirs = sd.text_encoder.encoder(["a red cat"])["context"]
+    torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
+
+
+def test_sdxl_is_refused(tmp_path):
+    folder = tmp_path / "xl"
+    tiny_sdxl_pipeline(seed=0).save_pretrained(folder)
+    with pytest.raises(ValueError, match="SDXL.*not supported yet"):
+        import_stable_diffusion(folder, tmp_path / "base")
+
+
+def test_lora_kohya_file_gives_difflabs_unet_output_in_diffusers(sd_folder, data, tmp_path):
+    out = tmp_path / "ft"
+    argv = ["finetune", str(sd_folder), "--out", str(out), "--rank", "2", *FT,
+            "--set", f"data.path={data}"]  # fmt: skip
+    assert cli_main(argv) == 0
+    kohya = out / "lora_kohya.safetensors"
+    assert (out / "lora.safetensors").is_file() and kohya.is_file()
+
+    tuned = dl.Pipeline.from_run(out)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, local_files_only=True)
+    x, t, context = _inputs(1)
+    with torch.no_grad():
+        base = pipe.unet(x, t, context).sample
+        pipe.load_lora_weights(str(kohya))
+        theirs = pipe.unet(x, t, context).sample
+        ours = tuned.model(x, t, context=context)
+    assert (ours - base).abs().max() > 1e-3  # the adapters moved
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_textual_inversion_word_loads_in_difflab_and_diffusers(sd_folder, tmp_path):
+    from difflab.interop.sd import load_stable_diffusion
+    from difflab.interop.text import load_embedding
+
+    data = write_captioned_images(tmp_path / "images", [f"a photo of sks {c}" for c in CAPTIONS])
+    out = tmp_path / "ti"
+    argv = ["finetune", str(sd_folder), "--out", str(out), "--targets", "none",
+            "--new-word", "sks", "--init-word", "cat", *FT,
+            "--set", f"data.path={data}"]  # fmt: skip
+    assert cli_main(argv) == 0
+    embedding = out / "embedding.safetensors"
+    assert embedding.is_file() and not (out / "lora_kohya.safetensors").exists()
+
+    encoder = load_stable_diffusion(sd_folder).conditioner.encoder
+    assert load_embedding(encoder, embedding) == "sks"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, local_files_only=True)
+    pipe.load_textual_inversion(str(embedding))
+    run_encoder = dl.Pipeline.from_run(out).text_encoder  # the run's own trained word
+    prompt = ["a photo of sks in the house"]
+    with torch.no_grad():
+        theirs = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+        ours = encoder(prompt)["context"]
+        runs, _ = run_encoder(prompt)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(runs, theirs, atol=1e-5, rtol=0)
+    cat = encoder(["a photo of cat in the house"])["context"]
+    assert (ours - cat).abs().max() > 1e-4  # the word trained away from its init
