@@ -77,3 +77,19 @@ def test_mix_fraction_is_exact_per_batch_and_both_losses_logged(tmp_path):
     steps = [r for r in records if "loss" in r and "event" not in r]
     for r in steps:
         assert r["loss"] == pytest.approx(0.75 * r["loss_main"] + 0.25 * r["loss_mix"], rel=1e-5)
+
+
+def test_data_report_counts_captions_past_the_token_limit(tmp_path, capsys):
+    from train_helpers import write_captioned_images
+
+    folder = write_captioned_images(
+        tmp_path / "caps", ["a red cat", "a very big red dog here", "one two three four five"]
+    )
+    cfg = tiny_config(tmp_path / "run", "data.source=captions", f"data.path={folder}",
+                      "model.num_classes=null", "text.encoder=transformer", "text.width=8",
+                      "text.layers=1", "text.heads=2", "text.max_length=4",
+                      "train.batch_size=2")  # fmt: skip
+    with pytest.warns(UserWarning, match="longest caption has 6 words"):
+        Trainer(cfg).close()
+    # max_length 4 keeps 3 words after the start token: two captions are cut
+    assert "captions truncated at the encoder's 3 tokens: 2" in capsys.readouterr().out
