@@ -14,12 +14,13 @@ live beside the metrics in ``difflab.eval.cli_eval``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ class UserError(Exception):
 # Files a training run (and the demo) writes into its run directory; --overwrite removes
 # exactly these, never anything else a user keeps there.
 RUN_FILES = ("config.yaml", "model.safetensors", "ema.safetensors", "metrics.jsonl",
-             "demo_grid.png", "tokenizer.json", "lora.safetensors")  # fmt: skip
+             "demo_grid.png", "tokenizer.json", "lora.safetensors", "best.safetensors")  # fmt: skip
 RUN_DIRS = ("train_state", "samples", "tensorboard")
 
 
@@ -243,12 +244,6 @@ def add_demo_parser(subparsers: Any) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     prepare_run_dir(args.out, overwrite=args.overwrite)
     run_demo(
         args.out,
@@ -1139,7 +1134,42 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS + _eval_adders():
         add(subparsers)
+    for sub in subparsers.choices.values():  # every command takes --threads
+        if not any("--threads" in a.option_strings for a in sub._actions):
+            _add_threads_arg(sub)
     return parser
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: 1 on a machine of 2 cores or fewer, where 2 threads "
+        "ran a training step 2.3x slower once other work shared the cores, see "
+        "docs/training.md; else torch's default; 0 = torch's default)",
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """``--threads`` for the command's duration; the caller's count comes back after."""
+    if threads is not None and threads < 0:
+        raise UserError(f"--threads must be >= 0, got {threads}")
+    if threads is None:
+        threads = 1 if (os.cpu_count() or 1) <= 2 else 0
+    if threads == 0:  # torch's default
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _warning_printer(command: str, fallback: Any) -> Any:
@@ -1168,7 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _check_device(getattr(args, "device", None))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _torch_threads(getattr(args, "threads", None)):
             warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
             return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as err:

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .._validate import check_choice, unknown_message
+from .buckets import BucketDataset, bucket_sizes
+from .captions import CaptionTransform
 from .digits import digits_accuracy, digits_caption, digits_tensor, load_digits_dataset
 from .folders import ArrayDataset, FileDataset, load_captioned_folder, load_image_folder, load_npz
 from .report import DataReport
@@ -25,6 +27,8 @@ from .transforms import ImageTransform, random_flip
 __all__ = [
     "SOURCES",
     "ArrayDataset",
+    "BucketDataset",
+    "CaptionTransform",
     "DataConfig",
     "DataReport",
     "FileDataset",
@@ -54,6 +58,21 @@ class DataConfig:
     :param allow_missing_captions: captioned folders: keep images without a caption (as
         ``""``) instead of raising.
     :param min_side: skip (and report) images whose shorter side is below this.
+    :param clean_captions: captions lose HTML entities, URLs, odd whitespace; NFC
+        (``data.captions.clean_caption``).
+    :param caption_dropout: probability a caption is read as ``""`` (kohya's
+        ``caption_dropout_rate``; on top of ``diffusion.cond_drop_prob``).
+    :param shuffle_tags: shuffle comma-separated tags each time a caption is read, keeping
+        the first ``keep_tokens`` in place.
+    :param buckets: aspect-ratio buckets (``data.buckets``): images keep their shape,
+        resized to the bucket (area ``image_size**2``) of nearest aspect ratio; each batch
+        from one bucket.
+    :param bucket_step: bucket sides are multiples of this (``None``: the network's size
+        multiple, the autoencoder's factor times the U-Net's downsampling, set by the trainer;
+        8 when ``build_dataset`` is called alone).
+    :param bucket_max_ratio: the longest bucket side is at most this times the shortest.
+    :param mix: ``{path: ..., fraction: 0.2, source: folder}``: a second, general data set
+        of which exactly ``round(fraction * batch_size)`` samples join every batch.
     """
 
     source: Source = "digits"
@@ -64,6 +83,14 @@ class DataConfig:
     random_flip: bool = False
     allow_missing_captions: bool = False
     min_side: int | None = None
+    clean_captions: bool = True
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    buckets: bool = False
+    bucket_step: int | None = None
+    bucket_max_ratio: float = 2.0
+    mix: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_choice("data source", self.source, SOURCES)
@@ -73,6 +100,41 @@ class DataConfig:
             raise ValueError(f"data.channels must be 1 or 3, got {self.channels}")
         if self.source != "digits" and self.path is None:
             raise ValueError(f"data.path is required for source '{self.source}'")
+        self.caption_transform()  # validates dropout / keep_tokens
+        if self.buckets and self.source not in ("folder", "captions"):
+            raise ValueError(
+                f"data.buckets needs images of their own shapes (source folder or captions), "
+                f"got source {self.source!r}"
+            )
+        if self.bucket_step is not None and self.bucket_step < 1:
+            raise ValueError(f"data.bucket_step must be >= 1, got {self.bucket_step}")
+        if self.mix is not None:
+            self.mix_config()  # validates
+
+    def caption_transform(self) -> CaptionTransform:
+        """The per-read caption transform these settings describe."""
+        return CaptionTransform(
+            dropout=float(self.caption_dropout), shuffle_tags=self.shuffle_tags,
+            keep_tokens=self.keep_tokens,
+        )  # fmt: skip
+
+    def mix_config(self) -> tuple[DataConfig, float]:
+        """``data.mix`` as the general data set's config (this one's sizes) and its fraction."""
+        mix = dict(self.mix or {})
+        unknown = [k for k in mix if k not in ("path", "fraction", "source")]
+        if unknown or "path" not in mix or "fraction" not in mix:
+            raise ValueError(
+                f"data.mix must be {{path: FOLDER, fraction: F, source: folder|captions}}, got "
+                f"{self.mix!r}"
+            )
+        fraction = mix["fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ValueError(f"data.mix.fraction must be a number in (0, 1), got {fraction!r}")
+        if not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"data.mix.fraction must be in (0, 1), got {fraction!r}")
+        fields = {**self.to_dict(), "source": mix.get("source", "folder"), "path": mix["path"],
+                  "mix": None, "buckets": False}  # fmt: skip
+        return DataConfig.from_dict(fields), float(fraction)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able dict."""
@@ -102,7 +164,8 @@ def build_dataset(
         if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
             cfg = dataclasses.asdict(cfg)  # e.g. difflab.train's copy of the data section
         cfg = DataConfig.from_dict(cfg)
-    if cfg.random_flip and generator is None:
+    captions = cfg.caption_transform()
+    if (cfg.random_flip or captions.active) and generator is None:
         generator = torch.Generator().manual_seed(0)
     transform = ImageTransform(
         cfg.image_size, cfg.channels, center_crop=cfg.center_crop, random_flip=cfg.random_flip
@@ -123,10 +186,22 @@ def build_dataset(
             allow_missing_captions=cfg.allow_missing_captions,
             generator=generator,
             min_side=cfg.min_side,
+            clean=cfg.clean_captions,
         )
+        if captions.active:
+            dataset.caption_transform = captions
     else:
         dataset, report = load_npz(cfg.path, transform, generator=generator)
     report.output_size = (cfg.channels, cfg.image_size, cfg.image_size)
     if report.used == 0:
         raise ValueError(f"no usable images in {report.root}\n{report}")
+    if cfg.buckets:
+        step = cfg.bucket_step or 8
+        sizes = bucket_sizes(cfg.image_size**2, step, cfg.bucket_max_ratio)
+        dataset = BucketDataset.from_files(dataset, sizes)  # type: ignore[arg-type]
+        report.buckets = dataset.histogram()
+        report.notes.append(
+            f"aspect-ratio buckets: {len(sizes)} sizes of area <= {cfg.image_size}^2 in steps "
+            f"of {step}; images resized to their bucket, not cropped"
+        )
     return dataset, report

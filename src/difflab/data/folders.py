@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .captions import CAPTION_EXTENSIONS, CaptionTransform, clean_caption
 from .report import DataReport
 from .transforms import ImageTransform, random_flip
 
@@ -56,6 +57,7 @@ class _Base(Dataset):
         self.texts = None if texts is None else list(texts)
         self.class_names = list(class_names) if class_names else []
         self.generator = generator  # flips are drawn from here; its state can be saved
+        self.caption_transform: CaptionTransform | None = None  # per-access caption draws
 
     @property
     def num_classes(self) -> int | None:
@@ -67,7 +69,10 @@ class _Base(Dataset):
         if self.labels is not None:
             item["class_label"] = self.labels[index]
         if self.texts is not None:
-            item["text"] = self.texts[index]
+            text = self.texts[index]
+            if self.caption_transform is not None:
+                text = self.caption_transform(text, self.generator)
+            item["text"] = text
         return item
 
 
@@ -248,8 +253,13 @@ def load_captioned_folder(
     allow_missing_captions: bool = False,
     generator: torch.Generator | None = None,
     min_side: int | None = None,
+    clean: bool = False,
 ) -> tuple[FileDataset, DataReport]:
-    """Images with captions: ``metadata.jsonl`` (``file_name``, ``text``) or ``<stem>.txt``.
+    """Images with captions: ``metadata.jsonl`` (``file_name``, ``text``) or a sidecar
+    ``<stem>.txt`` / ``<stem>.caption`` (``CAPTION_EXTENSIONS``, first found wins).
+
+    With ``clean`` every caption goes through ``captions.clean_caption`` (HTML entities,
+    URLs, NFC, whitespace) and the report counts the ones it changed.
 
     Images are found recursively.  A usable image without a caption is an error naming
     the files, unless ``allow_missing_captions`` (then its caption is ``""`` and the report
@@ -262,17 +272,22 @@ def load_captioned_folder(
     report.found = len(files)
     paths: list[Path] = []
     texts: list[str] = []
+    changed = 0
     for p in files:
         if not _probe(p, root, report, min_side):
             continue
         rel = p.relative_to(root).as_posix()
-        sidecar = p.with_suffix(".txt")
+        sidecar = next((s for e in CAPTION_EXTENSIONS if (s := p.with_suffix(e)).is_file()), None)
         if table.get(rel) is not None:
             text: str | None = table[rel]
-        elif sidecar.is_file():
+        elif sidecar is not None:
             text = _read_text(sidecar).strip()
         else:
             text = None
+        if text is not None and clean:
+            cleaned = clean_caption(text)
+            changed += cleaned != text
+            text = cleaned
         if text is None:
             report.missing_captions.append(rel)
             text = ""
@@ -281,6 +296,10 @@ def load_captioned_folder(
         paths.append(p)
         texts.append(text)
     report.used = len(paths)
+    if clean:
+        report.notes.append(
+            f"captions cleaned (HTML entities, URLs, NFC, spaces): {changed} changed"
+        )
     if report.missing_captions and not allow_missing_captions:
         shown = ", ".join(report.missing_captions[:10])
         more = len(report.missing_captions) - 10

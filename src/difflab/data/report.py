@@ -30,6 +30,9 @@ class DataReport:
     :param sizes: original ``"WxH"`` -> count over the images used.
     :param output_size: ``(C, H, W)`` of the tensors the dataset yields.
     :param notes: free-form lines (e.g. the resize rule used).
+    :param buckets: aspect-ratio bucket ``"WxH"`` -> images (``data.buckets``).
+    :param truncated_captions: captions longer than the text encoder's ``token_limit``.
+    :param token_limit: the encoder's token limit (``None`` before the trainer counts).
     """
 
     source: str
@@ -43,6 +46,9 @@ class DataReport:
     sizes: Counter[str] = field(default_factory=Counter)
     output_size: tuple[int, int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    buckets: Counter[str] = field(default_factory=Counter)
+    truncated_captions: int = 0
+    token_limit: int | None = None
 
     @property
     def has_captions(self) -> bool:
@@ -67,6 +73,9 @@ class DataReport:
             "sizes": dict(self.sizes.most_common()),
             "output_size": list(self.output_size) if self.output_size else None,
             "notes": list(self.notes),
+            "buckets": dict(self.buckets),
+            "truncated_captions": self.truncated_captions,
+            "token_limit": self.token_limit,
         }
 
     def __str__(self) -> str:
@@ -97,5 +106,13 @@ class DataReport:
                 f", ... ({len(self.sizes) - _SHOW} more sizes)" if len(self.sizes) > _SHOW else ""
             )
             lines.append(f"  sizes: {hist}{more}")
+        if self.buckets:
+            shown = ", ".join(f"{s}: {n}" for s, n in sorted(self.buckets.items()))
+            lines.append(f"  buckets: {shown}")
+        if self.token_limit is not None:
+            lines.append(
+                f"  captions truncated at the encoder's {self.token_limit} tokens: "
+                f"{self.truncated_captions}"
+            )
         lines.extend(f"  {note}" for note in self.notes)
         return "\n".join(lines)

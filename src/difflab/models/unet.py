@@ -243,13 +243,21 @@ class UNetConfig:
     def preset(cls, name: str, **overrides: Any) -> UNetConfig:
         """A named size preset, with field overrides: ``UNetConfig.preset("cifar10", dropout=0)``.
 
+        A preset asked for at another ``image_size`` keeps attention at the same *levels*
+        when its own ``attention_resolutions`` match no level there (``tiny`` at 32 px:
+        ``(4,)``, the second level at 8 px, becomes ``(16,)``); resolutions that still match
+        a level, or ones given in ``overrides``, are kept as they are.
+
         :raises ValueError: for an unknown preset name or override key.
         """
         if name not in PRESETS:
             close = difflib.get_close_matches(name, list(PRESETS), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown U-Net preset '{name}'{hint} (choices: {', '.join(PRESETS)})")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        spec = {**PRESETS[name], **overrides}
+        if "attention_resolutions" not in overrides and isinstance(spec["image_size"], int):
+            spec["attention_resolutions"] = _attention_at_size(PRESETS[name], spec["image_size"])
+        return cls.from_dict(spec)
 
 
 # Size presets. "cifar10" is the DDPM CIFAR-10 network (Ho et al. 2020, appendix B) with
@@ -268,6 +276,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_res_blocks=3, attention_resolutions=(32, 16, 8), num_head_channels=64,
                  resblock_updown=True, dropout=0.1),
 }  # fmt: skip
+
+
+def _attention_at_size(preset: dict[str, Any], size: int) -> tuple[int, ...]:
+    """``preset``'s attention resolutions moved to ``size``: unchanged when each is a level
+    there, else the same level indices (``r * size / preset_size``)."""
+    levels = len(preset["channel_mult"])
+    old = tuple(preset["attention_resolutions"])
+    if all(r in [size // 2**i for i in range(levels)] for r in old):
+        return old
+    base = preset["image_size"]
+    return tuple(size // (base // r) for r in old if base % r == 0 and size % (base // r) == 0)
 
 
 class Downsample(nn.Module):

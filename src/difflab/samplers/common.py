@@ -77,12 +77,18 @@ def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
 
 
 def progress(
-    iterable: Iterable[T], *, total: int | None = None, desc: str = "", disable: bool | None = None
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str = "",
+    disable: bool | None = None,
+    leave: bool = False,
 ) -> Iterable[T]:
-    """A tqdm progress bar that is off when stderr is not a terminal (logs stay clean)."""
+    """A tqdm progress bar that is off when stderr is not a terminal (logs stay clean);
+    ``leave=True`` keeps the finished bar on screen (training)."""
     if disable is None:
         disable = not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=leave)
 
 
 def expand_t(t: float, x: Tensor) -> Tensor:

@@ -40,12 +40,19 @@ TIMESTEP_SAMPLERS = ("uniform", "importance")
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
+# What early stopping watches: a validation loss (train.val_every) or a periodic metric
+# (train.eval_every); lower is better for all of them.
+EARLY_STOP_METRICS = ("val_loss", "val_loss_ema", "fid", "kid")
+# YAML 1.1 reads an unquoted `no` / `off` as false: these keys take it as their "off" word.
+_FALSE_MEANS = {("train", "mixed_precision"): "no"}
 
 
 # --------------------------------------------------------------------------- generic helpers
 def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against a field's type hint; turn YAML strings like ``2e-4`` into floats."""
     where = f"{section}.{name}" if section else name
+    if value is False and (section, name) in _FALSE_MEANS:
+        return _FALSE_MEANS[section, name]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -206,6 +213,10 @@ class LoopConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     max_steps: int = 2000
+    # Wall-clock budget (difflab.train.budget): "90s", "15m", "2h", "1h30m" or seconds; the
+    # run stops (with a checkpoint) at whichever of max_time and max_steps comes first, and
+    # the LR warm-up and decay follow the share of the budget used.  None = steps only.
+    max_time: Any = None
     ema_decay: float = 0.999
     ema_warmup: bool = True
     mixed_precision: str = "no"
@@ -243,8 +254,35 @@ class LoopConfig:
     # Post-hoc EMA snapshots (difflab.train.posthoc_ema, EDM2): None = off, else
     # {sigma_rels: [0.05, 0.10], every: 100}; `difflab ema RUN` reconstructs any sigma_rel.
     posthoc_ema: dict[str, Any] | None = None
+    # Early stopping (difflab.train.early_stop): stop when early_stop_metric (logged by
+    # val_every or eval_every) has not improved by min_delta for `patience` evaluations;
+    # the best EMA weights are kept as best.safetensors.  0 = off.
+    patience: int = 0
+    early_stop_metric: str = "val_loss_ema"
+    min_delta: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.mixed_precision, str) and self.mixed_precision.lower() in (
+            "false", "off", "none"
+        ):  # fmt: skip
+            self.mixed_precision = "no"
+        if self.max_time is not None:
+            from .budget import parse_duration
+
+            parse_duration(self.max_time)  # validates
+        check_choice("early_stop_metric", self.early_stop_metric, EARLY_STOP_METRICS)
+        _check_range("train.patience", self.patience, 0)
+        _check_range("train.min_delta", self.min_delta, 0.0)
+        if self.patience:
+            watched = (
+                self.val_every if self.early_stop_metric.startswith("val") else self.eval_every
+            )
+            if not watched:
+                needs = "val_every" if self.early_stop_metric.startswith("val") else "eval_every"
+                raise ValueError(
+                    f"train.patience watches {self.early_stop_metric!r}, which is only measured "
+                    f"with train.{needs} > 0; set it (or train.patience=0)"
+                )
         if self.posthoc_ema is not None:
             from .posthoc_ema import PostHocEMAConfig
 

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,9 @@ from ..models.text import (
 from ..models.vae import AutoencoderKL
 from ..samplers.common import progress as progress_bar
 from ..schedules import NoiseSchedule
+from .adapt import adapt_to_data, build_stream, set_bucket_step
 from .amp import resolve_precision
+from .budget import TimeBudget, format_duration, parse_duration
 from .cache import EncoderCache, content_key, module_digest, tensor_key
 from .checkpoint import (
     Checkpoint,
@@ -67,12 +69,12 @@ from .checkpoint import (
 from .compiled import COMPILE_CACHE, inductor_cache
 from .config import TrainConfig, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
+from .early_stop import BEST_FILE, EarlyStopping
 from .ema import EMA
 from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
 from .posthoc_ema import PostHocEMA, PostHocEMAConfig
-from .stream import BatchStream
 from .validation import split_dataset, validation_loss
 
 __all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
@@ -106,6 +108,8 @@ class TrainResult:
     :param evals: the periodic metric records (``train.eval_every``) written by this call.
     :param validation: the validation-loss records (``train.val_every``) of this call
         (rank 0 only; empty on the other ranks).
+    :param stop_reason: ``max_steps``, ``time budget`` (``train.max_time``) or ``early
+        stopping`` (``train.patience``).
     """
 
     run_dir: Path
@@ -117,6 +121,7 @@ class TrainResult:
     grids: list[Path] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     validation: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = "max_steps"
 
 
 @dataclass
@@ -128,6 +133,7 @@ class _MicroBatch:
     importance: Tensor | None
     rng: dict[str, Tensor]  # global + aux RNG states before its forward (for diagnosis)
     prior: Tensor | None = None  # DreamBooth: which rows are prior-preservation images
+    mix: Tensor | None = None  # data.mix: which rows come from the general data set
 
 
 class Trainer:
@@ -138,6 +144,8 @@ class Trainer:
     :param model: a network honouring the model contract; default
         ``difflab.models.UNet(config.model_config())`` initialised from ``config.seed``.
     :param progress: progress bar on/off; None: on when stderr is a terminal (rank 0 only).
+    :param clock: seconds from any origin, read for ``train.max_time`` (default
+        ``time.monotonic``; tests inject a scripted one).
     """
 
     def __init__(
@@ -147,6 +155,7 @@ class Trainer:
         dataset: Dataset | None = None,
         model: nn.Module | None = None,
         progress: bool | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.cfg = cfg = config.resolve()
         tc = cfg.train
@@ -173,12 +182,12 @@ class Trainer:
         self.aux_gen = torch.Generator().manual_seed(_subseed(cfg.seed, 1 + 2 * rank))
         self.data_gen = torch.Generator().manual_seed(_subseed(cfg.seed, 2 + 2 * rank))
 
+        set_bucket_step(cfg)  # data.buckets: sides in multiples the network takes
+        report = None  # printed once the captions' token counts are known
         if dataset is None:
             from ..data import build_dataset
 
             dataset, report = build_dataset(cfg.data, generator=self.data_gen)
-            if self.dist.is_main:
-                print(report)
             if self.dist.is_main and cfg.data.source == "captions" and not cfg.text.enabled:
                 warnings.warn(
                     "data.source=captions, but text.encoder is none: the captions are read and "
@@ -196,20 +205,20 @@ class Trainer:
         dataset, self.val_set = split_dataset(dataset, tc.val_fraction, _subseed(cfg.seed, 50))
         if self.val_set is not None and self.dist.is_main:
             print(f"validation: {len(self.val_set)} held-out samples, {len(dataset)} for training")
-        self.stream = BatchStream(
-            dataset,
-            tc.batch_size,
-            seed=cfg.seed,
-            rank=rank,
+        notes = adapt_to_data(
+            cfg, dataset, num_classes_given=model is not None or "num_classes" in config.model,
             world_size=self.dist.world_size,
-            num_workers=tc.num_workers,
-        )
+        )  # fmt: skip
+        self.stream = build_stream(
+            cfg, dataset, rank=rank, world_size=self.dist.world_size,
+            mix_seed=_subseed(cfg.seed, 60), generator=self.data_gen,
+        )  # fmt: skip
 
         self.tokenizer: WordTokenizer | None = None  # text.encoder: transformer
         self.frozen_text: PretrainedTextEncoder | None = None  # text.encoder: clip or t5
         self.grid_prompts: list[str] | None = None
         if cfg.text.enabled:
-            texts = self._captions(dataset)
+            texts = self._train_texts = self._captions(dataset)
             n = cfg.sample.num_images
             distinct = list(dict.fromkeys(texts))
             self.grid_prompts = [distinct[i % len(distinct)] for i in range(n)]
@@ -220,6 +229,12 @@ class Trainer:
                 )  # fmt: skip
             else:
                 self.tokenizer = self._build_tokenizer(texts)
+        if self.dist.is_main:
+            if report is not None:
+                self._count_truncated(report)
+                print(report)
+            if notes:
+                print("\n".join(notes))
         self.vae: AutoencoderKL | None = None  # latent diffusion: the frozen autoencoder
         if cfg.latent.vae is not None:
             self.vae = AutoencoderKL.from_pretrained(cfg.latent.vae).to(self.device)
@@ -246,7 +261,14 @@ class Trainer:
         if tc.compile:  # DDP first, then compile (DDP's buckets split the compiled graph)
             self._exit.enter_context(inductor_cache(self.run_dir / COMPILE_CACHE))
             self.ddp = torch.compile(self.ddp)
-        self.optimizer, self.lr_schedule = build_optimizer(self.model, tc)
+        self.budget: TimeBudget | None = None  # train.max_time
+        if tc.max_time is not None:
+            seconds = parse_duration(tc.max_time)
+            self.budget = TimeBudget(seconds, tc.max_steps, clock=clock or time.monotonic)
+        self.early = EarlyStopping(tc.patience, tc.min_delta) if tc.patience else None
+        self.stop_reason = ""
+        progress_of = self.budget.effective_step if self.budget is not None else None
+        self.optimizer, self.lr_schedule = build_optimizer(self.model, tc, progress=progress_of)
         self.scaler = self.precision.grad_scaler()
         self.timestep_sampler = None
         if cfg.diffusion.timestep_sampler == "importance":
@@ -258,6 +280,7 @@ class Trainer:
         self.log: MetricsLog | None = None
         self._eval_extractor: Any = None  # built on the first periodic eval
         self._eval_prompts: tuple[list[str], bool] | None = None  # a text run's prompts
+        self._last_records: dict[str, dict[str, Any]] = {}  # latest val / eval record
 
     # ------------------------------------------------------------------ setup helpers
     def _with_prior(self, dataset: Any) -> Any:
@@ -287,6 +310,24 @@ class Trainer:
                 f"{missing} of {len(texts)} have none (see the data report)"
             )
         return list(texts)
+
+    def _count_truncated(self, report: Any) -> None:
+        """The data report's count of captions longer than the text encoder takes."""
+        from ..data.captions import count_truncated
+
+        texts = getattr(self, "_train_texts", None)
+        if not texts:
+            return
+        if self.tokenizer is not None:  # the trained encoder keeps max_length - 1 words
+            limit = self.cfg.text.max_length - 1
+            report.truncated_captions = count_truncated(texts, lambda t: len(words(t)), limit)
+        elif self.frozen_text is not None:  # CLIP / T5 tokens, the special ones included
+            tok, limit = self.frozen_text.tokenizer, self.frozen_text.max_length
+            length = lambda t: len(tok(t)["input_ids"])  # noqa: E731
+            report.truncated_captions = count_truncated(texts, length, limit)
+        else:
+            return
+        report.token_limit = limit
 
     def _build_tokenizer(self, texts: list[str]) -> WordTokenizer:
         """The caption vocabulary (the same on every rank), or the base run's when
@@ -405,6 +446,8 @@ class Trainer:
         if self.null_label is not None:
             if "class_label" in batch:
                 labels = batch["class_label"].to(dev).long()
+                if "mix" in batch:  # data.mix: the general data trains the null label
+                    labels = torch.where(batch["mix"].to(dev), 0, labels)
                 bad = labels[(labels < 0) | (labels >= self.null_label)]
                 if bad.numel():
                     raise ValueError(
@@ -416,6 +459,8 @@ class Trainer:
                 labels = torch.full((b,), self.null_label, device=dev, dtype=torch.long)
             drop = torch.rand(B, generator=self.gen)[rows].to(dev)
             null = torch.full_like(labels, self.null_label)
+            if "mix" in batch and "class_label" in batch:
+                labels = torch.where(batch["mix"].to(dev), null, labels)
             cond["class_labels"] = torch.where(
                 drop < self.cfg.diffusion.cond_drop_prob, null, labels
             )
@@ -441,7 +486,8 @@ class Trainer:
             prior = torch.as_tensor(prior, device=dev).bool()
             weight = torch.where(prior, self.cfg.finetune.prior_weight, 1.0)
             importance = weight if importance is None else importance * weight
-        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior)
+        mix = batch["mix"].to(dev) if "mix" in batch else None
+        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior, mix)
 
     def _text_cond(self, texts: list[str], dev: torch.device) -> dict[str, Tensor]:
         """The model's text inputs: token ids for an encoder that trains inside the model,
@@ -567,9 +613,10 @@ class Trainer:
                 self.scaler.scale(loss / tc.grad_accum).backward()
             self._update_timestep_sampler(mb, per_sample)
             total += loss.detach().float() / tc.grad_accum
-            if mb.prior is not None:  # instance / prior loss sums and counts, logged apart
+            split = mb.prior if mb.prior is not None else mb.mix
+            if split is not None:  # instance / prior (or main / mix) loss sums and counts
                 ps = per_sample.detach().float()
-                prior = mb.prior.float()
+                prior = split.float()
                 parts += torch.stack([(ps * (1 - prior)).sum(), (1 - prior).sum(),
                                       (ps * prior).sum(), prior.sum()]).cpu()  # fmt: skip
             micro.append(mb)
@@ -584,13 +631,16 @@ class Trainer:
         bad_grad = bool(flags[2] > 0) and not self.precision.needs_scaler  # fp16: scaler skips
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": k, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
-        if self.cfg.finetune.prior_condition is not None:
+        if self.cfg.finetune.prior_condition is not None or self.cfg.data.mix is not None:
             if self.dist.distributed:
                 parts = parts.to(self.device)
                 dist.all_reduce(parts)
             inst_sum, inst_n, prior_sum, prior_n = parts.tolist()
-            record["loss_instance"] = inst_sum / inst_n if inst_n else None
-            record["loss_prior"] = prior_sum / prior_n if prior_n else None
+            names = (
+                ("loss_main", "loss_mix") if self.cfg.data.mix else ("loss_instance", "loss_prior")
+            )
+            record[names[0]] = inst_sum / inst_n if inst_n else None
+            record[names[1]] = prior_sum / prior_n if prior_n else None
         if bad_loss or bad_grad:
             what = "loss" if bad_loss else "gradient"
             module = self._diagnose(micro)
@@ -672,6 +722,10 @@ class Trainer:
                 "timestep_sampler": ts.state_dict() if ts is not None else None,
                 "world_size": self.dist.world_size,
             }
+            if self.budget is not None:
+                meta["train_time"] = self.budget.elapsed
+            if self.early is not None:
+                meta["early_stopping"] = self.early.state_dict()
             ckpt = Checkpoint(
                 model=self.model.state_dict(),
                 ema=self.ema.state_dict(),
@@ -740,8 +794,11 @@ class Trainer:
         if self.timestep_sampler is not None and meta["timestep_sampler"] is not None:
             self.timestep_sampler.load_state_dict(meta["timestep_sampler"])
         self.step, self.last_loss = int(meta["step"]), float(meta["loss"])
-        self.stream.epoch = int(meta["data_position"]["epoch"])
-        self.stream.index = int(meta["data_position"]["index"])
+        if self.budget is not None:
+            self.budget.spent = float(meta.get("train_time", 0.0))
+        if self.early is not None and meta.get("early_stopping") is not None:
+            self.early.load_state_dict(meta["early_stopping"])
+        self.stream.set_position(meta["data_position"])
         self.gen.set_state(ck.rng["shared.noise"])
         prefix = f"rank{self.dist.rank}."
         if meta["world_size"] != self.dist.world_size or prefix + "torch_cpu" not in ck.rng:
@@ -797,9 +854,13 @@ class Trainer:
         # Output to a file (no terminal) gets a plain line per logged step instead of a bar.
         plain = main and self.show_progress is None and not sys.stderr.isatty()
         start_step, start_time = self.step, time.perf_counter()
+        if self.budget is not None:
+            self.budget.start()
+            if self.budget.exhausted:  # a resumed run whose budget was already spent
+                last, self.stop_reason = self.step, "time budget"
         bar = progress_bar(
             range(self.step, last), total=max(0, last - self.step), desc="train",
-            disable=disable,
+            disable=disable, leave=True,
         )  # fmt: skip
         window: list[float] = []
         parts: dict[str, list[float]] = {}
@@ -819,12 +880,16 @@ class Trainer:
                     self._log(rec)
                 else:
                     window.append(rec["loss"])
-                    for key in ("loss_instance", "loss_prior"):  # DreamBooth's two losses
+                    for key in ("loss_instance", "loss_prior", "loss_main", "loss_mix"):
                         if rec.get(key) is not None:
                             parts.setdefault(key, []).append(rec[key])
                     good = rec
+                if step < last and self._budget_spent():  # train.max_time: this is the last
+                    last = self._end_early(step, "time budget")
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    left = {} if self.budget is None else {
+                        "left": format_duration(self.budget.remaining)}  # fmt: skip
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", **left)
                 if window and (step % tc.log_every == 0 or step == last):
                     elapsed = max(time.perf_counter() - tick, 1e-9)
                     n = len(window) * tc.batch_size * tc.grad_accum
@@ -835,16 +900,22 @@ class Trainer:
                     self._log(record)
                     if plain:
                         since = time.perf_counter() - start_time
-                        print(log_line(record, last, since, start_step), flush=True)
+                        left_s = None if self.budget is None else self.budget.remaining
+                        line = log_line(record, last, since, start_step, time_left=left_s)
+                        print(line, flush=True)
                     window, parts, tick = [], {}, time.perf_counter()
                 if tc.sample_every and step % tc.sample_every == 0:
                     result.grids += self._grids()
                 if tc.val_every and (step % tc.val_every == 0 or step == last):
                     if record := self._validation():  # {} on ranks other than 0
                         result.validation.append(record)
+                    if self._early_stop("val") and step < last:
+                        last = self._end_early(step, "early stopping")
                 if tc.eval_every and (step % tc.eval_every == 0 or step == last):
                     if record := self._periodic_eval():  # {} on ranks other than 0
                         result.evals.append(record)
+                    if self._early_stop("eval") and step < last:
+                        last = self._end_early(step, "early stopping")
                 saved = (tc.save_every and step % tc.save_every == 0) or step == last
                 if saved:
                     self.save()
@@ -852,7 +923,15 @@ class Trainer:
                     if not saved:
                         self.save()
                     raise TrainingInterrupted(step, stop[0], self.run_dir)
+                if step >= last:  # the time budget or early stopping ended the run here
+                    break
+        if hasattr(bar, "close"):
+            bar.close()
         result.step, result.final_loss = self.step, self.last_loss
+        result.stop_reason = self.stop_reason or "max_steps"
+        if main:
+            spent = self.budget.elapsed if self.budget is not None else None
+            print(self._summary(start_step, time.perf_counter() - start_time, spent), flush=True)
         result.ema_updates = self.ema.num_updates
         if result.skipped_steps and main:  # never silent: a skipped step trained nothing
             shown = ", ".join(map(str, result.skipped_steps[:10]))
@@ -864,6 +943,65 @@ class Trainer:
                 stacklevel=2,
             )
         return result
+
+    def _summary(self, start_step: int, seconds: float, spent: float | None) -> str:
+        """The run's last line: steps, time, last loss, why it stopped, where it is."""
+        total = f", {format_duration(spent)} in all" if spent is not None else ""
+        best = ""
+        if self.early is not None and self.early.best_step >= 0:
+            best = (f"; best {self.cfg.train.early_stop_metric} {self.early.best:.4g} at step "
+                    f"{self.early.best_step} ({self.run_dir / BEST_FILE})")  # fmt: skip
+        return (
+            f"done: step {self.step} ({self.step - start_step} this session in "
+            f"{format_duration(seconds)}{total}); last loss {self.last_loss:.4f}; stopped "
+            f"by {self.stop_reason or 'max_steps'}{best}; run in {self.run_dir}"
+        )
+
+    def _end_early(self, step: int, reason: str) -> int:
+        """This step is the run's last (time budget, early stopping): the post-hoc EMA gets
+        its final snapshot here, as at ``max_steps``; returns the new last step."""
+        self.stop_reason = reason
+        ph = self.posthoc
+        if ph is not None and ph.write and step % ph.config.every:
+            ph.snapshot(step)
+        return step
+
+    def _budget_spent(self) -> bool:
+        """Whether ``train.max_time`` is used up (every rank agrees, as rank 0 says)."""
+        if self.budget is None:
+            return False
+        flag = torch.tensor([float(self.budget.exhausted)], device=self.device)
+        if self.dist.distributed:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _early_stop(self, kind: str) -> bool:
+        """Early stopping after a validation (``kind="val"``) or periodic evaluation: keep
+        the best EMA weights; True when patience ran out (every rank agrees)."""
+        metric = self.cfg.train.early_stop_metric
+        if self.early is None or metric.startswith("val") != (kind == "val"):
+            return False
+        flag = torch.zeros(1, device=self.device)
+        if self.dist.is_main:
+            record = self._last_records.get(kind, {})
+            if metric not in record:
+                raise ValueError(
+                    f"train.early_stop_metric={metric!r} is not among the measured metrics "
+                    f"({', '.join(k for k in record if k not in ('step', 'event'))}); add it "
+                    "to train.eval_metrics or choose another"
+                )
+            improved, stop = self.early.update(float(record[metric]), self.step)
+            if improved:
+                from safetensors.torch import save_file
+
+                tmp = self.run_dir / (BEST_FILE + ".tmp")
+                meta = {"step": str(self.step), metric: repr(self.early.best)}
+                save_file(self.ema.state_dict(), str(tmp), metadata=meta)
+                os.replace(tmp, self.run_dir / BEST_FILE)
+            flag[0] = float(stop)
+        if self.dist.distributed:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _stopping(self, stop: list[int]) -> bool:
         """Whether a stop signal arrived on any rank (every rank stops after the same step)."""
@@ -962,6 +1100,7 @@ class Trainer:
                     prepare=self._validation_inputs,
                 )
         self._log(record)
+        self._last_records["val"] = record
         return record
 
     @torch.no_grad()
@@ -1031,6 +1170,7 @@ class Trainer:
             {k: v for k, v in scores.items() if isinstance(v, (int, float, str)) and k != "step"}
         )
         self._log(record)
+        self._last_records["eval"] = record
         return record
 
     def close(self) -> None:

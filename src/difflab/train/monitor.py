@@ -89,16 +89,24 @@ def truncate_metrics(run_dir: str | Path, step: int) -> int:
     return dropped
 
 
-def log_line(record: dict[str, Any], total_steps: int, elapsed_s: float, start_step: int) -> str:
+def log_line(
+    record: dict[str, Any],
+    total_steps: int,
+    elapsed_s: float,
+    start_step: int,
+    *,
+    time_left: float | None = None,
+) -> str:
     """One line per logged step for a log file, where a progress bar would be noise:
     ``step 40/60 (67%)  loss 0.5138  lr 8.00e-04  grad 1.27  1480 img/s  epoch 2  ema 0.820
     eta 0:00:01``. The ETA extrapolates this session's steps per second (``start_step`` is
-    where it started, e.g. after a resume)."""
+    where it started, e.g. after a resume); ``time_left`` (``train.max_time``) caps it."""
     step = int(record["step"])
     parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
     for key, fmt in (
         ("loss", "loss {:.4f}"), ("loss_instance", "instance {:.4f}"),
-        ("loss_prior", "prior {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad {:.3g}"),
+        ("loss_prior", "prior {:.4f}"), ("loss_mix", "mix {:.4f}"), ("lr", "lr {:.2e}"),
+        ("grad_norm", "grad {:.3g}"),
         ("imgs_per_s", "{:.0f} img/s"), ("epoch", "epoch {}"), ("ema_decay", "ema {:.3f}"),
     ):  # fmt: skip
         if record.get(key) is not None:
@@ -106,6 +114,8 @@ def log_line(record: dict[str, Any], total_steps: int, elapsed_s: float, start_s
     done = step - start_step
     if done > 0 and step < total_steps:
         left = round(elapsed_s / done * (total_steps - step))
+        if time_left is not None:
+            left = min(left, round(time_left))
         parts.append(f"eta {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
     return "  ".join(parts)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from .config import LoopConfig
 __all__ = ["build_optimizer", "lr_factor", "step_lr_schedule"]
 
 
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
+def lr_factor(step: float, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """LR multiplier at ``step`` (0-based): linear warm-up to 1, then cosine to 0 or constant.
 
     Cosine: ``0.5·(1 + cos(π·p))`` with ``p`` the fraction of post-warm-up steps done
@@ -33,9 +34,13 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
 
 
 def build_optimizer(
-    model: nn.Module, config: LoopConfig
+    model: nn.Module, config: LoopConfig, *, progress: Callable[[int], float] | None = None
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with ``config.lr`` / ``weight_decay`` and its warm-up + cosine/constant schedule.
+
+    :param progress: maps the optimiser steps done to the (fractional) step the schedule
+        stands at; a time-budgeted run passes ``TimeBudget.effective_step`` so warm-up and
+        decay follow the share of the budget used. ``None``: the step itself.
 
     The fused AdamW kernel is used where this PyTorch has it for the parameters' device (CPU
     from torch 2.4; CUDA): the same update to float rounding, 2-4x faster (cifar10 preset on
@@ -53,7 +58,7 @@ def build_optimizer(
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stays JSON
         return lr_factor(
-            step,
+            step if progress is None else progress(step),
             warmup_steps=config.warmup_steps,
             max_steps=config.max_steps,
             schedule=config.lr_schedule,
