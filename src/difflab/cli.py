@@ -1083,6 +1083,14 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--max-n", type=int, default=64, help="largest n one request may ask for")
     p.add_argument("--token", default=None, help="access token (required off 127.0.0.1)")
     p.add_argument("--data-dir", default=None, help="gallery and A/B votes (default RUN/web)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="another run or SD model that A/B experiments may set against this one "
+        '(a side\'s "run": PATH); repeatable',
+    )
     p.set_defaults(func=_serve)
 
 
@@ -1091,7 +1099,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args)
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    serve(pipe, args.host, args.port, token=args.token, max_n=args.max_n, data_dir=args.data_dir)
+    serve(
+        pipe, args.host, args.port, token=args.token, max_n=args.max_n, data_dir=args.data_dir,
+        compare=args.compare,
+    )  # fmt: skip
     return 0
 
 

@@ -414,3 +414,37 @@ def test_ab_lora_scales_compare_the_adapter_at_two_strengths(runs, tmp_path):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(expected))
     finally:
         srv.stop()
+
+
+def test_ab_compares_two_runs_named_at_start(runs, tmp_path):
+    """difflab serve RUN --compare OTHER: a side with "run": OTHER draws from the other run
+    (same seed and condition); a run the server was not started with is refused."""
+    import shutil
+
+    other = tmp_path / "other"  # the same run with its two weight files swapped
+    shutil.copytree(runs["class"], other, ignore=shutil.ignore_patterns("web", "samples"))
+    (other / "ema.safetensors").replace(other / "tmp.safetensors")
+    (other / "model.safetensors").replace(other / "ema.safetensors")
+    (other / "tmp.safetensors").replace(other / "model.safetensors")
+    from difflab.web import WebServer, create_app
+
+    pipe = dl.Pipeline.from_run(runs["class"])
+    srv = WebServer(create_app(pipe, data_dir=tmp_path / "web", compare=[other]))
+    try:
+        status, _, data = call(srv.url, "POST", "/api/ab/experiments",
+                               {"a": {}, "b": {"run": "/etc"}})  # fmt: skip
+        assert status == 400 and "not one this server compares" in data["error"]
+        body = {"name": "two runs", "a": {}, "b": {"run": str(other)}}
+        status, _, exp = call(srv.url, "POST", "/api/ab/experiments", body)
+        assert status == 201
+        pair = call(srv.url, "POST", "/api/ab/pairs", {"experiment": exp["id"]})[2]
+        label, seed = pair["condition"]["class_labels"], pair["seed"]
+        mine = np.asarray(make_grid(pipe(1, label, seed=seed, progress=False), 1, padding=0))
+        theirs_pipe = dl.Pipeline.from_run(other)
+        theirs = make_grid(theirs_pipe(1, label, seed=seed, progress=False), 1, padding=0)
+        sides = [np.asarray(Image.open(io.BytesIO(call(srv.url, "GET", pair[s])[2])))
+                 for s in ("left", "right")]  # fmt: skip
+        assert sum(np.array_equal(s, mine) for s in sides) == 1
+        assert sum(np.array_equal(s, np.asarray(theirs)) for s in sides) == 1
+    finally:
+        srv.stop()

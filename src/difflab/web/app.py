@@ -20,7 +20,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,7 @@ class WebState:
         self.gallery = Gallery(data_dir / "gallery")
         self.ab = ABStore(data_dir / "ab.sqlite")
         self._pipes: dict[str, Pipeline] = {}  # other checkpoints of the run, loaded on demand
+        self.compare: list[str] = [str(p) for p in limits.get("compare", ())]  # other models
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -205,6 +206,15 @@ class WebState:
         return pipe.resolve_params(**rest, size=None if size == (None, None) else size)
 
     def _pipe_for(self, config: dict[str, Any]) -> Pipeline:
+        run = config.get("run")
+        if run is not None:  # another model named at start (difflab serve --compare)
+            key = f"run:{run}:{config.get('weights', 'ema')}"
+            if key not in self._pipes:
+                other = Pipeline.from_pretrained(
+                    run, weights=config.get("weights", "ema"), device=self.pipe.device
+                )
+                self._pipes[key] = other.to(dtype=self.pipe.dtype)
+            return self._pipes[key]
         weights = config.get("weights", self.pipe.weights or "ema")
         if weights == (self.pipe.weights or "ema"):
             return self.pipe
@@ -224,7 +234,7 @@ class WebState:
         for side, config in enumerate((experiment["a"], experiment["b"])):
             pipe = self._pipe_for(config)
             settings = {
-                k: v for k, v in config.items() if k not in ("name", "weights", "lora_scale")
+                k: v for k, v in config.items() if k not in ("name", "weights", "lora_scale", "run")
             }
             kwargs = {"n": 1, "seed": seed, **condition, **settings}
             # every adapter's own multiplier, restored after this side (load_lora's scale)
@@ -494,8 +504,9 @@ async def ab_create(request: Request) -> Response:
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r} (allowed: name, a, b, condition)")
     loras = bool(web.pipe.loras)
-    a = check_config(data.get("a"), max_steps=web.limits["max_steps"], loras=loras)
-    b = check_config(data.get("b"), max_steps=web.limits["max_steps"], loras=loras)
+    limits = dict(max_steps=web.limits["max_steps"], loras=loras, runs=web.compare)
+    a = check_config(data.get("a"), **limits)
+    b = check_config(data.get("b"), **limits)
     condition = _condition(web, data.get("condition"))
     name = data.get("name") or "experiment"
     if not isinstance(name, str) or len(name) > 80:
@@ -504,7 +515,8 @@ async def ab_create(request: Request) -> Response:
         probe = {"class_labels": 0} if web.pipe.num_classes else {}
         probe.update({"prompt": ""} if web.pipe.context_dim is not None else {})
         for config in (a, b):
-            rest = {k: v for k, v in config.items() if k not in ("name", "weights", "lora_scale")}
+            own = ("name", "weights", "lora_scale", "run")
+            rest = {k: v for k, v in config.items() if k not in own}
             web.pipe.resolve_params(n=1, **probe, **rest)
     except ValueError as err:
         raise RequestError(str(err)) from None
@@ -660,6 +672,7 @@ def create_app(
     max_waiting: int = 16,
     request_timeout: float = 30.0,
     generate_timeout: float = 600.0,
+    compare: Sequence[str | Path] = (),
 ) -> Starlette:
     """The web app serving ``pipe``; its gallery and ``ab.sqlite`` live in ``data_dir``
     (default ``RUN/web``).  ``app.state.web.close()`` stops its worker.
@@ -667,6 +680,9 @@ def create_app(
     :param token: when set, every request must carry it (``Authorization: Bearer``, the
         ``X-Difflab-Token`` header, or ``?token=`` once, which sets a cookie).
     :param max_side: the largest height / width in pixels (default 4 × the model's side).
+    :param compare: other models (runs, SD folders or files) an A/B side may name with
+        ``"run": PATH``; each is loaded on first use.  Only these: a request never names a
+        path the operator did not list.
     """
     if data_dir is None:
         run = Path(pipe.run_dir) if pipe.run_dir else Path.cwd()
@@ -678,6 +694,7 @@ def create_app(
         max_side=side,
         max_waiting=max_waiting,
         generate_timeout=generate_timeout,
+        compare=[str(p) for p in compare],
     )
     web = WebState(pipe, Path(data_dir), **limits)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -58,6 +58,7 @@ CONFIG_FIELDS = (
     "spacing",
     "weights",
     "lora_scale",
+    "run",
 )
 MAX_SEED = 2**53 - 1  # the largest integer a browser's JSON numbers hold exactly
 MAX_TEXT = 2000  # characters of one prompt
@@ -271,10 +272,13 @@ def _check_condition(kwargs: Mapping[str, Any], pipe: Any) -> None:
         raise RequestError("negative_class needs class_labels for the positive side")
 
 
-def check_config(data: Any, *, max_steps: int, loras: bool) -> dict[str, Any]:
+def check_config(
+    data: Any, *, max_steps: int, loras: bool, runs: Sequence[str] = ()
+) -> dict[str, Any]:
     """One side of an A/B comparison: sampling settings, ``weights`` (``ema`` / ``raw``,
-    the run's two checkpoints) and ``lora_scale`` (the strength of the loaded adapters),
-    with an optional display ``name``."""
+    the run's two checkpoints), ``lora_scale`` (the strength of the loaded adapters) and
+    ``run`` (another model the server was started with, ``difflab serve --compare``), with
+    an optional display ``name``."""
     if not isinstance(data, dict):
         raise RequestError(f"an A/B configuration must be an object, got {data!r}")
     unknown = sorted(set(data) - set(CONFIG_FIELDS))
@@ -289,6 +293,12 @@ def check_config(data: Any, *, max_steps: int, loras: bool) -> dict[str, Any]:
         if weights not in ("ema", "raw"):
             raise RequestError(f"weights must be 'ema' or 'raw', got {weights!r}")
         out["weights"] = weights
+    run = data.get("run")
+    if run is not None:
+        if run not in runs:
+            allowed = ", ".join(runs) or "none: start difflab serve with --compare PATH"
+            raise RequestError(f"run {run!r} is not one this server compares (allowed: {allowed})")
+        out["run"] = run
     scale = _number(data, "lora_scale", -4.0, 4.0)
     if scale is not None:
         if not loras:
