@@ -424,9 +424,11 @@ def _train_vae(args: argparse.Namespace) -> int:
 def add_finetune_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "finetune",
-        help="fine-tune a finished run: LoRA/DoRA adapters, DreamBooth, textual inversion",
+        help="fine-tune a finished run: LoRA/DoRA/LoHa/LoKr adapters, DreamBooth, textual "
+        "inversion",
         description="Fine-tune BASE (its config and weights; new data through --set data.*): "
-        "LoRA (Hu et al. 2021) or DoRA adapters, optionally DreamBooth's prior preservation "
+        "LoRA (Hu et al. 2021), DoRA, or LyCORIS' LoHa / LoKr adapters (--adapter; on conv "
+        "targets too: LoCon), optionally DreamBooth's prior preservation "
         "(--prior) and a textual-inversion word (--new-word). Only the adapters / the word "
         "train. Writes a run directory with lora.safetensors and/or embedding.safetensors "
         "(EMA weights) beside the usual checkpoint.",
@@ -435,7 +437,8 @@ def add_finetune_parser(subparsers: Any) -> None:
         "base",
         help="the run to adapt: a run directory, or a Stable Diffusion 1.x/2.x model (a "
         "diffusers folder, or a single .safetensors file with --tokenizer), imported as "
-        "OUT/sd_base; its U-Net LoRA is also written in kohya layout (lora_kohya.safetensors)",
+        "OUT/sd_base; its U-Net adapter is also written in kohya / LyCORIS layout "
+        "(lora_kohya.safetensors)",
     )
     p.add_argument("--tokenizer", default=None, help="SD single files: a tokenizer folder")
     p.add_argument(
@@ -445,13 +448,26 @@ def add_finetune_parser(subparsers: Any) -> None:
         help="SD models: override the prediction type (SD 2.x single files need it)",
     )
     p.add_argument("--out", required=True, help="run directory of the fine-tuning run")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument(
+        "--adapter",
+        default="lora",
+        choices=["lora", "loha", "lokr"],
+        help="lora (default), loha (LyCORIS' Hadamard product) or lokr (LyCORIS' Kronecker "
+        "product)",
+    )
+    p.add_argument("--rank", type=int, default=4, help="adapter rank (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="adapter alpha (default: the rank)")
+    p.add_argument(
+        "--lokr-factor",
+        type=int,
+        default=-1,
+        help="LoKr: the Kronecker factor size (default -1: LyCORIS' automatic split)",
+    )
     p.add_argument(
         "--targets",
         default="attention",
-        help="attention, conv, attention+conv, or comma-separated module-name patterns "
-        "(e.g. '*.qkv,*.proj_out')",
+        help="attention, conv, attention+conv (also 'attention,conv'), or comma-separated "
+        "module-name patterns (e.g. '*.qkv,*.proj_out'); conv targets give LoCon",
     )
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     p.add_argument(
@@ -488,8 +504,10 @@ def finetune_config(
     rank: int = 4,
     alpha: float | None = None,
     targets: str | list[str] = "attention",
+    adapter: str = "lora",
     rslora: bool = False,
     dora: bool = False,
+    lokr_factor: int = -1,
     overrides: Sequence[str] = (),
     prior: str | int | None = None,
     prior_images: int = 100,
@@ -497,17 +515,19 @@ def finetune_config(
     new_word: str | None = None,
     init_word: str | None = None,
 ) -> Any:
-    """The config of a LoRA run on ``base``: its config with ``finetune`` set, ``run_dir``
-    = ``out``, its train/sample/text sections kept, then ``overrides``."""
+    """The config of an adapter run (``adapter``: lora, loha or lokr) on ``base``: its config
+    with ``finetune`` set, ``run_dir`` = ``out``, its train/sample/text sections kept, then
+    ``overrides``."""
     from .runs import read_run_config
     from .train import TrainConfig, apply_overrides
 
     cfg = read_run_config(base)
     cfg["run_dir"] = str(out)
     cfg["finetune"] = dict(
-        base_run=str(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora, dora=dora,
-        prior_condition=prior, prior_images=prior_images, prior_weight=prior_weight,
-        new_word=new_word, init_word=init_word,
+        base_run=str(base), adapter=adapter, rank=rank, alpha=alpha, targets=targets,
+        rslora=rslora, dora=dora, lokr_factor=lokr_factor, prior_condition=prior,
+        prior_images=prior_images, prior_weight=prior_weight, new_word=new_word,
+        init_word=init_word,
     )  # fmt: skip
     return TrainConfig.from_dict(apply_overrides(cfg, overrides))
 
@@ -516,8 +536,11 @@ def _finetune(args: argparse.Namespace) -> int:
     from .train import train
 
     targets: str | list[str] = args.targets
-    if "," in targets or "*" in targets or "." in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    parts = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if parts and all(p in ("attention", "conv") for p in parts):  # 'attention,conv'
+        targets = "+".join(sorted(set(parts)))
+    elif "," in targets or "*" in targets or "." in targets:
+        targets = parts
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -529,7 +552,8 @@ def _finetune(args: argparse.Namespace) -> int:
     base, stable_diffusion = _finetune_base(args)
     config = finetune_config(
         base, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
-        rslora=args.rslora, dora=args.dora, overrides=overrides, prior=prior,
+        adapter=args.adapter, rslora=args.rslora, dora=args.dora, lokr_factor=args.lokr_factor,
+        overrides=overrides, prior=prior,
         prior_images=args.prior_images, prior_weight=args.prior_weight,
         new_word=args.new_word, init_word=args.init_word,
     )  # fmt: skip

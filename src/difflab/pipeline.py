@@ -55,8 +55,9 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
         from .finetune import add_lora
 
         add_lora(
-            model, ft["rank"], ft.get("alpha"), ft["targets"], rslora=ft.get("rslora", False),
-            dora=ft.get("dora", False),
+            model, ft["rank"], ft.get("alpha"), ft["targets"], kind=ft.get("adapter", "lora"),
+            rslora=ft.get("rslora", False), dora=ft.get("dora", False),
+            factor=ft.get("lokr_factor", -1), generator=torch.Generator(),  # weights follow
         )  # fmt: skip
     return model, tokenizer
 

@@ -1,14 +1,18 @@
-"""Fine-tuning: LoRA adapters (``difflab.finetune.lora``) trained on top of a finished run,
-and adapter files made by other tools (``difflab.finetune.lycoris``: kohya, LyCORIS, PEFT).
+"""Fine-tuning: LoRA adapters (``difflab.finetune.lora``) and LyCORIS' LoHa / LoKr
+(``difflab.finetune.loha_lokr``) trained on top of a finished run, and adapter files made by
+other tools (``difflab.finetune.lycoris``: kohya, LyCORIS, PEFT).
 
 Knows nothing of samplers; the trainer and the Pipeline call into it.
 """
 
+from difflab.finetune.loha_lokr import LoHaLayer, LoKrLayer, lokr_factorization
 from difflab.finetune.lora import (
+    ADAPTER_KINDS,
     LORA_FILE,
     LORA_FORMAT,
     LoRALayer,
     LoRAReport,
+    adapter_layer,
     add_lora,
     fuse_lora,
     load_lora,
@@ -29,6 +33,7 @@ from difflab.finetune.lycoris import (
 )
 
 __all__ = [
+    "ADAPTER_KINDS",
     "AdapterLayer",
     "AdapterReport",
     "AdapterSet",
@@ -38,10 +43,14 @@ __all__ = [
     "LORA_FILE",
     "LORA_FORMAT",
     "LoRALayer",
+    "LoHaLayer",
+    "LoKrLayer",
     "LoRAReport",
+    "adapter_layer",
     "add_lora",
     "fuse_lora",
     "load_lora",
+    "lokr_factorization",
     "lora_layers",
     "lora_state_dict",
     "remove_lora",

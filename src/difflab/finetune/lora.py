@@ -23,6 +23,13 @@ layer (plus ``<module>.lora_magnitude`` for DoRA), and metadata ``format``
 is loud (USER_NEEDS 6): every module of the file must exist in the network with matching
 shapes, or nothing is applied and the error lists what did not fit.
 
+The same machinery (multiplier, fuse / unfuse, removal, the file, the run's save and resume)
+carries LyCORIS' LoHa and LoKr adapters, :class:`~difflab.finetune.loha_lokr.LoHaLayer` and
+:class:`~difflab.finetune.loha_lokr.LoKrLayer`: subclasses whose update is a dense product
+(``add_lora(..., kind="loha")``). Their tensors are stored under LyCORIS' names
+(``<module>.hada_w1_a``, ``<module>.lokr_w1``, ...) and the file's metadata ``kind`` names
+them (absent = ``lora``; LoKr adds ``lokr_factor``).
+
 The maths is a few lines, so it is written here rather than taken from ``peft``: wrapping
 keeps the U-Net's own module names and the file stays a plain, documented layout.
 """
@@ -40,10 +47,12 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ADAPTER_KINDS",
     "LORA_FILE",
     "LORA_FORMAT",
     "LoRALayer",
     "LoRAReport",
+    "adapter_layer",
     "add_lora",
     "fuse_lora",
     "load_lora",
@@ -61,6 +70,9 @@ LORA_FILE = "lora.safetensors"  # the adapter a `difflab finetune` run writes (E
 # self-attention, LDM transformer blocks and DiT blocks: attention, MLP and adaLN
 # modulation); "conv" = the residual blocks' convolutions.
 TARGET_SETS = ("attention", "conv", "attention+conv")
+# What a wrapped layer adds: "lora" (Hu et al. 2021), "loha" (LyCORIS' Hadamard product,
+# Hyeon-Woo et al. 2022) or "lokr" (LyCORIS' Kronecker product); see difflab.finetune.loha_lokr.
+ADAPTER_KINDS = ("lora", "loha", "lokr")
 
 
 class LoRALayer(nn.Module):
@@ -74,6 +86,9 @@ class LoRALayer(nn.Module):
         uniform in ``±1/√fan_in``); ``up`` starts at zero.
     """
 
+    kind = "lora"
+    label = "LoRA"
+
     def __init__(
         self,
         base: nn.Module,
@@ -85,23 +100,9 @@ class LoRALayer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d, not {type(base).__name__}")
-        if isinstance(base, nn.Conv2d) and base.groups != 1:
-            raise ValueError("LoRA on grouped convolutions is not supported")
         fan_in, fan_out = _features(base)
-        if not 1 <= rank <= min(fan_in, fan_out):
-            raise ValueError(
-                f"LoRA rank must be in 1..{min(fan_in, fan_out)} for a {fan_in}->{fan_out} "
-                f"layer, got {rank}"
-            )
-        self.base = base.requires_grad_(False)
-        self.rank = int(rank)
-        self.alpha = float(rank if alpha is None else alpha)
+        self._setup(base, rank, alpha, max_rank=min(fan_in, fan_out))
         self.rslora = bool(rslora)
-        self.multiplier = 1.0
-        self.fused = False
-        self._unfused_weight: Tensor | None = None
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         if isinstance(base, nn.Linear):
             self.lora_down: nn.Module = nn.Linear(fan_in, rank, bias=False, **like)
@@ -113,16 +114,42 @@ class LoRALayer(nn.Module):
             )  # fmt: skip
             self.lora_up = nn.Conv2d(rank, fan_out, 1, bias=False, **like)
         with torch.no_grad():
-            bound = 1.0 / math.sqrt(self.lora_down.weight[0].numel())
-            w = torch.empty(self.lora_down.weight.shape).uniform_(
-                -bound, bound, generator=generator
-            )
-            self.lora_down.weight.copy_(w)
+            self.lora_down.weight.copy_(uniform_fan_in(self.lora_down.weight.shape, generator))
             self.lora_up.weight.zero_()
         self.dora = bool(dora)
-        self.lora_magnitude: nn.Parameter | None = None
         if self.dora:
             self.lora_magnitude = nn.Parameter(self._base_norm())
+
+    def _setup(self, base: nn.Module, rank: int, alpha: float | None, max_rank: int) -> None:
+        """What every adapter layer holds: the frozen base, ``r``, ``α``, the multiplier and
+        the fuse state (``rslora`` / ``dora`` off)."""
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d, not {type(base).__name__}")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise ValueError(f"{self.label} on grouped convolutions is not supported")
+        fan_in, fan_out = _features(base)
+        if not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"{self.label} rank must be in 1..{max_rank} for a {fan_in}->{fan_out} "
+                f"layer, got {rank}"
+            )
+        self.base = base.requires_grad_(False)
+        self.rank = int(rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.rslora = False
+        self.dora = False
+        self.lora_magnitude: nn.Parameter | None = None
+        self.multiplier = 1.0
+        self.fused = False
+        self._unfused_weight: Tensor | None = None
+
+    def factors(self) -> dict[str, Tensor]:
+        """The trained tensors under their file names (``lora_down.weight``, ...; LoHa / LoKr:
+        LyCORIS' ``hada_*`` / ``lokr_*``), plus ``lora_magnitude`` for DoRA."""
+        out = {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+        if self.lora_magnitude is not None:
+            out["lora_magnitude"] = self.lora_magnitude
+        return out
 
     def _base_norm(self) -> Tensor:
         """``‖W0‖`` per output unit (over its inputs and kernel taps)."""
@@ -193,6 +220,13 @@ class LoRALayer(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, rslora={self.rslora}, dora={self.dora}"
 
 
+def uniform_fan_in(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
+    """PyTorch's Linear / Conv default (kaiming uniform, ``a = √5``): uniform in
+    ``±1/√fan_in`` with ``fan_in`` = the product of ``shape[1:]``."""
+    bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+    return torch.empty(tuple(shape)).uniform_(-bound, bound, generator=generator)
+
+
 def _features(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
@@ -246,40 +280,65 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def adapter_layer(
+    kind: str,
+    base: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    *,
+    rslora: bool = False,
+    dora: bool = False,
+    factor: int = -1,
+    generator: torch.Generator | None = None,
+) -> LoRALayer:
+    """A fresh adapter of ``kind`` (``ADAPTER_KINDS``) around ``base``: :class:`LoRALayer`,
+    or LyCORIS' LoHa / LoKr (:mod:`difflab.finetune.loha_lokr`; ``factor`` is LoKr's).
+
+    :raises ValueError: an unknown kind, or rsLoRA / DoRA asked of LoHa / LoKr.
+    """
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r} (choices: {', '.join(ADAPTER_KINDS)})")
+    if kind == "lora":
+        return LoRALayer(base, rank, alpha, rslora=rslora, dora=dora, generator=generator)
+    if rslora or dora:
+        raise ValueError(f"{'rslora' if rslora else 'dora'} is a LoRA option, not one of {kind}")
+    from .loha_lokr import LoHaLayer, LoKrLayer
+
+    if kind == "loha":
+        return LoHaLayer(base, rank, alpha, generator=generator)
+    return LoKrLayer(base, rank, alpha, factor=factor, generator=generator)
+
+
 def add_lora(
     model: nn.Module,
     rank: int = 4,
     alpha: float | None = None,
     targets: str | Sequence[str] = "attention",
     *,
+    kind: str = "lora",
     rslora: bool = False,
     dora: bool = False,
+    factor: int = -1,
     generator: torch.Generator | None = None,
 ) -> list[str]:
-    """Wrap the layers ``targets`` selects in :class:`LoRALayer` and freeze everything else.
+    """Wrap the layers ``targets`` selects in adapters of ``kind`` (:func:`adapter_layer`)
+    and freeze everything else.
 
     :param targets: ``"attention"``, ``"conv"``, ``"attention+conv"`` or fnmatch patterns
         over module names.
     :return: the wrapped module names, in network order.
-    :raises ValueError: nothing matches, a layer is already wrapped, or a bad rank.
+    :raises ValueError: nothing matches, a layer is already wrapped, or a bad rank or kind.
     """
     names = _target_names(model, targets)
     model.requires_grad_(False)
     for name in names:
         if isinstance(model.get_submodule(name.rpartition(".")[0] or ""), LoRALayer):
             raise ValueError(f"{name} is already inside a LoRA layer; remove_lora() first")
-        _set_module(
-            model,
-            name,
-            LoRALayer(
-                model.get_submodule(name),
-                rank,
-                alpha,
-                rslora=rslora,
-                dora=dora,
-                generator=generator,
-            ),  # fmt: skip
-        )
+        layer = adapter_layer(
+            kind, model.get_submodule(name), rank, alpha, rslora=rslora, dora=dora,
+            factor=factor, generator=generator,
+        )  # fmt: skip
+        _set_module(model, name, layer)
     return names
 
 
@@ -328,33 +387,38 @@ def remove_lora(model: nn.Module) -> list[str]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``{"<module>.lora_down.weight": ..., "<module>.lora_up.weight": ...}``."""
-    out = {}
-    for name, layer in _require_lora(model):
-        out[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach()
-        out[f"{name}.lora_up.weight"] = layer.lora_up.weight.detach()
-        if layer.lora_magnitude is not None:
-            out[f"{name}.lora_magnitude"] = layer.lora_magnitude.detach()
-    return out
+    """``{"<module>.<factor>": ...}`` over :meth:`LoRALayer.factors` (``lora_down.weight``,
+    ``lora_up.weight``, ``lora_magnitude``; LoHa / LoKr: ``hada_*`` / ``lokr_*``)."""
+    return {
+        f"{name}.{key}": value.detach()
+        for name, layer in _require_lora(model)
+        for key, value in layer.factors().items()
+    }
 
 
 def save_lora(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapter as safetensors with its rank, alpha and modules (atomically)."""
+    """Write the adapter as safetensors with its kind, rank, alpha and modules (atomically)."""
     from safetensors.torch import save
 
     from ..runs import atomic_write_bytes
 
     layers = _require_lora(model)
     first = layers[0][1]
+    kinds = {layer.kind for _, layer in layers}
+    if len(kinds) > 1:
+        raise ValueError(f"one adapter file holds one kind of adapter, this network has {kinds}")
     meta = {
         **(metadata or {}),
         "format": LORA_FORMAT,
+        "kind": first.kind,
         "rank": str(first.rank),
         "alpha": repr(first.alpha),
         "rslora": json.dumps(first.rslora),
         "dora": json.dumps(first.dora),
         "modules": json.dumps([name for name, _ in layers]),
     }
+    if first.kind == "lokr":
+        meta["lokr_factor"] = str(first.factor)
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata=meta))
@@ -390,52 +454,53 @@ def load_lora(
     report lists the rest.
     """
     meta, state = read_tagged(path, LORA_FORMAT, "LoRA file")
-    alpha, rslora = float(meta["alpha"]), json.loads(meta["rslora"])
-    dora = json.loads(meta.get("dora", "false"))
-    parts = ("down", "up")
+    kind = meta.get("kind", "lora")
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"{path} holds adapters of unknown kind {kind!r} "
+                         f"(choices: {', '.join(ADAPTER_KINDS)})")  # fmt: skip
+    opts = dict(rslora=json.loads(meta["rslora"]), dora=json.loads(meta.get("dora", "false")),
+                factor=int(meta.get("lokr_factor", "-1")))  # fmt: skip
+    alpha = float(meta["alpha"])
     report = LoRAReport(metadata=meta)
     modules = json.loads(meta["modules"])
-    known = {f"{m}.lora_{part}.weight" for m in modules for part in parts}
-    if dora:
-        known |= {f"{m}.lora_magnitude" for m in modules}
+    known = {f"{m}.{key}" for m in modules for key in _FILE_KEYS[kind]}
     report.unmatched += sorted(k for k in state if k not in known)
     plan = []
     for name in modules:
-        down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
-        magnitude = state.get(f"{name}.lora_magnitude") if dora else None
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             report.unmatched.append(name)
             continue
         base = layer.base if isinstance(layer, LoRALayer) else layer
-        if down is None or up is None or not isinstance(base, (nn.Linear, nn.Conv2d)):
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
             report.mismatched.append(name)
             continue
-        rank = down.shape[0]
-        want_down, want_up = _adapter_shapes(base, rank)
-        if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
-            report.mismatched.append(f"{name} (file {tuple(down.shape)}, layer {want_down})")
+        rank = _file_rank(kind, state, name, int(meta["rank"]))
+        want = _factor_shapes(kind, base, rank, **opts)
+        tensors = {key: state[f"{name}.{key}"] for key in want if f"{name}.{key}" in state}
+        got = {key: tuple(t.shape) for key, t in tensors.items()}
+        if got != want:
+            diff = "; ".join(
+                f"{key}: file {got.get(key, 'none')}, layer {want.get(key, 'none')}"
+                for key in sorted({*got, *want})
+                if got.get(key) != want.get(key)
+            )
+            report.mismatched.append(f"{name} ({diff})")
             continue
-        if dora and (magnitude is None or tuple(magnitude.shape) != (want_up[0],)):
-            report.mismatched.append(f"{name} (DoRA magnitude missing or of the wrong size)")
-            continue
-        plan.append((name, layer, rank, down, up, magnitude))
+        plan.append((name, layer, rank, tensors))
     if strict and (report.unmatched or report.mismatched):
         raise ValueError(f"LoRA file {path} does not fit this network:\n{report}")
-    for name, layer, rank, down, up, magnitude in plan:
+    for name, layer, rank, tensors in plan:
         if isinstance(layer, LoRALayer):
             layer.unfuse()
             layer = layer.base
         with torch.random.fork_rng(devices=[]):  # the init is overwritten: keep the caller's RNG
-            layer = LoRALayer(layer, rank, alpha, rslora=rslora, dora=dora)
+            layer = adapter_layer(kind, layer, rank, alpha, **opts)
         _set_module(model, name, layer)
         with torch.no_grad():
-            layer.lora_down.weight.copy_(down)
-            layer.lora_up.weight.copy_(up)
-            if magnitude is not None:
-                assert layer.lora_magnitude is not None
-                layer.lora_magnitude.copy_(magnitude)
+            for key, param in layer.factors().items():
+                param.copy_(tensors[key])
         layer.multiplier = float(scale)
         report.applied.append(name)
     return report
@@ -459,8 +524,35 @@ def read_tagged(path: str | Path, fmt: str, what: str) -> tuple[dict[str, str], 
     return meta, tensors
 
 
-def _adapter_shapes(base: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+# Every tensor name a module of each kind may have in a difflab adapter file.
+_FILE_KEYS = {
+    "lora": ("lora_down.weight", "lora_up.weight", "lora_magnitude"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lokr": ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+}
+
+
+def _file_rank(kind: str, state: dict[str, Tensor], name: str, default: int) -> int:
+    """A module's rank as its tensors give it (LoKr's whole factors have none: the file's)."""
+    key = {"lora": "lora_down.weight", "loha": "hada_w1_b", "lokr": "lokr_w2_b"}[kind]
+    tensor = state.get(f"{name}.{key}")
+    return default if tensor is None else int(tensor.shape[0])
+
+
+def _factor_shapes(
+    kind: str, base: nn.Module, rank: int, *, rslora: bool, dora: bool, factor: int
+) -> dict[str, tuple[int, ...]]:
+    """The shape of each of :meth:`LoRALayer.factors` for an adapter of ``kind`` on ``base``."""
+    if kind != "lora":
+        from .loha_lokr import factor_shapes
+
+        return factor_shapes(kind, base, rank, factor)
     fan_in, fan_out = _features(base)
     if isinstance(base, nn.Linear):
-        return (rank, fan_in), (fan_out, rank)
-    return (rank, fan_in, *base.kernel_size), (fan_out, rank, 1, 1)
+        shapes = {"lora_down.weight": (rank, fan_in), "lora_up.weight": (fan_out, rank)}
+    else:
+        shapes = {"lora_down.weight": (rank, fan_in, *base.kernel_size),
+                  "lora_up.weight": (fan_out, rank, 1, 1)}  # fmt: skip
+    if dora:
+        shapes["lora_magnitude"] = (fan_out,)
+    return shapes

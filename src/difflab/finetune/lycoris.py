@@ -3,8 +3,9 @@
 Owns reading those files, applying them to a network through a module-name map, several
 adapters at once with a multiplier each, fusing / unfusing / removing them, and writing
 difflab's own :class:`~difflab.finetune.lora.LoRALayer` adapters back out in kohya layout
-(:func:`save_kohya`). It knows nothing of any architecture: the caller passes, per component
-(``unet``, ``text_encoder``, ``text_encoder_2``), the network and a map
+(:func:`save_kohya`; trained LoHa / LoKr under LyCORIS' names). It knows nothing of any
+architecture: the caller passes, per component (``unet``, ``text_encoder``,
+``text_encoder_2``), the network and a map
 ``external module name -> module name in the network`` (identity when omitted).
 
 Every adapter adds a dense weight update ``ΔW`` to a ``Linear`` or ``Conv2d`` weight ``W0``;
@@ -63,6 +64,7 @@ __all__ = [
     "AdapterSet",
     "AdapterTarget",
     "adapter_delta",
+    "base_op",
     "clip_text_name_map",
     "read_adapter_file",
     "save_kohya",
@@ -181,6 +183,14 @@ def adapter_delta(kind: str, tensors: Mapping[str, Tensor]) -> Tensor:
     raise ValueError(f"unknown adapter kind {kind!r} (choices: {', '.join(KIND_TENSORS)})")
 
 
+def base_op(base: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """``base``'s own linear map or convolution (stride, padding, ...) with ``weight`` and
+    no bias: how a dense update ``ΔW`` acts on the input."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight)
+    return base._conv_forward(x, weight, None)
+
+
 def _kind_of(names: set[str]) -> str | None:
     """The adapter kind a module's tensor names belong to, or None if they are no one kind."""
     for kind, allowed in KIND_TENSORS.items():
@@ -277,10 +287,7 @@ class AdapterLayer(nn.Module):
         delta = self.delta_weight()
         if delta is None:
             return out
-        delta = delta.to(x.dtype)
-        if isinstance(self.base, nn.Linear):
-            return out + F.linear(x, delta)
-        return out + self.base._conv_forward(x, delta, None)
+        return out + base_op(self.base, x, delta.to(x.dtype))
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -702,10 +709,12 @@ def save_kohya(
     *,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write the difflab LoRA adapters (:class:`LoRALayer`) of ``targets``' networks in kohya
-    layout: ``lora_unet_<m>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (``<m>``
-    the external name with ``_`` for ``.``, through the inverse of each target's name map),
-    and kohya's ``ss_network_*`` metadata. rsLoRA's ``α/√r`` is written as the kohya alpha
+    """Write the difflab adapters (:class:`LoRALayer`, LoHa / LoKr included) of ``targets``'
+    networks in kohya / LyCORIS layout: ``lora_unet_<m>.<factor>`` and ``.alpha`` (``<m>``
+    the external name with ``_`` for ``.``, through the inverse of each target's name map;
+    ``<factor>`` ``lora_down.weight`` / ``lora_up.weight``, LyCORIS' ``hada_w1_a`` ...
+    or ``lokr_w1`` ...), and kohya's ``ss_network_*`` metadata (LyCORIS' ``lycoris.kohya``
+    module and ``algo`` for LoHa / LoKr). rsLoRA's ``α/√r`` is written as the kohya alpha
     ``α√r``; DoRA adapters are refused (kohya's layout has no magnitude of this kind).
     """
     from safetensors.torch import save
@@ -716,7 +725,7 @@ def save_kohya(
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_",
                 "text_encoder_2": "lora_te2_"}  # fmt: skip
     tensors: dict[str, Tensor] = {}
-    ranks, alphas, conv = set(), set(), False
+    ranks, alphas, kinds, factors, conv = set(), set(), set(), set(), False
     for component, target in targets.items():
         if component not in prefixes:
             raise ValueError(f"unknown component {component!r} (choices: {', '.join(COMPONENTS)})")
@@ -729,24 +738,31 @@ def save_kohya(
                 raise ValueError(f"{component}:{module} has no external name in the name map")
             key = prefixes[component] + inverse[module].replace(".", "_")
             alpha = layer.alpha * math.sqrt(layer.rank) if layer.rslora else layer.alpha
-            tensors[f"{key}.lora_down.weight"] = layer.lora_down.weight.detach().float().cpu()
-            tensors[f"{key}.lora_up.weight"] = layer.lora_up.weight.detach().float().cpu()
+            for name, value in layer.factors().items():
+                tensors[f"{key}.{name}"] = value.detach().float().cpu()
             tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
             ranks.add(layer.rank)
             alphas.add(alpha)
+            kinds.add(layer.kind)
+            factors.add(getattr(layer, "factor", -1))
             conv |= isinstance(layer.base, nn.Conv2d) and layer.base.kernel_size != (1, 1)
     if not tensors:
-        raise ValueError("these networks have no difflab LoRA layers to save")
+        raise ValueError("these networks have no difflab adapter layers to save")
     meta = {
         **(metadata or {}),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if kinds == {"lora"} else "lycoris.kohya",
         "ss_network_dim": str(max(ranks)),
         "ss_network_alpha": f"{max(alphas):g}",
     }
+    args: dict[str, str] = {}
     if conv:
-        meta["ss_network_args"] = json.dumps(
-            {"conv_dim": str(max(ranks)), "conv_alpha": f"{max(alphas):g}"}
-        )
+        args |= {"conv_dim": str(max(ranks)), "conv_alpha": f"{max(alphas):g}"}
+    if kinds != {"lora"} and len(kinds) == 1:
+        args["algo"] = next(iter(kinds))
+        if kinds == {"lokr"}:
+            args["factor"] = str(max(factors))
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return path

@@ -126,14 +126,15 @@ class _Exported:
 
 
 def _plain_state(model: nn.Module) -> dict[str, Tensor]:
-    """The U-Net's weights with LoRA/DoRA adapters folded in, under the plain layer names."""
+    """The U-Net's weights with LoRA/DoRA/LoHa/LoKr adapters folded in, under the plain
+    layer names."""
     from ..finetune.lora import fuse_lora, lora_layers
 
     if any(True for _ in lora_layers(model)):
         fuse_lora(model)
     state = {}
     for key, value in model.state_dict().items():
-        if ".lora_" in key or key.endswith("_unfused_weight"):
+        if _ADAPTER_KEY.search(key) or key.endswith("_unfused_weight"):
             continue
         state[key.replace(".base.", ".")] = value.detach().clone()
     return state
@@ -300,7 +301,8 @@ def export_kohya_lora(
 ) -> Path:
     """Write a fine-tuning run's U-Net LoRA in kohya's layout with diffusers module names
     (``lora_unet_down_blocks_0_attentions_0_..._to_q``), as SD 1.x / 2.x LoRA files name
-    them, for ``diffusers``' ``load_lora_weights`` and A1111 / ComfyUI.
+    them, for ``diffusers``' ``load_lora_weights`` and A1111 / ComfyUI; a LoHa / LoKr run's
+    in LyCORIS' layout (``hada_*`` / ``lokr_*``) for LyCORIS-reading tools.
 
     :param out: default ``RUN/lora_kohya.safetensors``.
     :raises ValueError: not a LoRA run, DoRA adapters, or fused q/k/v (difflab's own
@@ -332,7 +334,10 @@ def export_kohya_lora(
     return path
 
 
-_CONV_PROJ = re.compile(r"attentions_\d+_proj_(in|out)\.lora_(down|up)\.weight$")
+# SD 1.x's proj_in / proj_out factors that LyCORIS and kohya give a 1x1 convolution's shape
+# (LoHa's are flat either way; LoKr's whole w2 is (out_k, in_n, 1, 1)).
+_CONV_PROJ = re.compile(r"attentions_\d+_proj_(in|out)\.(lora_(down|up)\.weight|lokr_w2)$")
+_ADAPTER_KEY = re.compile(r"\.(lora|hada|lokr)_")  # an adapter tensor in a wrapped state dict
 
 
 def _as_conv1x1(path: Path, keys: re.Pattern[str]) -> None:

@@ -363,13 +363,17 @@ class LatentConfig:
 
 @dataclass
 class FinetuneConfig:
-    """LoRA fine-tuning of a finished run (``difflab finetune``; ``difflab.finetune``).
+    """Adapter fine-tuning of a finished run (``difflab finetune``; ``difflab.finetune``).
 
     :param base_run: the run whose weights are adapted (``None`` = ordinary training). The
         network is rebuilt from this config's ``model`` / ``text`` sections, which
         ``difflab finetune`` copies from the base run.
     :param weights: ``ema`` or ``raw`` weights of the base run.
-    :param rank: LoRA rank ``r``. :param alpha: ``α`` (``None`` = ``rank``, i.e. scale 1).
+    :param adapter: ``lora`` (Hu et al. 2021), ``loha`` (LyCORIS' Hadamard product) or
+        ``lokr`` (LyCORIS' Kronecker product); see ``difflab.finetune.loha_lokr``. On
+        ``conv`` targets each is LyCORIS' "LoCon" form.
+    :param rank: adapter rank ``r``. :param alpha: ``α`` (``None`` = ``rank``, i.e. scale 1).
+    :param lokr_factor: LoKr's factor size (``-1``: LyCORIS' automatic split).
     :param targets: ``attention``, ``conv``, ``attention+conv`` or a list of module-name
         patterns. :param rslora: scale by ``α/√r`` (rank-stabilised LoRA).
     :param dora: weight-decomposed LoRA (Liu et al. 2024): a trained magnitude per unit.
@@ -383,11 +387,13 @@ class FinetuneConfig:
 
     base_run: str | None = None
     weights: str = "ema"
+    adapter: str = "lora"
     rank: int = 4
     alpha: float | None = None
     targets: Any = "attention"
     rslora: bool = False
     dora: bool = False
+    lokr_factor: int = -1
     new_word: str | None = None
     init_word: str | None = None
     prior_condition: Any = None
@@ -395,9 +401,17 @@ class FinetuneConfig:
     prior_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        from ..finetune.lora import TARGET_SETS
+        from ..finetune.lora import ADAPTER_KINDS, TARGET_SETS
 
         check_choice("finetune.weights", self.weights, ("ema", "raw"))
+        check_choice("finetune.adapter", self.adapter, ADAPTER_KINDS)
+        if self.adapter != "lora" and (self.rslora or self.dora):
+            raise ValueError(
+                f"finetune.{'rslora' if self.rslora else 'dora'} is a LoRA option; "
+                f"finetune.adapter: {self.adapter} has no such form"
+            )
+        if self.lokr_factor != -1:
+            _check_range("finetune.lokr_factor", self.lokr_factor, 1)
         if self.prior_condition is not None:
             if self.base_run is None:
                 raise ValueError("finetune.prior_condition needs finetune.base_run (the prior)")

@@ -356,8 +356,8 @@ class Trainer:
         return tokenizer
 
     def _adapt(self, model: nn.Module) -> None:
-        """Load the base run's weights into ``model`` and wrap its target layers in LoRA
-        adapters; only the adapters train (``finetune`` config section)."""
+        """Load the base run's weights into ``model`` and wrap its target layers in LoRA /
+        LoHa / LoKr adapters; only the adapters train (``finetune`` config section)."""
         from ..finetune import add_lora
         from ..runs import WEIGHTS, load_weights
 
@@ -388,12 +388,13 @@ class Trainer:
         if ft.targets != "none":
             gen = torch.Generator().manual_seed(_subseed(self.cfg.seed, 5))
             names = add_lora(
-                model, ft.rank, ft.alpha, ft.targets, rslora=ft.rslora, dora=ft.dora,
-                generator=gen,
+                model, ft.rank, ft.alpha, ft.targets, kind=ft.adapter, rslora=ft.rslora,
+                dora=ft.dora, factor=ft.lokr_factor, generator=gen,
             )  # fmt: skip
             if ft.new_word is not None:  # add_lora froze the rest, the new word included
                 _word_parameter(model).requires_grad_(True)
-            what.append(f"{'DoRA' if ft.dora else 'LoRA'} rank {ft.rank} on {len(names)} layers")
+            label = {"lora": "DoRA" if ft.dora else "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+            what.append(f"{label[ft.adapter]} rank {ft.rank} on {len(names)} layers")
         if self.dist.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             if ft.new_word is not None and self.frozen_text is None:  # a one-row mask
