@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab.models.contract import check_model_inputs
 from difflab.models.layers import (
     AttentionBlock,
     Dropout,
@@ -574,53 +575,7 @@ class UNet(nn.Module):
         context_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Validate shapes and conditioning; return ``t [B]``, labels and mask on x's device."""
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"UNet expects x of shape [B, {cfg.in_channels}, H, W], got {tuple(x.shape)}"
-            )
-        b, f = x.shape[0], cfg.downsample_factor
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
-                f"spatial size {tuple(x.shape[2:])} must be divisible by {f} "
-                f"(2**(levels-1) for channel_mult={cfg.channel_mult})"
-            )
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must be a scalar or of shape [{b}], got {tuple(t.shape)}")
-        if cfg.num_classes is None:
-            if class_labels is not None:
-                raise ValueError("class_labels given to an unconditional UNet (num_classes=None)")
-        elif class_labels is None:
-            class_labels = torch.full((b,), cfg.num_classes, dtype=torch.long, device=x.device)
-        elif class_labels.shape != (b,) or class_labels.is_floating_point():
-            raise ValueError(
-                f"class_labels must be an integer tensor of shape [{b}], "
-                f"got {class_labels.dtype} {tuple(class_labels.shape)}"
-            )
-        if cfg.context_dim is None:
-            if context is not None or context_mask is not None:
-                raise ValueError(
-                    "context given to a UNet without cross-attention (context_dim=None)"
-                )
-        else:
-            if context is None:
-                raise ValueError(f"this UNet needs context [B, L, {cfg.context_dim}]")
-            if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-                raise ValueError(
-                    f"context must have shape [{b}, L, {cfg.context_dim}], "
-                    f"got {tuple(context.shape)}"
-                )
-            if context_mask is not None:
-                if context_mask.shape != context.shape[:2]:
-                    raise ValueError(
-                        f"context_mask must have shape {tuple(context.shape[:2])}, "
-                        f"got {tuple(context_mask.shape)}"
-                    )
-                context_mask = context_mask.to(torch.bool)
-        return t, class_labels, context_mask
+        return check_model_inputs("UNet", self.config, x, t, class_labels, context, context_mask)
 
 
 def _redraw(module: nn.Module, generator: torch.Generator) -> None:
