@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
 
-__all__ = ["WEIGHTS", "atomic_write_bytes", "load_weights", "read_run_config", "weights_file"]
+__all__ = [
+    "WEIGHTS",
+    "atomic_write_bytes",
+    "load_weights",
+    "read_run_config",
+    "state_mismatch",
+    "weights_file",
+]
 
 WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 
@@ -84,7 +92,19 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
             metadata = dict(fh.metadata() or {})
     except Exception as err:  # SafetensorError: a truncated or foreign file
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    expected = model.state_dict()
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ValueError(
+            f"{path} is a checkpoint from another architecture than its config.yaml "
+            f"describes: {mismatch}"
+        )
+    model.load_state_dict(state)
+    return metadata
+
+
+def state_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """How ``state`` fails to fit a network whose state dict is ``expected``: counts and the
+    first few missing, unexpected and shape-mismatched keys ("" when it fits exactly)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -92,18 +112,12 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, str]:
         for k in expected
         if k in state and state[k].shape != expected[k].shape
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {what} key(s): {'; '.join(items[:3])}{more}")
-        raise ValueError(
-            f"{path} is a checkpoint from another architecture than its config.yaml "
-            f"describes: {', '.join(parts)}"
-        )
-    model.load_state_dict(state)
-    return metadata
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {what} key(s): {'; '.join(items[:3])}{more}")
+    return ", ".join(parts)
 
 
 def weights_file(run_dir: Path, weights: str) -> Path:

@@ -430,19 +430,10 @@ def _from_single_file(
 def _load_exact(model: nn.Module, state: Mapping[str, Tensor], where: str | Path) -> None:
     """Load ``state`` into ``model``; every key and shape must match (a one-line error that
     names ``where`` and the first mismatches otherwise)."""
+    from ..runs import state_mismatch
+
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{len(items)} {what} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})"
-            for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if items
-        ]
-        raise ValueError(f"{where}: the weights do not fit the architecture: {'; '.join(parts)}")
+    mismatch = state_mismatch(expected, state)
+    if mismatch:
+        raise ValueError(f"{where}: the weights do not fit the architecture: {mismatch}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
