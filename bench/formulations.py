@@ -1,0 +1,276 @@
+"""Formulations x backbones at equal CPU time: ddpm / edm / flow with a U-Net and a DiT.
+
+Every cell starts from the digits demo's recipe (``configs/digits.yaml``: 8x8 digits, 10
+classes, batch 128, lr 1e-3, cosine LR, EMA 0.995, CFG dropout 0.1) and changes only
+
+* ``diffusion.formulation``: ``ddpm`` (the config's cosine VP process, eps prediction), ``edm``
+  (Karras et al. 2022) or ``flow`` (rectified flow, Esser et al. 2024), each with its default
+  ``formulation_options``;
+* ``model``: the config's U-Net, or ``{arch: dit, preset: digits, num_classes: 10}`` (Peebles
+  & Xie 2023; patch 2 on the 8x8 digits: 16 tokens).
+
+Each cell trains for the same budget (``train.max_time``; ``max_steps`` is set far out of
+reach so the clock stops every run and the LR schedule anneals over the budget) on
+``--threads`` threads, in one process, one cell after another. With ``--clock cpu`` (the
+default) the trainer's budget clock is ``time.process_time``, so every cell gets the same
+CPU seconds even when other processes share the machine; ``--clock wall`` uses the
+trainer's default ``time.monotonic``. Both times are recorded.
+
+Each trained model (EMA weights) is then sampled with one sampler (``--sampler``, DPM-Solver++
+2M by default, CFG 2 as the demo) at several step counts and scored by
+``difflab.eval.sweep.evaluate_pipeline``: FID in the digits classifier's feature space
+(``fid[digits-cnn]``, against all 1,797 digits) and the classifier's accuracy on the
+requested labels. "NFE for quality" is the fewest steps whose FID is within ``--tolerance``
+of that cell's best FID over the step counts tried (network evaluations per step: one, for a
+CFG batch of two).
+
+Usage::
+
+    python bench/formulations.py                    # 6 cells x 60 s + eval, ~10 min
+    python bench/formulations.py --budget 20s --n 200 --steps 5,10  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab import Pipeline
+from difflab.eval import DigitsClassifier, evaluate
+from difflab.eval.features import digits_data
+from difflab.eval.sweep import evaluate_pipeline
+from difflab.train import Trainer, load_config
+from difflab.train.budget import parse_duration
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results" / "formulations.md"
+FID, ACC = "fid[digits-cnn]", "accuracy[digits-cnn]"
+DIT = "model={arch: dit, preset: digits, num_classes: 10}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def train_cell(formulation: str, arch: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train one (formulation, backbone) cell for the budget; its run dir and training stats."""
+    run_dir = work / f"{formulation}_{arch}"
+    overrides = [
+        f"run_dir={run_dir}",
+        f"seed={args.seed}",
+        f"diffusion.formulation={formulation}",
+        f"train.max_time={args.budget}",
+        "train.max_steps=1000000",  # out of reach: the clock stops the run
+        "train.log_every=1000000",
+    ]
+    if arch == "dit":
+        overrides.append(DIT)
+    cfg = load_config(ROOT / "configs" / "digits.yaml", overrides)
+    params = sum(p.numel() for p in _build(cfg).parameters())
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    clock = time.process_time if args.clock == "cpu" else None  # None: time.monotonic
+    trainer = Trainer(cfg, progress=False, clock=clock)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+    return dict(formulation=formulation, arch=arch, run_dir=run_dir, params=params,
+                train_steps=result.step, stop=result.stop_reason, train_wall_s=wall_s,
+                train_cpu_s=cpu_s)  # fmt: skip
+
+
+def _build(cfg: Any) -> torch.nn.Module:
+    from difflab.models import build_model
+
+    return build_model(cfg.model_config(), generator=torch.Generator().manual_seed(0))
+
+
+def eval_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
+    """Score the cell's EMA model at every step count; adds ``fid`` / ``acc`` per steps."""
+    pipe = Pipeline.from_run(cell["run_dir"])
+    cell["fid"], cell["acc"], cell["sample_s"] = {}, {}, {}
+    for steps in args.steps:
+        row = evaluate_pipeline(pipe, metrics=("fid", "accuracy"), n=args.n,
+                                sampler=args.sampler, steps=steps,
+                                guidance_scale=args.guidance_scale, seed=args.seed)  # fmt: skip
+        cell["fid"][steps], cell["acc"][steps] = row[FID], row[ACC]
+        cell["sample_s"][steps] = row["sample_seconds"]
+        print(f"  {cell['formulation']}/{cell['arch']} steps={steps}: FID {row[FID]:.2f}, "
+              f"acc {row[ACC]:.3f}", file=sys.stderr)  # fmt: skip
+
+
+def steps_needed(fid: dict[int, float], tolerance: float) -> int:
+    """The fewest steps whose FID is within ``tolerance`` (a fraction) of the best FID."""
+    best = min(fid.values())
+    return min(s for s, f in fid.items() if f <= best * (1 + tolerance))
+
+
+def real_floor(n: int, seed: int) -> float:
+    """FID[digits-cnn] of ``n`` real digits drawn with replacement against all digits: the
+    score a perfect model would get at this ``n`` (bench/digits_floor.py)."""
+    clf = DigitsClassifier()
+    images, labels = digits_data()
+    idx = torch.randint(len(images), (n,), generator=torch.Generator().manual_seed(seed))
+    res = evaluate(images[idx], images, extractor=clf, classifier=clf, labels=labels[idx],
+                   metrics=("fid",), generator=seed)  # fmt: skip
+    return res[FID]
+
+
+def plot(cells: list[dict[str, Any]], args: argparse.Namespace, floor: float, path: Path) -> None:
+    """FID against sampling steps, one line per cell (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colours = {"ddpm": "tab:blue", "edm": "tab:orange", "flow": "tab:green"}
+    for c in cells:
+        style = "-o" if c["arch"] == "unet" else "--s"
+        ax.plot(
+            args.steps,
+            [c["fid"][s] for s in args.steps],
+            style,
+            color=colours.get(c["formulation"]),
+            label=f"{c['formulation']} / {c['arch']} ({c['train_steps']} train steps)",
+        )
+    ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"real digits, n={args.n}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(args.steps, [str(s) for s in args.steps])
+    ax.set_xlabel(f"sampling steps ({args.sampler}, CFG {args.guidance_scale:g})")
+    ax.set_ylabel(f"FID[digits-cnn], n={args.n}")
+    ax.set_title(f"digits 8x8, {args.budget} of training per cell, {args.threads} thread(s)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(
+    cells: list[dict[str, Any]], args: argparse.Namespace, floor: float, total_s: float
+) -> str:
+    command = " ".join(["python bench/formulations.py", *args.argv])
+    best_cell = min(cells, key=lambda c: min(c["fid"].values()))
+    steps_head = " | ".join(f"FID @{s}" for s in args.steps)
+    acc_head = " | ".join(f"acc @{s}" for s in args.steps)
+    lines = [
+        "# Formulations x backbones at equal CPU time (digits)",
+        "",
+        f"`{command}`",
+        "",
+        f"- Budget: **{args.budget}** of training per cell (`train.max_time`, counted in "
+        + (
+            "process CPU seconds: the trainer's clock is `time.process_time`"
+            if args.clock == "cpu"
+            else "wall seconds"
+        )
+        + f"), {args.threads} CPU thread (`torch.set_num_threads`), {cpu_name()}, torch "
+        f"{torch.__version__}; {total_s / 60:.1f} min in all. The machine (2 cores) was "
+        "shared with other processes; CPU s and wall s are those of each cell's `Trainer` "
+        "(construction included).",
+        "- Recipe: `configs/digits.yaml` (8x8 digits, batch 128, lr 1e-3, cosine LR over the "
+        "budget, EMA 0.995) with only `diffusion.formulation` and the backbone changed: U-Net = "
+        f"the config's; DiT = `{DIT.split('=', 1)[1]}` (patch 2, 16 tokens). Default "
+        "`formulation_options`; ddpm is the config's cosine schedule with eps prediction.",
+        f"- Eval: EMA weights, {args.sampler}, CFG {args.guidance_scale:g}, n = {args.n} "
+        "class-conditional samples (labels i mod 10), seed "
+        f"{args.seed}; FID in the digits classifier's feature space against all 1,797 digits "
+        f"(`evaluate_pipeline`); acc = the classifier's accuracy on the requested labels. "
+        f"Floor: {args.n} real digits (with replacement) score FID {floor:.2f}.",
+        f"- Steps for quality: fewest steps with FID within {100 * args.tolerance:g}% of the "
+        f"cell's best over steps {', '.join(map(str, args.steps))} (1 network call per step, "
+        "on a CFG batch of 2).",
+        "- **Indicative only**: one seed, one short budget, small n (FID at n = "
+        f"{args.n} is biased upwards and noisy); the ranking can change with a longer budget "
+        "or per-formulation tuning (all cells share the U-Net recipe's lr 1e-3).",
+        "",
+        f"| formulation | backbone | params (M) | train steps | CPU s | wall s | {steps_head} | "
+        f"{acc_head} | steps for quality |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * len(args.steps)) + "---:|",
+    ]
+    for c in cells:
+        fids = " | ".join(f"{c['fid'][s]:.2f}" for s in args.steps)
+        accs = " | ".join(f"{100 * c['acc'][s]:.0f}%" for s in args.steps)
+        lines.append(
+            f"| {c['formulation']} | {c['arch']} | {c['params'] / 1e6:.2f} | "
+            f"{c['train_steps']} | {c['train_cpu_s']:.0f} | {c['train_wall_s']:.0f} | "
+            f"{fids} | {accs} | "
+            f"{steps_needed(c['fid'], args.tolerance)} |"
+        )
+    lines += [
+        "",
+        f"Best FID at this budget: {best_cell['formulation']} / {best_cell['arch']} "
+        f"({min(best_cell['fid'].values()):.2f}).",
+        "",
+        f"![FID vs sampling steps per cell]({args.out.with_suffix('.png').name})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", default="60s", help="train.max_time per cell (60s, 2m, ...)")
+    p.add_argument("--formulations", default="ddpm,edm,flow")
+    p.add_argument("--archs", default="unet,dit")
+    p.add_argument("--steps", default="5,10,20", help="sampling step counts to evaluate")
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--guidance-scale", type=float, default=2.0)
+    p.add_argument("--n", type=int, default=500, help="samples per evaluation")
+    p.add_argument("--tolerance", type=float, default=0.1, help="'within X of the best FID'")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="what the budget counts: process CPU seconds (time.process_time) or wall seconds",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    args.steps = sorted(int(s) for s in args.steps.split(","))
+    parse_duration(args.budget)  # fail before any training
+    torch.set_num_threads(args.threads)
+    # The small-n FID warning is stated once in the report instead of per evaluation.
+    warnings.filterwarnings("ignore", message="FID computed from")
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="formulations_"))
+
+    cells = []
+    for arch in args.archs.split(","):
+        for formulation in args.formulations.split(","):
+            cell = train_cell(formulation, arch, args, work)
+            print(f"{formulation}/{arch}: {cell['train_steps']} steps in "
+                  f"{cell['train_wall_s']:.0f} s wall, {cell['train_cpu_s']:.0f} s CPU",
+                  file=sys.stderr)  # fmt: skip
+            eval_cell(cell, args)
+            cells.append(cell)
+    floor = real_floor(args.n, args.seed)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(cells, args, floor, args.out.with_suffix(".png"))
+    text = report(cells, args, floor, time.perf_counter() - start)
+    print(text)
+    args.out.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
