@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def plot(cells: list[dict[str, Any]], args: argparse.Namespace, floor: float, pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colours = {"ddpm": "tab:blue", "edm": "tab:orange", "flow": "tab:green"}
@@ -153,10 +155,13 @@ def plot(cells: list[dict[str, Any]], args: argparse.Namespace, floor: float, pa
     ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"real digits, n={args.n}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())  # no "6x10^0" labels
     ax.set_xticks(args.steps, [str(s) for s in args.steps])
     ax.set_xlabel(f"sampling steps ({args.sampler}, CFG {args.guidance_scale:g})")
     ax.set_ylabel(f"FID[digits-cnn], n={args.n}")
-    ax.set_title(f"digits 8x8, {args.budget} of training per cell, {args.threads} thread(s)")
+    ax.set_title(
+        f"digits 8x8, {args.budget} ({args.clock}) of training per cell, {args.threads} thread"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -268,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(cells, args, floor, args.out.with_suffix(".png"))
     text = report(cells, args, floor, time.perf_counter() - start)
+    raw = [{k: v for k, v in c.items() if k != "run_dir"} for c in cells]
+    args.out.with_suffix(".json").write_text(json.dumps({"floor": floor, "cells": raw}, indent=1))
     print(text)
     args.out.write_text(text, encoding="utf-8")
 
