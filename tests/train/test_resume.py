@@ -103,6 +103,28 @@ def test_resume_warns_about_changed_config(tmp_path):
         )
 
 
+def test_keys_a_newer_difflab_added_at_their_defaults_are_no_change(tmp_path):
+    """A run written before a config key existed (its config.yaml lacks it) resumes without
+    a warning about it; a real change is still named."""
+    import warnings
+
+    import yaml
+
+    train(tiny_config(tmp_path, "train.max_steps=1"), dataset=ToyData())
+    path = tmp_path / "config.yaml"
+    old = yaml.safe_load(path.read_text())
+    for key in ("formulation", "formulation_options"):  # keys this stop added
+        old["diffusion"].pop(key, None)
+    old["train"].pop("max_time", None)
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the resume
+        assert train(tiny_config(tmp_path, "train.max_steps=1"), dataset=ToyData(),
+                     resume=True).step == 1  # fmt: skip
+    with pytest.warns(UserWarning, match=r"changed config keys: train.max_steps$"):
+        train(tiny_config(tmp_path, "train.max_steps=2"), dataset=ToyData(), resume=True)
+
+
 def test_resume_is_bit_exact_with_channels_last(tmp_path):
     opts = ["train.max_steps=2", "train.channels_last=true"]
     data = ToyData(16)

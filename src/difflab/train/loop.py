@@ -67,7 +67,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .compiled import COMPILE_CACHE, inductor_cache
-from .config import TrainConfig, save_config
+from .config import TrainConfig, load_config, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .early_stop import BEST_FILE, EarlyStopping
 from .ema import EMA
@@ -1030,7 +1030,11 @@ class Trainer:
         path = self.run_dir / "config.yaml"
         if not path.is_file():
             return
-        old = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        try:  # through today's config: keys a newer difflab added, at their defaults, are
+            # not changes (a run written before ``diffusion.formulation`` existed, say)
+            old = _flat(load_config(path).to_dict())
+        except (ValueError, TypeError, OSError):  # a config today's code no longer reads
+            old = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
         new = _flat(self.cfg.to_dict())
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
