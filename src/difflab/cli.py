@@ -1119,8 +1119,17 @@ def add_serve_parser(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .interop.sd import path_kind
     from .web import serve
+    from .web.app import is_loopback
 
+    if not is_loopback(args.host) and not args.token:
+        raise UserError(
+            f"--host {args.host} opens the server beyond this machine; give it a --token "
+            "(or serve on 127.0.0.1)"
+        )
+    for other in args.compare:  # a model A/B sides may name: it must load later
+        path_kind(other)
     pipe = _load_pipeline(args)
     print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     serve(
