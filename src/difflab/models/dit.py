@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab._validate import check_keys
 from difflab.models.contract import check_model_inputs
 from difflab.models.layers import CrossAttention, timestep_embedding, zero_init
 
@@ -119,16 +120,7 @@ class DiTConfig:
         arch = data.pop("arch", ARCH)
         if arch != ARCH:
             raise ValueError(f"DiTConfig.from_dict got arch={arch!r}; expected {ARCH!r}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-            raise ValueError(
-                f"unknown DiTConfig key(s): {', '.join(hints)}; valid keys: {', '.join(known)}"
-            )
+        check_keys("DiTConfig", data, [f.name for f in dataclasses.fields(cls)])
         return cls(**data)
 
     @classmethod

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab._validate import check_keys
 from difflab.models.contract import check_model_inputs
 from difflab.models.layers import (
     AttentionBlock,
@@ -228,16 +229,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UNetConfig:
         """Inverse of :meth:`to_dict`. Unknown keys raise ``ValueError`` with a suggestion."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-            raise ValueError(
-                f"unknown UNetConfig key(s): {', '.join(hints)}; valid keys: {', '.join(known)}"
-            )
+        check_keys("UNetConfig", data, [f.name for f in dataclasses.fields(cls)])
         return cls(**dict(data))
 
     @classmethod
