@@ -187,6 +187,14 @@ class Pipeline:
                 from .models.text import PromptEncoder
 
                 text_encoder = PromptEncoder(model, tokenizer)  # type: ignore[arg-type]
+            elif text_encoder is None and text_cfg.get("encoder") == "sdxl":
+                from .interop.sd_text_train import SDXLTrainingText
+
+                mc = model.config  # type: ignore[union-attr]
+                text_encoder = SDXLTrainingText(  # type: ignore[assignment]
+                    text_cfg["path"], device, vector_dim=mc.vector_dim,
+                    image_size=mc.image_size * (vae.config.downsample_factor if vae else 1),
+                )  # fmt: skip
             elif text_encoder is None and text_cfg.get("encoder") in ("clip", "t5"):
                 from .models.text import PretrainedTextEncoder
 

@@ -14,7 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
-from sd_helpers import tiny_sd1_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from sd_helpers import tiny_sd1_pipeline  # noqa: E402
 from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
@@ -64,13 +64,6 @@ def test_imported_base_run_equals_the_sd_model(sd_folder, tmp_path):
         mine, _ = ours.text_encoder(["a red cat"])
         theirs = sd.text_encoder.encoder(["a red cat"])["context"]
     torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=0)
-
-
-def test_sdxl_is_refused(tmp_path):
-    folder = tmp_path / "xl"
-    tiny_sdxl_pipeline(seed=0).save_pretrained(folder)
-    with pytest.raises(ValueError, match="SDXL.*not supported yet"):
-        import_stable_diffusion(folder, tmp_path / "base")
 
 
 def test_lora_kohya_file_gives_difflabs_unet_output_in_diffusers(sd_folder, data, tmp_path):

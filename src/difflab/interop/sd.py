@@ -376,6 +376,10 @@ def _from_single_file(
         raise FileNotFoundError(
             f"the tokenizer folder {str(config_dir)!r} for {path.name} does not exist"
         )
+    encoder = SDTextEncoder.from_single_file(  # first: a missing tokenizer is the usual slip
+        state, family, config_dir,
+        force_zeros_for_empty_prompt=defaults.get("force_zeros_for_empty_prompt", False),
+    )  # fmt: skip
     # The numbers weight shapes do not give (heads, GroupNorm groups, the VAE's scale) come
     # from the named folder's configs when it is a diffusers folder, else the family's.
     unet_sd = _split(state, UNET_PREFIX)
@@ -384,7 +388,13 @@ def _from_single_file(
         cfg = unet_config_from_diffusers(_read_json(unet_json))
     else:
         cfg = unet_config_from_ldm(unet_sd, family=family)
-    unet = UNet(cfg)
+    try:
+        unet = UNet(cfg)
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: the U-Net with the {family} defaults does not build ({err}); name a "
+            "diffusers folder of this model (with unet/config.json) as the tokenizer folder"
+        ) from err
     _load_exact(unet, unet_state_from_ldm(unet_sd, cfg), path)
     vae_sd = _split(state, VAE_PREFIX)
     if not vae_sd:
@@ -405,10 +415,6 @@ def _from_single_file(
             "(512-base models predict eps, 768 models v): pass prediction='eps' or 'v' "
             "(--prediction), or a diffusers folder with scheduler/ as the tokenizer folder"
         )
-    encoder = SDTextEncoder.from_single_file(
-        state, family, config_dir,
-        force_zeros_for_empty_prompt=defaults.get("force_zeros_for_empty_prompt", False),
-    )  # fmt: skip
     time_dim = 256  # SDXL's; a folder's U-Net config may say otherwise
     if unet_json.is_file():
         time_dim = int(_read_json(unet_json).get("addition_time_embed_dim") or 256)

@@ -6,12 +6,15 @@ scheduler's betas and prediction type, ``latent.vae`` = the autoencoder folder w
 ``text.encoder: clip`` with ``text.path`` = a folder holding the text model and its
 tokenizer, ``mask_padding: false`` and ``max_length: 77``: Stable Diffusion's recipe,
 Rombach et al. 2022 sec. 4.3.2), and the U-Net weights as ``ema.safetensors`` /
-``model.safetensors``.  SD 1.x and 2.x only: SDXL's two text encoders and pooled vector have
-no difflab text-run form yet.  Reading the checkpoint is :mod:`difflab.interop.sd`'s.
+``model.safetensors``.  SDXL's two text encoders are written as a ``text/`` folder read by
+``text.encoder: sdxl`` (:mod:`difflab.interop.sd_text_train`: the pooled embedding and the
+size ids become the U-Net's ``vector``); the refiner is refused.  Reading the checkpoint is
+:mod:`difflab.interop.sd`'s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -32,12 +35,12 @@ def import_stable_diffusion(
     prediction: str | None = None,
     variant: str | None = None,
 ) -> Path:
-    """Write the SD 1.x / 2.x model at ``path`` (a diffusers folder or an original single
+    """Write the SD 1.x / 2.x / XL model at ``path`` (a diffusers folder or an original single
     ``.safetensors`` file with ``tokenizer``) as a difflab run directory ``out``.
 
     The run's ``data`` section is a placeholder (captions at the model's image size, no
     path): fine-tuning sets ``data.path``.
-    :raises ValueError: SDXL, or anything ``load_stable_diffusion`` refuses.
+    :raises ValueError: an SDXL refiner, or anything ``load_stable_diffusion`` refuses.
     """
     from ..train import TrainConfig, save_config
     from .scheduler import default_sampler, schedule_from_diffusers
@@ -45,19 +48,15 @@ def import_stable_diffusion(
 
     out = Path(out)
     parts = load_stable_diffusion(path, tokenizer=tokenizer, prediction=prediction, variant=variant)
-    if parts.family == "sdxl":
+    encoder: Any = parts.conditioner.encoder
+    if parts.family == "sdxl" and len(encoder.models) != 2:
         raise ValueError(
-            f"{path} is an SDXL model; fine-tuning SDXL (two text encoders and a pooled "
-            "vector) is not supported yet: use an SD 1.x or 2.x model"
+            f"{path} is an SDXL refiner (text_encoder_2 alone); fine-tuning takes SDXL base "
+            "with its two text encoders"
         )
     out.mkdir(parents=True, exist_ok=True)
     vae_dir = parts.vae.save_pretrained(out / "vae")  # type: ignore[operator]
-    encoder: Any = parts.conditioner.encoder
-    text_dir = out / "text_encoder"
-    if text_dir.exists():
-        shutil.rmtree(text_dir)
-    encoder.models[0].save_pretrained(text_dir)
-    encoder.tokenizers[0].save_pretrained(text_dir)
+    text = _write_text_encoders(encoder, out, parts.family)
     ucfg: Any = parts.unet.config
     f = int(parts.vae.config.downsample_factor)  # type: ignore[union-attr]
     schedule = schedule_from_diffusers(parts.scheduler)
@@ -70,8 +69,7 @@ def import_stable_diffusion(
         "data": {"source": "captions", "path": "-", "image_size": ucfg.image_size * f,
                  "channels": int(parts.vae.config.in_channels)},  # type: ignore[union-attr]
         "latent": {"vae": str(vae_dir)},
-        "text": {"encoder": "clip", "path": str(text_dir), "max_length": encoder.max_length,
-                 "mask_padding": False},
+        "text": text,
         "train": {"batch_size": 1, "lr": 1.0e-4, "warmup_steps": 0, "max_steps": 500,
                   "log_every": 10, "sample_every": 0, "save_every": 0, "tensorboard": False,
                   "plot_metrics": False},
@@ -83,6 +81,30 @@ def import_stable_diffusion(
     save_config(config, out / "config.yaml")
     _write_weights(parts.unet.state_dict(), out, source=str(path), family=parts.family)
     return out
+
+
+def _write_text_encoders(encoder: Any, out: Path, family: str) -> dict[str, Any]:
+    """The text model(s) and tokenizer(s) as ``save_pretrained`` folders; the run's ``text``
+    section that reads them (SD 1.x / 2.x: ``clip`` from ``text_encoder/``; SDXL: ``sdxl``
+    from ``text/`` with diffusers' ``text_encoder{,_2}/`` and ``tokenizer{,_2}/``)."""
+    if family != "sdxl":
+        folder = out / "text_encoder"
+        if folder.exists():
+            shutil.rmtree(folder)
+        encoder.models[0].save_pretrained(folder)
+        encoder.tokenizers[0].save_pretrained(folder)
+        return {"encoder": "clip", "path": str(folder), "max_length": encoder.max_length,
+                "mask_padding": False}  # fmt: skip
+    folder = out / "text"
+    if folder.exists():
+        shutil.rmtree(folder)
+    for i, suffix in enumerate(("", "_2")):
+        encoder.models[i].save_pretrained(folder / f"text_encoder{suffix}")
+        encoder.tokenizers[i].save_pretrained(folder / f"tokenizer{suffix}")
+    zeros = {"force_zeros_for_empty_prompt": encoder.force_zeros_for_empty_prompt}
+    (folder / "model_index.json").write_text(json.dumps(zeros), encoding="utf-8")
+    return {"encoder": "sdxl", "path": str(folder), "max_length": encoder.max_length,
+            "mask_padding": False}  # fmt: skip
 
 
 def _write_weights(state: dict[str, torch.Tensor], out: Path, **meta: str) -> None:

@@ -369,9 +369,10 @@ class SDTextEncoder:
             _open_clip_layers(state, SDXL_PREFIXES[1], family)  # a clear error when absent
             clip_g = open_clip_to_hf(state, SDXL_PREFIXES[1])
             specs = [(clip_l, "quick_gelu", "tokenizer"), (clip_g, "gelu", "tokenizer_2")]
-        tokenizers, models = [], []
-        for hf, act, sub in specs:
-            tokenizer = _find_tokenizer(Path(tokenizer_dir), sub, family)
+        # Every tokenizer first: a missing one is named before any model is built.
+        tokenizers = [_find_tokenizer(Path(tokenizer_dir), sub, family) for _, _, sub in specs]
+        models: list[Any] = []
+        for (hf, act, sub), tokenizer in zip(specs, tokenizers):
             n_heads = heads if heads is not None else _folder_heads(Path(tokenizer_dir), sub)
             config = clip_text_config(hf, hidden_act=act, heads=n_heads, tokenizer=tokenizer)
             model_cls = transformers.CLIPTextModel
@@ -379,7 +380,6 @@ class SDTextEncoder:
                 model_cls = transformers.CLIPTextModelWithProjection
             models.append(_build(model_cls, config, hf, dtype or torch.float32))
             _check_vocab(tokenizer, models[-1], Path(tokenizer_dir))
-            tokenizers.append(tokenizer)
         if force_zeros_for_empty_prompt is None:
             force_zeros_for_empty_prompt = family == "sdxl"
         return cls(

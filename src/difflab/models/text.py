@@ -39,8 +39,10 @@ __all__ = [
 TOKENIZER_FILE = "tokenizer.json"  # beside a text-conditional run's weights
 PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
 SPECIALS = (PAD, UNK, BOS)
-TEXT_ENCODERS = ("none", "transformer", "clip", "t5")
-PRETRAINED_ENCODERS = ("clip", "t5")  # frozen, read from text.path
+TEXT_ENCODERS = ("none", "transformer", "clip", "t5", "sdxl")
+PRETRAINED_ENCODERS = ("clip", "t5", "sdxl")  # frozen, read from text.path
+# sdxl: a folder with SDXL's two encoders (difflab.interop.sd_text_train.SDXLTrainingText).
+SDXL_TEXT_DIRS = ("text_encoder", "text_encoder_2")
 # config.json model_type values each pretrained encoder accepts.
 _MODEL_TYPES = {"clip": ("clip", "clip_text_model"), "t5": ("t5", "mt5", "umt5")}
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
@@ -137,7 +139,9 @@ class TextConfig:
         with the U-Net, LDM sec. 4.3), ``clip`` (a frozen pretrained CLIP text model read
         from ``path``, as Stable Diffusion conditions on CLIP ViT-L/14's tokens) or ``t5``
         (a frozen T5 encoder read from ``path``, as Imagen conditions on T5-XXL's tokens,
-        Saharia et al. 2022 sec. 2.1).
+        Saharia et al. 2022 sec. 2.1), or ``sdxl`` (SDXL's two frozen CLIP encoders read from
+        ``path/text_encoder{,_2}`` and ``path/tokenizer{,_2}``; the U-Net also gets the pooled
+        embedding and size ids as ``vector``, Podell et al. 2023 sec. 2.2).
     :param width: ``transformer``: token width, the U-Net's ``context_dim`` (``clip``: the
         model's hidden size is used).
     :param layers: ``transformer`` layers.
@@ -174,7 +178,17 @@ class TextConfig:
             raise ValueError(f"text.max_length must be >= 2, got {self.max_length}")
         if self.width % self.heads:
             raise ValueError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
-        if self.pretrained:
+        if self.encoder == "sdxl":
+            if not self.path:
+                raise ValueError("text.encoder: sdxl needs text.path, a folder of SDXL's encoders")
+            for sub in SDXL_TEXT_DIRS:
+                if not (Path(str(self.path)) / sub / "config.json").is_file():
+                    raise FileNotFoundError(
+                        f"text.encoder: sdxl needs text.path, a folder with SDXL's "
+                        f"{' and '.join(SDXL_TEXT_DIRS)}/ (and tokenizer/, tokenizer_2/); "
+                        f"{self.path!r} has no {sub}/config.json"
+                    )
+        elif self.pretrained:
             name = self.encoder.upper() if self.encoder == "t5" else "CLIP"
             if not self.path:
                 raise ValueError(
@@ -192,8 +206,9 @@ class TextConfig:
                     f"{model_type!r} model (expected {' or '.join(_MODEL_TYPES[self.encoder])})"
                 )
 
-    def _folder_config(self) -> dict[str, Any]:
-        return json.loads((Path(str(self.path)) / "config.json").read_text(encoding="utf-8"))
+    def _folder_config(self, sub: str = "") -> dict[str, Any]:
+        path = Path(str(self.path)) / sub / "config.json"
+        return json.loads(path.read_text(encoding="utf-8"))
 
     @property
     def pretrained(self) -> bool:
@@ -205,6 +220,8 @@ class TextConfig:
         """The width of the tokens the U-Net attends to."""
         if not self.pretrained:
             return self.width
+        if self.encoder == "sdxl":  # both encoders' tokens, concatenated
+            return sum(int(self._folder_config(sub)["hidden_size"]) for sub in SDXL_TEXT_DIRS)
         config = self._folder_config()
         if self.encoder == "t5":
             return int(config["d_model"])
@@ -345,8 +362,8 @@ class PretrainedTextEncoder:
         *,
         mask_padding: bool = True,
     ) -> None:
-        if kind not in PRETRAINED_ENCODERS:
-            raise ValueError(f"kind must be one of {', '.join(PRETRAINED_ENCODERS)}, got {kind!r}")
+        if kind not in ("clip", "t5"):  # sdxl: difflab.interop.sd_text_train
+            raise ValueError(f"kind must be clip or t5, got {kind!r}")
         try:
             import transformers
         except ImportError as err:  # pragma: no cover - transformers is a test dependency

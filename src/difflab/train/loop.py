@@ -222,10 +222,12 @@ class Trainer:
             n = cfg.sample.num_images
             distinct = list(dict.fromkeys(texts))
             self.grid_prompts = [distinct[i % len(distinct)] for i in range(n)]
-            if cfg.text.pretrained:
-                self.frozen_text = PretrainedTextEncoder(
-                    str(cfg.text.path), cfg.text.max_length, self.device, kind=cfg.text.encoder,
-                    mask_padding=cfg.text.mask_padding,
+            if cfg.text.pretrained:  # CLIP / T5, or SDXL's two encoders
+                from ..interop.sd_text_train import training_text_encoder
+
+                self.frozen_text = training_text_encoder(
+                    cfg.text, self.device, image_size=cfg.data.image_size,
+                    vector_dim=getattr(cfg.model_config(), "vector_dim", None),
                 )  # fmt: skip
             else:
                 self.tokenizer = self._build_tokenizer(texts)
@@ -497,6 +499,9 @@ class Trainer:
             ids, mask = self.tokenizer.encode(texts)
             return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
         assert self.frozen_text is not None
+        keywords = getattr(self.frozen_text, "keywords", None)
+        if keywords is not None:  # SDXL: context and the vector (pooled text + size ids)
+            return {k: v.to(dev) for k, v in keywords(texts).items()}
         if self.frozen_text.words:  # textual inversion: gradients reach the word's vector
             context, mask = self.frozen_text.encode(texts)
         elif self.text_cache is not None:
