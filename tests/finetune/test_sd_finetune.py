@@ -113,3 +113,44 @@ def test_textual_inversion_word_loads_in_difflab_and_diffusers(sd_folder, tmp_pa
     torch.testing.assert_close(runs, theirs, atol=1e-5, rtol=0)
     cat = encoder(["a photo of cat in the house"])["context"]
     assert (ours - cat).abs().max() > 1e-4  # the word trained away from its init
+
+
+def test_dreambooth_on_an_sd_model_writes_adapters_that_load_back(sd_folder, tmp_path):
+    """DreamBooth (Ruiz et al. 2023) on an imported SD 1.x model: the class prompt's prior
+    images come from the imported model, both losses are logged, and the adapter written loads
+    back: ``lora.safetensors`` through ``Pipeline.from_run``, the kohya file on the SD model
+    in difflab (``Pipeline.load_lora``) and in diffusers, with one U-Net output."""
+    import json
+
+    data = write_captioned_images(tmp_path / "images", ["a photo of sks cat"] * 2)
+    base = import_stable_diffusion(sd_folder, tmp_path / "base")  # what finetune SD_PATH does
+    cfg = yaml.safe_load((base / "config.yaml").read_text())
+    cfg["sample"]["steps"] = 3  # the prior images in a few DDIM steps (the SD default is 50)
+    (base / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "db"
+    argv = ["finetune", str(base), "--out", str(out), "--rank", "2", "--prior", "a cat",
+            "--prior-images", "2", "--prior-weight", "0.5", *FT,
+            "--set", f"data.path={data}"]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert cli_main(["export", str(out), "--to", "kohya", str(out / "lora_kohya.safetensors")]) == 0
+    assert (out / "lora.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    prior = json.loads((out / "prior" / "prior.json").read_text())
+    assert prior["condition"] == "a cat" and prior["count"] == 2
+    assert prior["base_run"] == str(base.resolve())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_prior" in r for r in records), records[-1]
+
+    tuned = dl.Pipeline.from_run(out)
+    ours_sd = dl.Pipeline.from_pretrained(sd_folder)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, local_files_only=True)
+    x, t, context = _inputs(2)
+    with torch.no_grad():
+        base = pipe.unet(x, t, context).sample
+        tuned_out = tuned.model(x, t, context=context)
+        ours_sd.load_lora(out / "lora_kohya.safetensors")
+        reloaded = ours_sd.model(x, t, context=context)
+        pipe.load_lora_weights(str(out / "lora_kohya.safetensors"))
+        theirs = pipe.unet(x, t, context).sample
+    assert (tuned_out - base).abs().max() > 1e-3  # the adapters moved
+    torch.testing.assert_close(reloaded, tuned_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, tuned_out, atol=1e-5, rtol=1e-5)
