@@ -2,8 +2,11 @@
 
 Owns, for each formulation, what training and sampling need to know about it:
 
-- training: the noise-level distribution (``draw_levels``), the network's input scaling and
-  time conditioning, the regression target and the loss weight (``training_loss``);
+- training: the noise-level distribution (``draw_levels``, its inverse CDF ``quantile`` and
+  the fixed ``validation_levels`` it gives), the network's input scaling and time
+  conditioning, the regression target and the loss weight (``training_loss``);
+- likelihood: the probability-flow ODE in the formulation's own frame (``ode_drift`` over
+  ``ode_span``, prior N(0, ``prior_std``²·I)) that ``difflab.eval.ode_likelihood`` solves;
 - sampling: the exact conversion of the network's output into the x̂0 / ε̂ that every
   difflab sampler consumes (``FormulationDenoiser``), and a ``NoiseSchedule`` whose table
   spans the formulation's noise range, so every spacing and sampler walks it unchanged
