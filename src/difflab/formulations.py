@@ -2,8 +2,11 @@
 
 Owns, for each formulation, what training and sampling need to know about it:
 
-- training: the noise-level distribution (``draw_levels``), the network's input scaling and
-  time conditioning, the regression target and the loss weight (``training_loss``);
+- training: the noise-level distribution (``draw_levels``, its inverse CDF ``quantile`` and
+  the fixed ``validation_levels`` it gives), the network's input scaling and time
+  conditioning, the regression target and the loss weight (``training_loss``);
+- likelihood: the probability-flow ODE in the formulation's own frame (``ode_drift`` over
+  ``ode_span``, prior N(0, ``prior_std``²·I)) that ``difflab.eval.ode_likelihood`` solves;
 - sampling: the exact conversion of the network's output into the x̂0 / ε̂ that every
   difflab sampler consumes (``FormulationDenoiser``), and a ``NoiseSchedule`` whose table
   spans the formulation's noise range, so every spacing and sampler walks it unchanged
@@ -125,6 +128,36 @@ class Formulation:
         """The weighted regression loss of one batch ``x0 [B, C, ...]`` at ``levels [B]``."""
         raise NotImplementedError
 
+    def quantile(self, q: Tensor) -> Tensor:
+        """The inverse CDF of ``draw_levels``' distribution at ``q ∈ (0, 1)``, float64.
+
+        Validation scores a model at the fixed levels ``quantile((i + ½)/k)``, i < k
+        (``validation_levels``), so its loss is comparable from call to call.
+        """
+        raise NotImplementedError
+
+    def validation_levels(self, k: int) -> Tensor:
+        """``k`` fixed training levels, the mid-quantiles of the level distribution ``[k]``."""
+        if k < 1:
+            raise ValueError(f"validation needs at least one noise level, got {k}")
+        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        return self.quantile(q).to(torch.float32)
+
+    # ----------------------------------------------- probability-flow ODE (likelihood)
+    # The ODE in the formulation's own frame: d x / d u = ``ode_drift`` for u from
+    # ``ode_span()[0]`` (data) to ``ode_span()[1]`` (noise), prior N(0, ``prior_std``²·I).
+    prior_std: ClassVar[float] = 1.0
+
+    def ode_span(self) -> tuple[float, float]:
+        """(u at the data end, u at the prior end) of the probability-flow ODE."""
+        raise NotImplementedError
+
+    def ode_drift(
+        self, model: Callable[..., Tensor], x: Tensor, u: float, cond: Mapping[str, Any]
+    ) -> Tensor:
+        """d x / d u of the probability-flow ODE at the native state ``x [B, ...]``."""
+        raise NotImplementedError
+
     # --------------------------------------------------------------- sampling
     def log_snr(self, levels: Tensor) -> Tensor:
         """λ = log(α²/σ²) of native levels, float64 for the schedule table."""
@@ -208,6 +241,30 @@ class EDM(Formulation):
         """σ = exp(P_mean + P_std·n), n ~ N(0, 1) (Table 1, "Noise distribution")."""
         return torch.exp(self.p_mean + self.p_std * torch.randn(n, generator=generator))
 
+    def quantile(self, q: Tensor) -> Tensor:
+        """σ at quantile q of the log-normal: exp(P_mean + P_std·Φ⁻¹(q))."""
+        return torch.exp(self.p_mean + self.p_std * torch.special.ndtri(q.double()))
+
+    def denoise(
+        self,
+        model: Callable[..., Tensor],
+        x: Tensor,
+        sigma: Tensor,
+        cond: Mapping[str, Any] | None = None,
+        model_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """D_θ(x; σ) = c_skip·x + c_out·F_θ(c_in·x; c_noise) (eq. 7), float32 ``[B, ...]``.
+
+        ``sigma [B]``; the network's input is cast to ``model_dtype`` (default ``x.dtype``).
+        """
+        x = x.float()
+        s = append_dims(sigma.to(x.device, torch.float32), x.ndim)
+        c_skip, c_out, c_in, c_noise = self.precondition(s)
+        net_in = (c_in * x).to(model_dtype or x.dtype)
+        out = model(net_in, c_noise.reshape(-1), **(cond or {})).float()
+        _check_output(out, x)
+        return c_skip * x + c_out * out
+
     def training_loss(
         self,
         model: Callable[..., Tensor],
@@ -219,16 +276,28 @@ class EDM(Formulation):
         """E[λ(σ)·‖D_θ(x0 + σn; σ) - x0‖²] (eq. 8), D_θ = c_skip·x + c_out·F_θ(c_in·x; c_noise)."""
         y = x0.float()
         sigma = levels.to(y.device, torch.float32)
-        s = append_dims(sigma, y.ndim)
-        c_skip, c_out, c_in, c_noise = self.precondition(s)
-        x = y + s * noise.float()  # EDM eq. 2's noisy sample
-        out = model((c_in * x).to(x0.dtype), c_noise.reshape(-1), **(cond or {})).float()
-        _check_output(out, y)
-        d = c_skip * x + c_out * out
+        x = y + append_dims(sigma, y.ndim) * noise.float()  # EDM eq. 2's noisy sample
+        d = self.denoise(model, x, sigma, cond, model_dtype=x0.dtype)
         mse = mean_flat((d - y) ** 2)
         weights = self.loss_weight(sigma)
         per_sample = weights * mse
         return FormulationLoss(per_sample.mean(), per_sample, mse, weights)
+
+    @property
+    def prior_std(self) -> float:  # type: ignore[override]
+        """σ_max: the ODE's prior is N(0, σ_max²·I) (eq. 1's p(x; σ_max))."""
+        return self.sigma_max
+
+    def ode_span(self) -> tuple[float, float]:
+        """(ln σ_min, ln σ_max): the ODE runs in u = ln σ."""
+        return math.log(self.sigma_min), math.log(self.sigma_max)
+
+    def ode_drift(
+        self, model: Callable[..., Tensor], x: Tensor, u: float, cond: Mapping[str, Any]
+    ) -> Tensor:
+        """dx/d ln σ = σ·dx/dσ = x - D(x; σ) (eq. 1 and 3 with σ(t) = t)."""
+        sigma = torch.full((x.shape[0],), math.exp(u), device=x.device)
+        return x - self.denoise(model, x, sigma, cond)
 
     def log_snr(self, levels: Tensor) -> Tensor:
         return -2 * torch.as_tensor(levels, dtype=torch.float64).log()  # λ = -2 ln σ
@@ -311,9 +380,45 @@ class Flow(Formulation):
             normal = torch.randn(n, generator=generator)
             t = torch.sigmoid(self.logit_mean + self.logit_std * normal)
         else:  # mode: f_mode(u; s)
-            u = torch.rand(n, generator=generator)
-            t = 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+            t = self._f_mode(torch.rand(n, generator=generator))
         return resolution_shift(t, self.shift)  # type: ignore[return-value]
+
+    def _f_mode(self, u: Tensor) -> Tensor:
+        """SD3 eq. 20: f_mode(u; s) = 1 - u - s·(cos²(πu/2) - 1 + u), decreasing in u."""
+        return 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+
+    def quantile(self, q: Tensor) -> Tensor:
+        """t at quantile q of ``draw_levels``' distribution (monotone maps of U or N(0, 1))."""
+        q = q.double()
+        if self.timestep_sampling == "uniform":
+            t = q
+        elif self.timestep_sampling == "logit_normal":
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(q))
+        else:  # f_mode decreases on [0, 1] for s in [-1, 2/(π-2)]: quantile q is f_mode(1-q)
+            t = self._f_mode(1 - q)
+        return resolution_shift(t, self.shift)  # type: ignore[return-value]
+
+    def velocity(
+        self,
+        model: Callable[..., Tensor],
+        x_t: Tensor,
+        t: Tensor,
+        cond: Mapping[str, Any] | None = None,
+    ) -> Tensor:
+        """v_θ(x_t, t), the network's velocity, float32 ``[B, ...]`` (``t [B]`` in [0, 1])."""
+        out = model(x_t, self.time_scale * t.to(x_t.device, torch.float32), **(cond or {}))
+        _check_output(out, x_t)
+        return out.float()
+
+    def ode_span(self) -> tuple[float, float]:
+        """(0, 1): the ODE runs in t from the data to N(0, I) (x_1 = ε exactly)."""
+        return 0.0, 1.0
+
+    def ode_drift(
+        self, model: Callable[..., Tensor], x: Tensor, u: float, cond: Mapping[str, Any]
+    ) -> Tensor:
+        """dx/dt = v(x, t) (Lipman et al. 2023 eq. 1; Liu et al. 2023)."""
+        return self.velocity(model, x, torch.full((x.shape[0],), u), cond)
 
     def training_loss(
         self,
@@ -328,8 +433,7 @@ class Flow(Formulation):
         t = levels.to(y.device, torch.float32)
         tt = append_dims(t, y.ndim)
         x_t = (1 - tt) * y + tt * eps
-        out = model(x_t.to(x0.dtype), self.time_scale * t, **(cond or {})).float()
-        _check_output(out, y)
+        out = self.velocity(model, x_t.to(x0.dtype), t, cond)
         mse = mean_flat((out - (eps - y)) ** 2)
         weights = torch.ones_like(mse)
         return FormulationLoss(mse.mean(), mse, mse, weights)

@@ -130,3 +130,83 @@ def test_hutchinson_probes_are_unbiased_for_a_full_jacobian(schedule):
     exact = float(logpdf(x[:1], lam0))
     assert estimates.std() > 1e-3  # the probes do matter here
     assert abs(float(estimates.mean()) - exact) < 4 * float(estimates.std()) / math.sqrt(n)
+
+
+# ------------------------------------------------------------------ edm and flow formulations
+def flow_velocity(mu: float, s: float, time_scale: float = 1000.0):
+    """Exact v = E[ε - x0 | x_t] of x0 ~ N(μ, s²): -μ + (t - (1-t)s²)/V_t·(x - (1-t)μ),
+    V_t = (1-t)²s² + t²."""
+
+    def net(x, time, **_):
+        t = (time / time_scale).reshape(-1, 1, 1, 1).double()
+        v_t = (1 - t) ** 2 * s**2 + t**2
+        return (-mu + (t - (1 - t) * s**2) / v_t * (x.double() - (1 - t) * mu)).float()
+
+    return net
+
+
+def edm_network(edm, mu: float, s: float):
+    """The F whose preconditioned D(x; σ) = μ + s²/(s² + σ²)·(x - μ) is exact for N(μ, s²)."""
+
+    def net(x_in, c_noise, **_):
+        sigma = torch.exp(4 * c_noise.double()).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = edm.precondition(sigma)
+        x = x_in.double() / c_in
+        return ((mu + s**2 / (s**2 + sigma**2) * (x - mu) - c_skip * x) / c_out).float()
+
+    return net
+
+
+def test_flow_likelihood_of_gaussian_data_is_the_closed_form():
+    from difflab.formulations import Flow
+
+    flow = Flow(shift=3.0)  # the shift re-times sampling only: the ODE in t is the same
+    x = MU + S * torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    res = ode_likelihood(flow_velocity(MU, S), x, flow.schedule, generator=torch.Generator())
+    # x_t = (1-t)μ + √V_t/s·(x - μ): at t = 1 the standardised data, and N(0, I) is exact
+    torch.testing.assert_close(res.x_end, (x.double() - MU) / S, atol=1e-4, rtol=0)
+    exact = gaussian_logpdf(x, MU, S)
+    torch.testing.assert_close(res.log_px, exact, atol=3e-5, rtol=0)
+    torch.testing.assert_close(res.bpd, -exact / (4 * math.log(2)), atol=1e-5, rtol=0)
+    # a FormulationDenoiser or an explicit formulation name the same ODE
+    same = ode_likelihood(flow.denoiser(flow_velocity(MU, S)), x, NoiseSchedule.cosine(10))
+    torch.testing.assert_close(same.log_px, res.log_px)
+
+
+def test_edm_likelihood_of_gaussian_data_is_the_closed_form():
+    from difflab.formulations import EDM
+
+    edm, s = EDM(sigma_data=0.5), 0.7
+    x = s * torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    net = edm_network(edm, 0.0, s)
+    res = ode_likelihood(net, x, edm.schedule, generator=torch.Generator(), formulation=edm)
+    # p(x; σ) = N(0, (s² + σ²) I) along the path (Karras et al. 2022 eq. 1)
+    v0, v1 = s**2 + edm.sigma_min**2, s**2 + edm.sigma_max**2
+    torch.testing.assert_close(res.x_end, x.double() * math.sqrt(v1 / v0), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(res.prior_logp, gaussian_logpdf(res.x_end, 0.0, edm.sigma_max))
+    exact = gaussian_logpdf(x, 0.0, s)  # the prior mismatch ~ d·s²/σ_max² ~ 3e-5 nats
+    torch.testing.assert_close(res.log_px, exact, atol=3e-4, rtol=0)
+    torch.testing.assert_close(res.bpd, -exact / (4 * math.log(2)), atol=1e-4, rtol=0)
+
+
+def test_formulation_likelihood_of_uint8_data_is_offset_by_7_bits():
+    from difflab.formulations import Flow
+
+    flow = Flow()
+    k = torch.randint(60, 200, (2, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator())
+    deq = dequantize(k, torch.Generator().manual_seed(5))
+    net = flow_velocity(MU, S)
+    disc = ode_likelihood(net, k, flow.schedule, generator=torch.Generator().manual_seed(5))
+    cont = ode_likelihood(net, deq, flow.schedule)
+    assert disc.discrete
+    torch.testing.assert_close(disc.log_px, cont.log_px, atol=1e-6, rtol=0)
+    torch.testing.assert_close(disc.bpd, cont.bpd + 7.0)
+    torch.testing.assert_close(cont.log_px, gaussian_logpdf(deq, MU, S), atol=1e-4, rtol=0)
+
+
+def test_formulation_likelihood_refuses_ddpm_options():
+    from difflab.formulations import Flow
+
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="t_start / t_end"):
+        ode_likelihood(flow_velocity(MU, S), x, Flow().schedule, t_end=10)

@@ -298,3 +298,34 @@ def test_sample_count_warning_is_given_once_per_sweep(run_dir, digits, tmp_path)
                         metrics=["fid"], n=8, out_dir=tmp_path, plots=False)  # fmt: skip
     few = [w for w in caught if "not comparable with numbers in papers" in str(w.message)]
     assert len(res.computed) == 4 and len(few) == 1  # FID for the first cell only
+
+
+def test_ode_bits_per_dim_of_a_flow_run_is_its_own_ode(tmp_path):
+    """A fresh flow network outputs v ≡ 0 (zero-initialised output): its ODE is the
+    identity and p(x) is the N(0, I) prior itself (a ddpm reading would not be)."""
+    from safetensors.torch import save_file
+
+    from difflab.eval.likelihood import BIN_WIDTH, dequantize
+    from difflab.eval.sweep import evaluate_likelihood
+    from difflab.models import UNet
+
+    run = make_tiny_run(tmp_path / "flow", num_classes=None)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["diffusion"]["formulation"] = "flow"
+    config["diffusion"]["formulation_options"] = {"shift": 2.0}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    fresh = UNet(Pipeline.from_run(run).model.config)
+    fresh.initialize_weights(torch.Generator().manual_seed(0))
+    save_file(fresh.state_dict(), str(run / "ema.safetensors"))
+    real = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator())
+    got = evaluate_likelihood(run, "ode", n=2, seed=3, reference=real)
+    assert got["likelihood_n"] == 2 and got["likelihood_ode_nfe"] > 2
+
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(3))[:2]
+    x = dequantize(real[pick], torch.Generator().manual_seed(3)).flatten(1)
+    d = x.shape[1]
+    log_px = -0.5 * d * np.log(2 * np.pi) - 0.5 * (x**2).sum(1)  # N(x; 0, I)
+    bpd = (-log_px - d * np.log(BIN_WIDTH)) / (d * np.log(2))
+    assert got["bpd[ode]"] == pytest.approx(float(bpd.mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="'vlb' needs a ddpm run.*'flow'"):
+        evaluate_likelihood(run, "vlb,ode", n=2, reference=real)

@@ -83,7 +83,6 @@ def test_formulation_loss_is_the_formulations_own(tmp_path):
         (["diffusion.formulation=flow", "diffusion.timestep_sampler=importance"],
          "timestep_sampler"),
         (["diffusion.formulation=edm", "diffusion.formulation_options.rho=7"], "rho"),
-        (["diffusion.formulation=flow", "train.val_fraction=0.1"], "val_fraction"),
         (["diffusion.formulation_options.shift=2"], "apply to edm or flow"),
     ],
 )  # fmt: skip

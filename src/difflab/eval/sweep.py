@@ -629,7 +629,8 @@ def evaluate_likelihood(
     discretised Gaussian decoder for 8-bit data (Ho et al. 2020 eq. 5; Nichol & Dhariwal 2021
     §3, `difflab.diffusion.bits_per_dim`). ``"ode"``: the probability-flow ODE likelihood with
     uniform dequantisation and a Rademacher Hutchinson trace estimate (Song et al. 2021
-    app. D.2, `difflab.eval.ode_likelihood`). Both are reported for the same images: a random
+    app. D.2, `difflab.eval.ode_likelihood`; edm and flow runs: their own ODE, "ode" only).
+    Both are reported for the same images: a random
     subset (``seed``) of ``reference`` (default: the run's ``data:`` section), quantised to
     8 bits. A class-conditional model is scored unconditionally, through its null label
     (the p(x) it learned by condition dropout).
@@ -656,10 +657,11 @@ def evaluate_likelihood(
         )
     if isinstance(reference, str | os.PathLike):  # a folder of real images
         reference = reference_folder_config(reference, _pixel_shape(pipe))
-    if getattr(pipe, "formulation", None) is not None:  # bits_per_dim / ode_likelihood: VP only
+    formulation = getattr(pipe, "formulation", None)
+    if formulation is not None and "vlb" in names:  # the discrete VLB is DDPM's T-step chain
         raise ValueError(
-            f"likelihood metrics need a ddpm run; this run's formulation is "
-            f"{pipe.formulation.name!r}"
+            f"likelihood method 'vlb' needs a ddpm run; this run's formulation is "
+            f"{formulation.name!r}: use 'ode' (its probability-flow ODE)"
         )
     real = to_uint8(reference_images(_data_section(pipe) if reference is None else reference))
     gen = torch.Generator().manual_seed(seed)
@@ -694,7 +696,7 @@ def evaluate_likelihood(
                 part = {k: v[s:e].to(pipe.device) for k, v in cond.items()}
                 res = ode_likelihood(
                     pipe.model, images[s:e], pipe.schedule, prediction=pipe.prediction,
-                    cond=part, generator=ode_gen,
+                    cond=part, generator=ode_gen, formulation=formulation,
                 )  # fmt: skip
                 results.append(res.bpd)
                 nfe.append(res.nfe)

@@ -509,11 +509,6 @@ class TrainConfig:
             )
         if self.train.eval_every:
             self._check_eval()
-        if self.diffusion.formulation != "ddpm" and self.train.val_fraction > 0:
-            raise ValueError(
-                f"train.val_fraction (validation loss) supports formulation ddpm only, not "
-                f"{self.diffusion.formulation!r}; set train.val_fraction=0"
-            )
         if self.train.encoder_cache is not None and vae is None and not self.text.pretrained:
             raise ValueError(
                 "train.encoder_cache caches frozen encoders' outputs, and this run has none: "

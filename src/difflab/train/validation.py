@@ -5,7 +5,10 @@ rank and after a resume) and the validation loss: the run's own training objecti
 (``difflab.losses.training_loss``: its parametrisation, weighting and, for learned
 variances, the hybrid VLB term) on the held-out images at ``val_timesteps`` evenly spaced
 timesteps, with noise from a generator seeded afresh each time — so two evaluations differ
-only because the weights did.  Offset noise and input perturbation are training-time
+only because the weights did.  edm / flow runs (``difflab.formulations``) are scored by their
+formulation's own loss and weight at ``val_timesteps`` fixed levels, the mid-quantiles of
+their training level distribution (EDM's log-normal σ, flow's uniform / logit-normal / mode
+t: ``Formulation.validation_levels``).  Offset noise and input perturbation are training-time
 augmentations and are left out.  Class-conditional models see the true labels and
 text-conditional ones the true captions (no condition dropout); a ``prepare`` hook from the
 trainer turns items into model inputs (autoencoder latents, caption tokens).  Knows nothing
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from ..formulations import Formulation, FormulationSchedule
 from ..losses import training_loss
 from ..schedules import NoiseSchedule
 
@@ -88,10 +92,15 @@ def validation_loss(
     device: torch.device | str = "cpu",
     prepare: Callable[[Tensor, list[dict[str, Any]]], tuple[Tensor, dict[str, Tensor]]]
     | None = None,
+    formulation: Formulation | None = None,
 ) -> float:
     """Mean training objective of ``model`` over ``val_set`` × the validation timesteps.
 
-    :param diffusion: the run's ``DiffusionConfig`` (prediction, variance, weighting, ...).
+    :param diffusion: the run's ``DiffusionConfig`` (prediction, variance, weighting, ...);
+        unused for edm / flow.
+    :param timesteps: how many timesteps (ddpm) or fixed noise levels (edm / flow).
+    :param formulation: the run's edm / flow formulation; default: the one whose sampling
+        table ``schedule`` is (``FormulationSchedule``), else None (ddpm).
     :param seed: seeds the noise; the same seed gives the same noise at every call.
     :param null_label: the model's null class label when it is class-conditional (samples
         without a label are scored through it).
@@ -101,7 +110,12 @@ def validation_loss(
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    ts = validation_timesteps(schedule.num_timesteps, timesteps)
+    if formulation is None and isinstance(schedule, FormulationSchedule):
+        formulation = schedule.formulation
+    if formulation is None:
+        levels = [float(t) for t in validation_timesteps(schedule.num_timesteps, timesteps)]
+    else:
+        levels = formulation.validation_levels(timesteps).tolist()
     total, count = 0.0, 0
     try:
         n = len(val_set)  # type: ignore[arg-type]
@@ -115,22 +129,27 @@ def validation_loss(
             if prepare is not None:
                 x0, extra = prepare(x0, items)
                 cond.update(extra)
-            for t in ts:
+            for level in levels:
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                out = training_loss(
-                    model,
-                    schedule,
-                    x0,
-                    prediction=diffusion.prediction,
-                    variance=diffusion.variance,
-                    weighting=diffusion.weighting,
-                    snr_gamma=diffusion.snr_gamma,
-                    vlb_weight=diffusion.vlb_weight,
-                    cond=cond,
-                    t=torch.full((len(x0),), t, dtype=torch.long, device=device),
-                    noise=noise,
-                )
-                total += float(out.per_sample.double().sum())
+                if formulation is not None:  # EDM's σ or flow's t, the formulation's loss
+                    at = torch.full((len(x0),), level, device=device)
+                    per_sample = formulation.training_loss(model, x0, at, noise, cond).per_sample
+                else:
+                    t = torch.full((len(x0),), int(level), dtype=torch.long, device=device)
+                    per_sample = training_loss(
+                        model,
+                        schedule,
+                        x0,
+                        prediction=diffusion.prediction,
+                        variance=diffusion.variance,
+                        weighting=diffusion.weighting,
+                        snr_gamma=diffusion.snr_gamma,
+                        vlb_weight=diffusion.vlb_weight,
+                        cond=cond,
+                        t=t,
+                        noise=noise,
+                    ).per_sample
+                total += float(per_sample.double().sum())
                 count += len(x0)
     finally:
         model.train(was_training)
