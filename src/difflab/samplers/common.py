@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -33,9 +32,6 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 # the step's starting state: x_t is that state on the model's input scale (the contract's x_t,
 # whatever internal variable the sampler uses), t its timestep, x0_pred the x̂0 predicted there.
 SamplerCallback = Callable[[int, float, Tensor, Tensor | None], None]
-T = TypeVar("T")
-
-
 def randn(
     shape: Sequence[int],
     generator: Generators = None,
