@@ -97,8 +97,9 @@ def layer_of(module: str) -> str:
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one node (Tarjan), each with one cycle
-    through its first node written out."""
+    """One cycle per strongly connected component of more than one node (Tarjan): the
+    shortest through the component's first node, followed by the component's other members
+    (``[a, b, a, "(also: c, d)"]``) when it has more."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -124,7 +125,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if w == v:
                     break
             if len(comp) > 1:  # report one cycle per component; fixing it shows the next
-                found.append(_one_cycle(graph, set(comp), min(comp)))
+                cycle = _one_cycle(graph, set(comp), min(comp))
+                others = sorted(set(comp) - set(cycle))
+                found.append(cycle + ([f"(also: {', '.join(others)})"] if others else []))
 
     for v in sorted(graph):
         if v not in index:
@@ -147,6 +150,10 @@ def _one_cycle(graph: dict[str, set[str]], comp: set[str], start: str) -> list[s
                     nxt.append(w)
         frontier = nxt
     raise AssertionError(f"no cycle through {start}")  # pragma: no cover
+
+
+def _pairs(cycle: list[str]) -> list[tuple[str, str]]:
+    return [(a, b) for a, b in zip(cycle, cycle[1:]) if not b.startswith("(also")]
 
 
 def _where(a: str, b: str, same_layer: bool = False) -> str:
@@ -185,7 +192,7 @@ def test_no_cycle_between_layers():
                 graph.setdefault(layer_of(mod), set()).add(layer_of(target))
     cycles = _cycles(graph)
     text = [
-        " -> ".join(c) + "\n" + "\n".join(f"    {_where(a, b)}" for a, b in zip(c, c[1:]))
+        " -> ".join(c) + "\n" + "\n".join(f"    {_where(a, b)}" for a, b in _pairs(c))
         for c in cycles
     ]
     assert not cycles, "import cycles between layers:\n" + "\n".join(text)
@@ -195,7 +202,7 @@ def test_no_cycle_between_modules():
     graph = {mod: {t for t, _ in targets} for mod, targets in EDGES.items()}
     cycles = _cycles(graph)
     text = [
-        " -> ".join(c) + "\n" + "\n".join(f"    {_where(a, b, True)}" for a, b in zip(c, c[1:]))
+        " -> ".join(c) + "\n" + "\n".join(f"    {_where(a, b, True)}" for a, b in _pairs(c))
         for c in cycles
     ]
     assert not cycles, "import cycles between modules:\n" + "\n".join(text)
@@ -207,4 +214,6 @@ def test_the_walk_sees_lazy_imports_and_cycles():
     assert any(t == "difflab.pipeline" for t, _ in EDGES["difflab.prior"])  # inside a function
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
+    graph["b"] |= {"a"}
+    assert _cycles(graph) == [["a", "b", "a", "(also: c)"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
