@@ -231,7 +231,7 @@ def test_demo_few_steps_end_to_end(tmp_path, capsys):
 
 def test_train_from_config_with_overrides(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    from difflab.cli import DEMO_CONFIG
+    from difflab.cli.demo import DEMO_CONFIG
 
     config.write_text(yaml.safe_dump(DEMO_CONFIG))
     out = tmp_path / "t"
@@ -245,7 +245,7 @@ def test_train_from_config_with_overrides(tmp_path, capsys):
 
 
 def test_configs_digits_yaml_is_the_demo_config():
-    from difflab.cli import DEMO_CONFIG
+    from difflab.cli.demo import DEMO_CONFIG
     from difflab.train import load_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"

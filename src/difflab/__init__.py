@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .diffusion import (
     BitsPerDim,
     bits_per_dim,
@@ -25,8 +26,6 @@ from .parametrization import Denoiser
 from .samplers import SAMPLERS, img2img, sample
 from .samplers.ddpm import ddim_invert
 from .schedules import NoiseLevels, NoiseSchedule
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "Pipeline": ("difflab.pipeline", "Pipeline"),

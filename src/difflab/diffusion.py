@@ -447,7 +447,7 @@ def bits_per_dim(
     ``cond`` values that are tensors are sliced with the batch.  ``prediction`` and
     ``variance`` default to "eps" / "fixedsmall" for a raw model, or the ``Denoiser``'s own.
     """
-    from .samplers.common import progress as progress_bar  # lazy: samplers import this module
+    from ._progress import progress as progress_bar  # lazy: tqdm only when it is used
 
     net, prediction, variance = _resolve(model, prediction, variance)
     T = schedule.num_timesteps

@@ -533,7 +533,7 @@ class Pipeline:
 
         ``size`` is the ``(height, width)`` in pixels of the images (``None``: the model's
         own); ``custom_noise`` records that the caller passed the initial ``noise``."""
-        from . import __version__
+        from ._version import __version__
         from .samplers import SAMPLERS
         from .samplers.guidance import check_apg_options, check_guidance_interval
 

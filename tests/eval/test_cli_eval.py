@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/_tiny_run.py
 from _tiny_run import make_tiny_run  # noqa: E402
 
-from difflab.eval.cli_eval import add_eval_parser, add_sweep_parser  # noqa: E402
+from difflab.cli.eval import add_eval_parser, add_sweep_parser  # noqa: E402
 from difflab.eval.sweep import SWEEP_FILES, evaluate_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*not comparable with numbers in papers")

@@ -31,8 +31,8 @@ from _tiny_run import make_tiny_run  # noqa: E402
 from sd_helpers import tiny_sd1_pipeline  # noqa: E402
 from test_clip import tiny_clip  # noqa: E402
 
+from difflab.cli import eval as cli_eval  # noqa: E402
 from difflab.cli import main  # noqa: E402
-from difflab.eval import cli_eval  # noqa: E402
 from difflab.eval.clip import CLIPScorer  # noqa: E402
 from difflab.eval.features import FeatureExtractor  # noqa: E402
 from difflab.eval.metrics import frechet_distance, to_uint8  # noqa: E402

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import ToyData, tiny_config, train_with_a_cut  # noqa: E402
 
 import difflab as dl  # noqa: E402
-from difflab.cli import finetune_config  # noqa: E402
-from difflab.finetune.prior import PriorMixture, prior_images  # noqa: E402
+from difflab.cli.finetune import finetune_config  # noqa: E402
 from difflab.images import to_uint8  # noqa: E402
+from difflab.prior import PriorMixture, prior_images  # noqa: E402
 from difflab.train import Trainer, load_checkpoint, load_config, train  # noqa: E402
 
 

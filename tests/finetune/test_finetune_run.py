@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import ToyData, tiny_config, train_with_a_cut  # noqa: E402
 
 import difflab as dl  # noqa: E402
-from difflab.cli import finetune_config  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
+from difflab.cli.finetune import finetune_config  # noqa: E402
 from difflab.finetune import LORA_FILE  # noqa: E402
 from difflab.images import read_png_params  # noqa: E402
 from difflab.train import Trainer, load_checkpoint, train  # noqa: E402

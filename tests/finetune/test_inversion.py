@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import tiny_config, write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
-from difflab.cli import finetune_config  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
+from difflab.cli.finetune import finetune_config  # noqa: E402
 from difflab.finetune.inversion import EMBEDDING_FILE, add_word  # noqa: E402
 from difflab.images import read_png_params  # noqa: E402
 from difflab.train import load_config, train  # noqa: E402

@@ -24,8 +24,8 @@ from sd_helpers import tiny_sd1_pipeline  # noqa: E402
 from train_helpers import ToyData, tiny_config, train_with_a_cut, write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
-from difflab.cli import finetune_config  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
+from difflab.cli.finetune import finetune_config  # noqa: E402
 from difflab.finetune import (  # noqa: E402
     LORA_FILE,
     LoHaLayer,

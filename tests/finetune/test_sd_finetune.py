@@ -19,7 +19,7 @@ from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
-from difflab.interop.sd_import import import_stable_diffusion  # noqa: E402
+from difflab.convert.sd_import import import_stable_diffusion  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")

@@ -23,7 +23,7 @@ from train_helpers import save_tiny_clip  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
-from difflab.interop.export import (  # noqa: E402
+from difflab.convert.export import (  # noqa: E402
     check_exportable,
     export_diffusers,
     export_single_file,

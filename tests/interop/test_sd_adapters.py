@@ -183,7 +183,8 @@ def test_cli_applies_several_adapter_files_each_at_its_scale(sd1, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from difflab.cli import lora_and_scale, main
+    from difflab.cli import main
+    from difflab.cli.common import lora_and_scale
     from difflab.images import make_grid, read_png_params
 
     ref = tiny_sd1_pipeline(seed=0)

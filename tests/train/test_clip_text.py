@@ -150,7 +150,7 @@ def test_cached_caption_tokens_train_like_the_encoder(clip_dir, tmp_path):
 def test_textual_inversion_through_the_frozen_clip(clip_dir, tmp_path):
     """A new word for a frozen-CLIP run: only its vector (the U-Net's ``ti_word``) trains,
     through CLIP; the embedding file added to the base run reproduces the fine-tuned run."""
-    from difflab.cli import finetune_config
+    from difflab.cli.finetune import finetune_config
     from difflab.finetune.inversion import EMBEDDING_FILE
 
     base = tmp_path / "base"

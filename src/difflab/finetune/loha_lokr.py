@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .lora import LoRALayer, _features, uniform_fan_in
+from .layer import LoRALayer, _features, uniform_fan_in
 from .lycoris import adapter_delta, base_op
 
 __all__ = ["LoHaLayer", "LoKrLayer", "factor_shapes", "lokr_factorization"]

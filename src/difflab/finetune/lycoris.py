@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora import LoRALayer, lora_layers
+from .layer import LoRALayer, lora_layers
 
 __all__ = [
     "COMPONENTS",

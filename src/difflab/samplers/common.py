@@ -2,20 +2,19 @@
 
 Owns: ``randn`` (noise drawn from one generator per sample, so sample *i* of a batch equals
 the same seed run alone), ``progress`` (a tqdm bar that switches off when stderr is not a
-terminal), and the ``SamplerCallback`` signature.  Knows nothing of algorithms.
+terminal; it lives in ``difflab._progress`` and is re-exported here), and the
+``SamplerCallback`` signature.  Knows nothing of algorithms.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from .._progress import progress
 from ..parametrization import append_dims
 
 __all__ = [
@@ -33,9 +32,6 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 # the step's starting state: x_t is that state on the model's input scale (the contract's x_t,
 # whatever internal variable the sampler uses), t its timestep, x0_pred the x̂0 predicted there.
 SamplerCallback = Callable[[int, float, Tensor, Tensor | None], None]
-T = TypeVar("T")
-
-
 def randn(
     shape: Sequence[int],
     generator: Generators = None,
@@ -74,21 +70,6 @@ def _to_device(x: Tensor, device: torch.device | str | None) -> Tensor:
 def randn_like(x: Tensor, generator: Generators = None) -> Tensor:
     """``randn`` with the shape, device and (float) dtype of ``x``."""
     return randn(x.shape, generator, device=x.device, dtype=torch.float32).to(x.dtype)
-
-
-def progress(
-    iterable: Iterable[T],
-    *,
-    total: int | None = None,
-    desc: str = "",
-    disable: bool | None = None,
-    leave: bool = False,
-) -> Iterable[T]:
-    """A tqdm progress bar that is off when stderr is not a terminal (logs stay clean);
-    ``leave=True`` keeps the finished bar on screen (training)."""
-    if disable is None:
-        disable = not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=leave)
 
 
 def expand_t(t: float, x: Tensor) -> Tensor:

@@ -288,7 +288,7 @@ class Trainer:
     def _with_prior(self, dataset: Any) -> Any:
         """The instance data mixed with the base run's prior images (rank 0 draws them,
         the other ranks read them once written)."""
-        from ..finetune.prior import PriorMixture, prior_images
+        from ..prior import PriorMixture, prior_images
 
         ft = self.cfg.finetune
         args = (ft.base_run, ft.prior_condition, ft.prior_images, self.run_dir / "prior")

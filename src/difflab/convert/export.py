@@ -228,7 +228,7 @@ def export_diffusers(
     :param weights: ``"ema"``, ``"raw"`` or another weights file of the run.
     :raises ValueError: a run diffusers cannot hold (:func:`check_exportable`).
     """
-    from .unet import unet_config_to_diffusers, unet_state_to_diffusers
+    from ..interop.unet import unet_config_to_diffusers, unet_state_to_diffusers
 
     run, out = Path(run_dir), Path(out)
     with torch.random.fork_rng(devices=[]):
@@ -273,8 +273,8 @@ def export_single_file(
     ``Pipeline.from_pretrained(out, tokenizer=FOLDER)`` where FOLDER is the run's
     :func:`export_diffusers` folder (its unet/vae/scheduler configs and tokenizer).
     """
-    from .unet import LDM_PREFIX, unet_config_to_diffusers, unet_state_to_ldm
-    from .vae import vae_state_to_ldm
+    from ..interop.unet import LDM_PREFIX, unet_config_to_diffusers, unet_state_to_ldm
+    from ..interop.vae import vae_state_to_ldm
 
     run, out = Path(run_dir), Path(out)
     if out.suffix != ".safetensors":
@@ -309,8 +309,8 @@ def export_kohya_lora(
         runs: kohya's files adapt ``to_q``/``to_k``/``to_v`` apart).
     """
     from ..finetune.lycoris import AdapterTarget, save_kohya
+    from ..interop.unet import diffusers_module_map
     from ..pipeline import Pipeline, read_run_config
-    from .unet import diffusers_module_map
 
     run = Path(run_dir)
     cfg = read_run_config(run)

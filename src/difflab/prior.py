@@ -47,8 +47,8 @@ def prior_images(
 
     :raises ValueError: ``n < 1``, or a condition the base model cannot take.
     """
-    from ..images import save_image
-    from ..pipeline import Pipeline
+    from .images import save_image
+    from .pipeline import Pipeline
 
     if n < 1:
         raise ValueError(f"prior_images needs n >= 1, got {n}")

@@ -54,7 +54,7 @@ def add_ema_parser(subparsers: Any) -> None:
 
 
 def _ema(args: argparse.Namespace) -> int:
-    from .posthoc_ema import write_reconstructions
+    from ..train.posthoc_ema import write_reconstructions
 
     sigma_rels = parse_sigma_rels(args.sigma_rel)
     if args.eval is not None:
@@ -65,7 +65,7 @@ def _ema(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, sigma_rels: list[float]) -> int:
-    from .posthoc_sweep import best_sigma_rels, sweep_sigma_rel
+    from ..train.posthoc_sweep import best_sigma_rels, sweep_sigma_rel
 
     rows = sweep_sigma_rel(
         args.run, sigma_rels, metrics=args.eval, n=args.n, step=args.step,

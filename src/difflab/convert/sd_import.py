@@ -42,9 +42,9 @@ def import_stable_diffusion(
     path): fine-tuning sets ``data.path``.
     :raises ValueError: an SDXL refiner, or anything ``load_stable_diffusion`` refuses.
     """
+    from ..interop.scheduler import default_sampler, schedule_from_diffusers
+    from ..interop.sd import load_stable_diffusion
     from ..train import TrainConfig, save_config
-    from .scheduler import default_sampler, schedule_from_diffusers
-    from .sd import load_stable_diffusion
 
     out = Path(out)
     parts = load_stable_diffusion(path, tokenizer=tokenizer, prediction=prediction, variant=variant)

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from difflab.cli import _add_model_args, add_refinement_args, refinement_options
-from difflab.eval.features import RESIZE_MODES, FeatureExtractor
+from ..eval.features import RESIZE_MODES, FeatureExtractor
+from .common import _add_model_args, add_refinement_args, refinement_options
 
 __all__ = ["add_eval_parser", "add_sweep_parser", "format_results", "run_eval", "run_sweep_cli"]
 
@@ -90,15 +90,15 @@ def _clip(args: argparse.Namespace) -> Any:
     """A `CLIPScorer` from ``--clip-model`` (None without it)."""
     if args.clip_model is None:
         return None
-    from difflab.eval.clip import CLIPScorer
+    from ..eval.clip import CLIPScorer
 
     return CLIPScorer(args.clip_model, scale=args.clip_scale, device=args.device or "cpu")
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, list[str] | None]:
     """The pipeline of ``args.run`` (with ``--prompts`` read) and the prompts."""
-    from difflab.eval.sources import read_prompts
-    from difflab.eval.sweep import load_pipeline
+    from ..eval.sources import read_prompts
+    from ..eval.sweep import load_pipeline
 
     prompts = None if args.prompts is None else read_prompts(args.prompts)
     pipe = load_pipeline(
@@ -117,7 +117,7 @@ def _results_dir(run: str, kind: str) -> Path:
 def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
     """Inception from ``--inception-weights`` or ``$DIFFLAB_INCEPTION_WEIGHTS``; else None
     (the digits classifier)."""
-    from difflab.eval.features import INCEPTION_WEIGHTS_ENV, InceptionV3Features
+    from ..eval.features import INCEPTION_WEIGHTS_ENV, InceptionV3Features
 
     path = args.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
     if not path:
@@ -174,7 +174,7 @@ def add_eval_parser(subparsers: Any) -> None:
 
 def format_results(results: dict[str, Any]) -> str:
     """A plain-text table: one line per metric with its extractor, then the settings."""
-    from difflab.eval.sweep import metric_columns
+    from ..eval.sweep import metric_columns
 
     rows = []
     for key in metric_columns([results]):
@@ -201,7 +201,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``difflab eval``."""
-    from difflab.eval.sweep import evaluate_likelihood, evaluate_pipeline, labelled_classes
+    from ..eval.sweep import evaluate_likelihood, evaluate_pipeline, labelled_classes
 
     pipe, prompts = _model(args)
     metrics = args.metrics
@@ -302,7 +302,7 @@ def add_sweep_parser(subparsers: Any) -> None:
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
     """Handler of ``difflab sweep``."""
-    from difflab.eval.sweep import labelled_classes, run_sweep
+    from ..eval.sweep import labelled_classes, run_sweep
 
     pipe, prompts = _model(args)
     metrics = args.metrics
