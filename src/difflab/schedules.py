@@ -402,7 +402,7 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ discretisations
     def timesteps(
         self,
-        steps: int,
+        steps: int | None,
         spacing: str | Sequence[float] = "trailing",
         *,
         steps_offset: int = 0,
@@ -528,6 +528,8 @@ class NoiseLevels:
     log_snr: list[float]
 
     def __post_init__(self) -> None:
+        if not self.t:  # a sampler walks at least one step (img2img says so too)
+            raise ValueError("NoiseLevels needs at least one step; got t=[]")
         if len(self.log_snr) != len(self.t) + 1:
             raise ValueError("log_snr needs exactly one more entry than t (the final level)")
         for a, b in zip(self.log_snr[:-1], self.log_snr[1:]):

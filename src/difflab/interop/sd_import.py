@@ -51,7 +51,7 @@ def import_stable_diffusion(
             "vector) is not supported yet: use an SD 1.x or 2.x model"
         )
     out.mkdir(parents=True, exist_ok=True)
-    vae_dir = parts.vae.save_pretrained(out / "vae")  # type: ignore[operator]
+    vae_dir = parts.vae.save_pretrained(out / "vae")
     encoder: Any = parts.conditioner.encoder
     text_dir = out / "text_encoder"
     if text_dir.exists():
@@ -59,7 +59,7 @@ def import_stable_diffusion(
     encoder.models[0].save_pretrained(text_dir)
     encoder.tokenizers[0].save_pretrained(text_dir)
     ucfg: Any = parts.unet.config
-    f = int(parts.vae.config.downsample_factor)  # type: ignore[union-attr]
+    f = int(parts.vae.config.downsample_factor)
     schedule = schedule_from_diffusers(parts.scheduler)
     model = ucfg.to_dict()
     model.pop("use_checkpoint", None)
@@ -68,7 +68,7 @@ def import_stable_diffusion(
         "model": model,
         "diffusion": {"schedule": schedule.to_config(), "prediction": parts.prediction},
         "data": {"source": "captions", "path": "-", "image_size": ucfg.image_size * f,
-                 "channels": int(parts.vae.config.in_channels)},  # type: ignore[union-attr]
+                 "channels": int(parts.vae.config.in_channels)},
         "latent": {"vae": str(vae_dir)},
         "text": {"encoder": "clip", "path": str(text_dir), "max_length": encoder.max_length,
                  "mask_padding": False},
