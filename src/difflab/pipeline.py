@@ -521,7 +521,7 @@ class Pipeline:
         inpaint: bool = False,
         negative_prompt: str | Sequence[str] | None = None,
         negative_class: int | Sequence[int] | Tensor | None = None,
-        size: tuple[int, int] | None = None,
+        size: tuple[int | None, int | None] | None = None,
         custom_noise: bool = False,
         clip_skip: int | None = None,
         **sampler_options: Any,
