@@ -127,8 +127,8 @@ def schedule_posterior(schedule: NoiseSchedule) -> Posterior:
 
 def reverse_log_variance(
     variance: str,
-    abar_t: Tensor,
-    abar_prev: Tensor,
+    abar_t: Tensor | float,
+    abar_prev: Tensor | float,
     var_values: Tensor | None = None,
     *,
     clipped_log_small: Tensor | None = None,
@@ -148,7 +148,7 @@ def reverse_log_variance(
 
 
 def _log_variances(
-    abar_t: Tensor, abar_prev: Tensor, clipped_log_small: Tensor | None = None
+    abar_t: Tensor | float, abar_prev: Tensor | float, clipped_log_small: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(log β̃ clipped, log of fixedlarge's variance, log β) in float64, on the host."""
     abar_t = torch.as_tensor(abar_t, dtype=torch.float64)

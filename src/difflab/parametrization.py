@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -35,6 +35,10 @@ Coef = float | Tensor
 _MIN_ALPHA = 2.0**-12
 
 
+@overload
+def append_dims(x: Tensor, ndim: int) -> Tensor: ...
+@overload
+def append_dims(x: float, ndim: int) -> float: ...
 def append_dims(x: Coef, ndim: int) -> Coef:
     """Broadcast a per-sample coefficient ``[B]`` to ``[B, 1, ..., 1]``; floats pass through."""
     if isinstance(x, Tensor) and x.ndim > 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from .formulations import FormulationSchedule, formulation_from_config
 from .runs import load_weights, read_run_config, weights_file
 from .samplers.api import Img2ImgResult
 from .schedules import NoiseSchedule
+
+if TYPE_CHECKING:
+    from .models.vae import AutoencoderKL
 
 __all__ = ["Pipeline", "load_weights", "read_run_config"]
 
@@ -100,7 +103,7 @@ class Pipeline:
         run_dir: str | None = None,
         weights: str | None = None,
         device: torch.device | str | None = None,
-        vae: nn.Module | None = None,
+        vae: AutoencoderKL | None = None,
         scheduler_config: Mapping[str, Any] | None = None,
         formulation: Any = None,
     ) -> None:
@@ -113,7 +116,9 @@ class Pipeline:
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.context_dim = context_dim
-        self.sample_defaults = {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 1.0}
+        self.sample_defaults: dict[str, Any] = {
+            "sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 1.0
+        }
         self.sample_defaults.update(
             {k: v for k, v in (sample_defaults or {}).items() if k in self.sample_defaults}
         )
@@ -190,10 +195,10 @@ class Pipeline:
             elif text_encoder is None and text_cfg.get("encoder") == "sdxl":
                 from .interop.sd_text_train import SDXLTrainingText
 
-                mc = model.config  # type: ignore[union-attr]
-                text_encoder = SDXLTrainingText(  # type: ignore[assignment]
-                    text_cfg["path"], device, vector_dim=mc.vector_dim,
-                    image_size=mc.image_size * (vae.config.downsample_factor if vae else 1),
+                unet_cfg: Any = model.config
+                text_encoder = SDXLTrainingText(
+                    text_cfg["path"], device, vector_dim=unet_cfg.vector_dim,
+                    image_size=unet_cfg.image_size * (vae.config.downsample_factor if vae else 1),
                 )  # fmt: skip
             elif text_encoder is None and text_cfg.get("encoder") in ("clip", "t5"):
                 from .models.text import PretrainedTextEncoder
@@ -212,7 +217,7 @@ class Pipeline:
         formulation = formulation_from_config(
             diffusion.get("formulation", "ddpm"), diffusion.get("formulation_options")
         )
-        mc = model.config  # type: ignore[attr-defined]
+        mc: Any = model.config  # a UNetConfig or DiTConfig
         return cls(
             model,
             schedule,
@@ -262,14 +267,14 @@ class Pipeline:
         parts = load_stable_diffusion(path, tokenizer=tokenizer, prediction=prediction)
         from .interop.scheduler import default_sampler, schedule_from_diffusers
 
-        f = int(parts.vae.config.downsample_factor)  # type: ignore[union-attr]
+        f = int(parts.vae.config.downsample_factor)
         latent = parts.image_size // f
         pipe = cls(
             parts.unet,
             schedule_from_diffusers(parts.scheduler),
             prediction=parts.prediction,
-            image_shape=(int(parts.unet.config.in_channels), latent, latent),  # type: ignore[union-attr]
-            context_dim=parts.unet.config.context_dim,  # type: ignore[union-attr]
+            image_shape=(int(parts.unet.config.in_channels), latent, latent),
+            context_dim=parts.unet.config.context_dim,
             sample_defaults={"sampler": default_sampler(parts.scheduler), **parts.sample_defaults},
             text_encoder=parts.conditioner,
             run_dir=str(path),
@@ -320,7 +325,7 @@ class Pipeline:
             from .finetune.lycoris import AdapterSet, AdapterTarget
             from .interop.unet import diffusers_module_map, ldm_module_map
 
-            cfg = self.model.config  # type: ignore[union-attr]
+            cfg: Any = self.model.config  # an SD model's UNetConfig
             names = {**diffusers_module_map(cfg), **ldm_module_map(cfg)}
             targets: dict[str, Any] = {"unet": AdapterTarget(self.model, names)}
             models = list(self.text_encoder.encoder.models)
@@ -524,7 +529,7 @@ class Pipeline:
         inpaint: bool = False,
         negative_prompt: str | Sequence[str] | None = None,
         negative_class: int | Sequence[int] | Tensor | None = None,
-        size: tuple[int, int] | None = None,
+        size: tuple[int | None, int | None] | None = None,
         custom_noise: bool = False,
         clip_skip: int | None = None,
         **sampler_options: Any,
@@ -777,7 +782,7 @@ class Pipeline:
         autoencoder's for a latent model."""
         f = int(getattr(getattr(self.model, "config", None), "downsample_factor", 1))
         if self.vae is not None:
-            f *= int(self.vae.config.downsample_factor)  # type: ignore[union-attr]
+            f *= int(self.vae.config.downsample_factor)
         return f
 
     def pixel_size(self, size: tuple[int | None, int | None] | None) -> tuple[int, int]:
@@ -801,7 +806,7 @@ class Pipeline:
         if size is None:
             return tuple(self.image_shape)
         h, w = self.pixel_size(size)
-        f = 1 if self.vae is None else int(self.vae.config.downsample_factor)  # type: ignore[union-attr]
+        f = 1 if self.vae is None else int(self.vae.config.downsample_factor)
         return (self.image_shape[0], h // f, w // f)
 
     def _generate(

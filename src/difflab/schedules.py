@@ -25,7 +25,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -75,7 +75,8 @@ class NoiseSchedule:
         interpolation: Interpolation = "log_snr",
         **params: Any,
     ):
-        self.interpolation = check_choice("timestep interpolation", interpolation, INTERPOLATIONS)
+        check_choice("timestep interpolation", interpolation, INTERPOLATIONS)
+        self.interpolation: Interpolation = interpolation
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().clone().cpu()
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError(
@@ -280,6 +281,10 @@ class NoiseSchedule:
         return self._cache[cache_key]
 
     # ------------------------------------------------------------------ continuous view
+    @overload
+    def log_snr(self, t: Tensor) -> Tensor: ...
+    @overload
+    def log_snr(self, t: float) -> float: ...
     def log_snr(self, t: TimeLike) -> TimeLike:
         """λ(t) for float ``t`` in [0, T-1]: exact at integers, linear in λ in between (or
         linear in σ^VE = exp(-λ/2) with ``interpolation="sigma"``).
@@ -292,24 +297,29 @@ class NoiseSchedule:
         device).
         """
         if isinstance(t, Tensor):
-            lam = self.table("log_snr", t.device, torch.float32)
-            tc = t.to(torch.float32).clamp(0, self.num_timesteps - 1)
-            lo = tc.floor().long()
-            hi = (lo + 1).clamp(max=self.num_timesteps - 1)
-            frac = tc - lo
-            a, b = lam[lo], lam[hi]
-            if self.interpolation == "sigma":  # linear in σ^VE = exp(-λ/2)
-                sa, sb = torch.exp(-0.5 * a), torch.exp(-0.5 * b)
-                inner = -2.0 * torch.log(sa + frac * (sb - sa))
-            else:
-                inner = a + frac * (b - a)
-            # Zero terminal SNR: the last interval ends at λ = -∞; there α falls linearly to 0.
-            alpha_end = (1 - frac) * torch.sigmoid(a).sqrt()
-            end = 2 * torch.log(alpha_end) - torch.log1p(-(alpha_end**2))
-            inner = torch.where(torch.isinf(b), end, inner)
-            # frac == 0 must not touch b (which may be -inf): torch.where keeps it exact.
-            return torch.where(frac == 0, a, inner)
-        t = float(t)
+            return self._log_snr_tensor(t)
+        return self._log_snr_float(float(t))
+
+    def _log_snr_tensor(self, t: Tensor) -> Tensor:
+        lam = self.table("log_snr", t.device, torch.float32)
+        tc = t.to(torch.float32).clamp(0, self.num_timesteps - 1)
+        lo = tc.floor().long()
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        frac = tc - lo
+        a, b = lam[lo], lam[hi]
+        if self.interpolation == "sigma":  # linear in σ^VE = exp(-λ/2)
+            sa, sb = torch.exp(-0.5 * a), torch.exp(-0.5 * b)
+            inner = -2.0 * torch.log(sa + frac * (sb - sa))
+        else:
+            inner = a + frac * (b - a)
+        # Zero terminal SNR: the last interval ends at λ = -∞; there α falls linearly to 0.
+        alpha_end = (1 - frac) * torch.sigmoid(a).sqrt()
+        end = 2 * torch.log(alpha_end) - torch.log1p(-(alpha_end**2))
+        inner = torch.where(torch.isinf(b), end, inner)
+        # frac == 0 must not touch b (which may be -inf): torch.where keeps it exact.
+        return torch.where(frac == 0, a, inner)
+
+    def _log_snr_float(self, t: float) -> float:
         T = self.num_timesteps
         if not (0.0 <= t <= T - 1):
             raise ValueError(f"timestep {t} outside the schedule's range [0, {T - 1}]")
@@ -329,6 +339,10 @@ class NoiseSchedule:
             return -2.0 * math.log(sa + frac * (sb - sa))
         return a + frac * (b - a)
 
+    @overload
+    def alpha(self, t: Tensor) -> Tensor: ...
+    @overload
+    def alpha(self, t: float) -> float: ...
     def alpha(self, t: TimeLike) -> TimeLike:
         """α(t) = √ᾱ(t) = √sigmoid(λ(t))."""
         lam = self.log_snr(t)
@@ -336,6 +350,10 @@ class NoiseSchedule:
             return torch.sigmoid(lam).sqrt()
         return math.sqrt(_sigmoid(lam))
 
+    @overload
+    def sigma(self, t: Tensor) -> Tensor: ...
+    @overload
+    def sigma(self, t: float) -> float: ...
     def sigma(self, t: TimeLike) -> TimeLike:
         """σ(t) = √(1-ᾱ(t)) = √sigmoid(-λ(t))."""
         lam = self.log_snr(t)
@@ -384,7 +402,7 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ discretisations
     def timesteps(
         self,
-        steps: int,
+        steps: int | None,
         spacing: str | Sequence[float] = "trailing",
         *,
         steps_offset: int = 0,
@@ -424,7 +442,7 @@ class NoiseSchedule:
         if spacing in ("leading", "trailing", "linspace") and steps > T:
             raise ValueError(f"steps={steps} exceeds the schedule's T={T} for {spacing} spacing")
         if spacing == "leading":
-            ratio = T // steps
+            ratio: float = T // steps
             ts = [float(i * ratio + steps_offset) for i in range(steps)][::-1]
             if ts[0] > T - 1:
                 raise ValueError(f"steps_offset={steps_offset} pushes the first timestep past T-1")
@@ -510,6 +528,8 @@ class NoiseLevels:
     log_snr: list[float]
 
     def __post_init__(self) -> None:
+        if not self.t:  # a sampler walks at least one step (img2img says so too)
+            raise ValueError("NoiseLevels needs at least one step; got t=[]")
         if len(self.log_snr) != len(self.t) + 1:
             raise ValueError("log_snr needs exactly one more entry than t (the final level)")
         for a, b in zip(self.log_snr[:-1], self.log_snr[1:]):

@@ -143,6 +143,17 @@ def test_targets_select_the_expected_layers():
         add_lora(twice, targets=["*.qkv.base"])
 
 
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_adapting_a_layer_that_is_not_linear_or_conv2d_is_a_type_error(kind):
+    # An embedding has neither in_features nor in_channels: the message names what is
+    # allowed (this was an AttributeError on 'in_channels' before the check came first).
+    from difflab.finetune import LoHaLayer, LoKrLayer
+
+    cls = {"lora": LoRALayer, "loha": LoHaLayer, "lokr": LoKrLayer}[kind]
+    with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d, not Embedding"):
+        cls(nn.Embedding(3, 4), 2)
+
+
 def test_save_load_save_round_trip_reproduces_the_outputs(tmp_path):
     model = _unet()
     add_lora(model, rank=2, alpha=4.0, targets="attention+conv", rslora=True)

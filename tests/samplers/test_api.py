@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -309,3 +310,13 @@ def test_sampling_keeps_no_autograd_graph_unless_asked():
         down = sample(model, **kw).sum()
         w += eps
     assert w.grad == pytest.approx(float((up - down) / (2 * eps)), rel=1e-2)
+
+
+def test_noise_levels_without_a_step_are_rejected():
+    # Zero steps once reached the samplers: euler_ancestral from a zero-SNR start returned
+    # None, euler raised IndexError there and returned VE-scaled noise from a finite level.
+    from difflab.schedules import NoiseLevels
+
+    for final in (-math.inf, -5.0):
+        with pytest.raises(ValueError, match="at least one step"):
+            NoiseLevels(t=[], log_snr=[final])

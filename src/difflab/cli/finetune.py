@@ -144,7 +144,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.lr is not None:
         overrides.append(f"train.lr={args.lr}")
     prior: str | int | None = args.prior
-    if prior is not None and prior.strip().isdigit():
+    if isinstance(prior, str) and prior.strip().isdigit():
         prior = int(prior)  # a class label
     base, stable_diffusion = _finetune_base(args)
     config = finetune_config(

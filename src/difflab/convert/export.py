@@ -156,7 +156,7 @@ def _read_run(run: Path, weights: str) -> _Exported:
     pipe = Pipeline.from_run(run, weights=weights)
     state = _plain_state(pipe.model)
     word_vector = state.pop(WORD_PARAM, None)
-    ucfg = pipe.model.config  # type: ignore[union-attr]
+    ucfg: Any = pipe.model.config  # a UNetConfig
     if ucfg.num_classes is not None:
         warnings.warn(
             f"{run} is also class-conditional ({ucfg.num_classes} classes); "
@@ -324,8 +324,8 @@ def export_kohya_lora(
         )
     with torch.random.fork_rng(devices=[]):
         pipe = Pipeline.from_run(run, weights=weights)
-    name_map = diffusers_module_map(pipe.model.config)  # type: ignore[union-attr]
     ucfg: Any = pipe.model.config
+    name_map = diffusers_module_map(ucfg)
     path = run / "lora_kohya.safetensors" if out is None else Path(out)
     meta = {"difflab_run": str(run)}
     save_kohya(path, {"unet": AdapterTarget(pipe.model, name_map)}, metadata=meta)

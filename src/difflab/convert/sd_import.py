@@ -55,10 +55,10 @@ def import_stable_diffusion(
             "with its two text encoders"
         )
     out.mkdir(parents=True, exist_ok=True)
-    vae_dir = parts.vae.save_pretrained(out / "vae")  # type: ignore[operator]
+    vae_dir = parts.vae.save_pretrained(out / "vae")
     text = _write_text_encoders(encoder, out, parts.family)
     ucfg: Any = parts.unet.config
-    f = int(parts.vae.config.downsample_factor)  # type: ignore[union-attr]
+    f = int(parts.vae.config.downsample_factor)
     schedule = schedule_from_diffusers(parts.scheduler)
     model = ucfg.to_dict()
     model.pop("use_checkpoint", None)
@@ -67,7 +67,7 @@ def import_stable_diffusion(
         "model": model,
         "diffusion": {"schedule": schedule.to_config(), "prediction": parts.prediction},
         "data": {"source": "captions", "path": "-", "image_size": ucfg.image_size * f,
-                 "channels": int(parts.vae.config.in_channels)},  # type: ignore[union-attr]
+                 "channels": int(parts.vae.config.in_channels)},
         "latent": {"vae": str(vae_dir)},
         "text": text,
         "train": {"batch_size": 1, "lr": 1.0e-4, "warmup_steps": 0, "max_steps": 500,

@@ -161,9 +161,10 @@ def build_dataset(
         or no usable image at all.
     """
     if not isinstance(cfg, DataConfig):
-        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-            cfg = dataclasses.asdict(cfg)  # e.g. difflab.train's copy of the data section
-        cfg = DataConfig.from_dict(cfg)
+        spec: Any = cfg
+        if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+            spec = dataclasses.asdict(spec)  # e.g. difflab.train's copy of the data section
+        cfg = DataConfig.from_dict(spec)
     captions = cfg.caption_transform()
     if (cfg.random_flip or captions.active) and generator is None:
         generator = torch.Generator().manual_seed(0)
@@ -171,17 +172,18 @@ def build_dataset(
         cfg.image_size, cfg.channels, center_crop=cfg.center_crop, random_flip=cfg.random_flip
     )
     dataset: Dataset
+    path = cfg.path or ""  # DataConfig requires it for every source but digits
     if cfg.source == "digits":
         dataset, report = load_digits_dataset(
             cfg.image_size, cfg.channels, random_flip=cfg.random_flip, generator=generator
         )
     elif cfg.source == "folder":
         dataset, report = load_image_folder(
-            cfg.path, transform, generator=generator, min_side=cfg.min_side
+            path, transform, generator=generator, min_side=cfg.min_side
         )
     elif cfg.source == "captions":
         dataset, report = load_captioned_folder(
-            cfg.path,
+            path,
             transform,
             allow_missing_captions=cfg.allow_missing_captions,
             generator=generator,
@@ -191,7 +193,7 @@ def build_dataset(
         if captions.active:
             dataset.caption_transform = captions
     else:
-        dataset, report = load_npz(cfg.path, transform, generator=generator)
+        dataset, report = load_npz(path, transform, generator=generator)
     report.output_size = (cfg.channels, cfg.image_size, cfg.image_size)
     if report.used == 0:
         raise ValueError(f"no usable images in {report.root}\n{report}")

@@ -92,8 +92,8 @@ class BucketDataset(FileDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         w, h = self.buckets[self.bucket_ids[index]]
-        with Image.open(self.paths[index]) as img:
-            img = convert_channels(img, self.transform.channels)
+        with Image.open(self.paths[index]) as file:
+            img = convert_channels(file, self.transform.channels)
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.BICUBIC)
         x = to_tensor(img)  # (C, h, w)

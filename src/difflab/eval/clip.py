@@ -48,10 +48,13 @@ class CLIPScorer:
         self.scale = float(scale)
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(folder, local_files_only=True)
-        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        # transformers types PreTrainedModel.to (a wrapped method) as unbound
+        self.model = self.model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         self.id = f"clip:{folder.name}"
-        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        # transformers types CLIPConfig.text_config as dict | CLIPTextConfig | None; loaded, it
+        # is a CLIPTextConfig
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)  # type: ignore[union-attr]
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """Unit-norm image embeddings ``[N, D]`` of images ``[N, C, H, W]`` (float in [-1, 1]

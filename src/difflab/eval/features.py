@@ -18,7 +18,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ class FeatureExtractor(ABC):
 class BasicConv2d(nn.Module):
     """conv (no bias) -> batch norm (eps 1e-3, as the TF graph) -> ReLU."""
 
-    def __init__(self, c_in: int, c_out: int, **conv_kwargs: object) -> None:
+    def __init__(self, c_in: int, c_out: int, **conv_kwargs: Any) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, bias=False, **conv_kwargs)
         self.bn = nn.BatchNorm2d(c_out, eps=0.001)
@@ -421,7 +421,8 @@ def _reinit(module: nn.Module, generator: torch.Generator) -> None:
 DIGITS_ARCH_VERSION = "1"
 DIGITS_SEED = 0
 DIGITS_HELD_OUT = 0.2  # fraction of the 1,797 images kept out of training
-DIGITS_TRAIN = {"epochs": 20, "batch_size": 128, "lr": 5e-3}  # ~2 s of CPU, ~99% held out
+# ~2 s of CPU, ~99% held out
+DIGITS_TRAIN: dict[str, Any] = {"epochs": 20, "batch_size": 128, "lr": 5e-3}
 
 
 class DigitsCNN(nn.Module):

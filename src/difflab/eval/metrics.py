@@ -179,7 +179,8 @@ def compute_stats(
 
     Sums are taken around the first batch's mean (shifted data) for float64 accuracy.
     """
-    shift = s1 = s2 = None
+    shift: np.ndarray | None = None
+    s1 = s2 = np.zeros(0)  # the first batch sets these and shift
     n = 0
     for batch in _batches(images, batch_size):
         f = extractor(batch).double().numpy()  # (B, D)
@@ -192,6 +193,7 @@ def compute_stats(
         n += f.shape[0]
     if n < 2:
         raise ValueError(f"need at least 2 images for a covariance, got {n}")
+    assert shift is not None  # n > 0: a batch was seen
     mean_c = s1 / n
     cov = (s2 - n * np.outer(mean_c, mean_c)) / (n - 1)
     return FeatureStats(mean_c + shift, cov, n, extractor.id)
@@ -367,7 +369,7 @@ def inception_score(logits: np.ndarray | Tensor, splits: int = 10) -> tuple[floa
 
 def conditional_accuracy(
     classifier: FeatureExtractor,
-    images: Tensor,
+    images: Tensor | Iterable[Tensor],
     labels: Tensor | Sequence[int],
     *,
     batch_size: int = 256,
@@ -427,6 +429,7 @@ def evaluate(
                 reference_cache, extractor, reference if reference is not None else []
             )
         else:
+            assert reference is not None  # checked above: reference or reference_cache
             real = extract_features(extractor, reference, batch_size=batch_size)
         out["n_ref"] = len(real)
         if "fid" in metrics:

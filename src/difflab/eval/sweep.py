@@ -144,13 +144,13 @@ def load_pipeline(
     :param prediction: override the model's prediction type (SD 2.x single files need it).
     """
     loaded = isinstance(pipe_or_run_dir, str | os.PathLike)
-    pipe = pipe_or_run_dir
-    if loaded:
+    pipe: PipeLike = pipe_or_run_dir
+    if isinstance(pipe_or_run_dir, str | os.PathLike):
         from difflab.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(
-            pipe_or_run_dir, weights=weights, device=device, tokenizer=tokenizer,
-            prediction=prediction,
+            os.fspath(pipe_or_run_dir), weights=weights, device=device,
+            tokenizer=None if tokenizer is None else os.fspath(tokenizer), prediction=prediction,
         )  # fmt: skip
     if prompts is not None:
         if isinstance(prompts, str) or not all(isinstance(t, str) for t in prompts):
@@ -309,7 +309,9 @@ def reference_images(reference: Tensor | Mapping[str, Any] | Any) -> Tensor:
             f"reference must be a tensor of images or a data config, got {type(reference)}"
         )
     dataset, _ = build_dataset({**reference, "random_flip": False})
-    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])  # (N, C, H, W)
+    # torch's Dataset declares no __len__; every data set difflab builds has one
+    n = len(dataset)  # type: ignore[arg-type]
+    return torch.stack([dataset[i]["image"] for i in range(n)])  # (N, C, H, W)
 
 
 def reference_cache_path(extractor: FeatureExtractor, images: Tensor) -> Path:
@@ -359,10 +361,11 @@ def _unflipped_dataset(data: Mapping[str, Any] | Any) -> tuple[Mapping[str, Any]
 
     from difflab.data import build_dataset
 
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        data = dataclasses.asdict(data)
-    dataset, _ = build_dataset({**data, "random_flip": False})
-    return data, dataset
+    spec: Any = data
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        spec = dataclasses.asdict(spec)
+    dataset, _ = build_dataset({**spec, "random_flip": False})
+    return spec, dataset
 
 
 def _class_prompts(dataset: Any, labels: Sequence[int], names: Sequence[str]) -> list[str]:
@@ -959,7 +962,8 @@ def run_sweep(
         **_source_settings(prompts, reference),
     }
     cells = list(itertools.product(sampler_list, step_list, scale_list))
-    rows, computed = [], []
+    rows: list[dict[str, Any]] = []
+    computed: list[str] = []
     bar = _cell_bar(len(cells), progress)
     try:
         for sampler, n_steps, scale in cells:
@@ -1110,7 +1114,7 @@ def _series(rows, x: str, y: str, **fixed: Any) -> tuple[list[float], list[float
 
 
 def _find(metrics: list[str], name: str) -> str | None:
-    return next((m for m in metrics if _METRIC_KEY.match(m)["name"] == name), None)
+    return next((m for m in metrics if (k := _METRIC_KEY.match(m)) and k["name"] == name), None)
 
 
 def _log_ticks(ax: Any, values: list[float]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ class LoRALayer(nn.Module):
 
     kind = "lora"
     label = "LoRA"
+    lora_magnitude: nn.Parameter | None  # DoRA's trained magnitude (set by _setup / __init__)
 
     def __init__(
         self,
@@ -46,13 +48,18 @@ class LoRALayer(nn.Module):
         fan_in, fan_out = _features(base)
         self._setup(base, rank, alpha, max_rank=min(fan_in, fan_out))
         self.rslora = bool(rslora)
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        base = self.base
+        like: dict[str, Any] = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_down: nn.Linear | nn.Conv2d
+        self.lora_up: nn.Linear | nn.Conv2d
         if isinstance(base, nn.Linear):
-            self.lora_down: nn.Module = nn.Linear(fan_in, rank, bias=False, **like)
-            self.lora_up: nn.Module = nn.Linear(rank, fan_out, bias=False, **like)
+            self.lora_down = nn.Linear(fan_in, rank, bias=False, **like)
+            self.lora_up = nn.Linear(rank, fan_out, bias=False, **like)
         else:
+            # torch's stubs type Conv2d's kernel_size/stride/padding/dilation attributes as
+            # tuple[int, ...] but its constructor's arguments as tuple[int, int].
             self.lora_down = nn.Conv2d(
-                fan_in, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                fan_in, rank, base.kernel_size, base.stride, base.padding, base.dilation,  # type: ignore[arg-type]
                 bias=False, padding_mode=base.padding_mode, **like,
             )  # fmt: skip
             self.lora_up = nn.Conv2d(rank, fan_out, 1, bias=False, **like)
@@ -66,8 +73,7 @@ class LoRALayer(nn.Module):
     def _setup(self, base: nn.Module, rank: int, alpha: float | None, max_rank: int) -> None:
         """What every adapter layer holds: the frozen base, ``r``, ``α``, the multiplier and
         the fuse state (``rslora`` / ``dora`` off)."""
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d, not {type(base).__name__}")
+        base = _layer(base)
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise ValueError(f"{self.label} on grouped convolutions is not supported")
         fan_in, fan_out = _features(base)
@@ -76,12 +82,12 @@ class LoRALayer(nn.Module):
                 f"{self.label} rank must be in 1..{max_rank} for a {fan_in}->{fan_out} "
                 f"layer, got {rank}"
             )
-        self.base = base.requires_grad_(False)
+        self.base: nn.Linear | nn.Conv2d = base.requires_grad_(False)
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.rslora = False
         self.dora = False
-        self.lora_magnitude: nn.Parameter | None = None
+        self.lora_magnitude = None
         self.multiplier = 1.0
         self.fused = False
         self._unfused_weight: Tensor | None = None
@@ -170,7 +176,16 @@ def uniform_fan_in(shape: Sequence[int], generator: torch.Generator | None) -> T
     return torch.empty(tuple(shape)).uniform_(-bound, bound, generator=generator)
 
 
-def _features(layer: nn.Module) -> tuple[int, int]:
+def _layer(module: nn.Module) -> nn.Linear | nn.Conv2d:
+    """``module`` itself when it is a layer LoRA adapts; a TypeError for any other."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"LoRA adapts nn.Linear and nn.Conv2d, not {type(module).__name__}")
+    return module
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(fan_in, fan_out)``: features of a Linear, channels of a Conv2d."""
+    layer = _layer(module)
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     return layer.in_channels, layer.out_channels

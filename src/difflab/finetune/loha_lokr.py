@@ -78,7 +78,7 @@ def factor_shapes(
         raise ValueError(f"unknown LyCORIS adapter kind {kind!r} (choices: loha, lokr)")
     in_m, in_n = lokr_factorization(fan_in, factor)
     out_l, out_k = lokr_factorization(fan_out, factor)
-    shapes = {"lokr_w1": (out_l, in_m)}
+    shapes: dict[str, tuple[int, ...]] = {"lokr_w1": (out_l, in_m)}
     if rank >= max(out_k, in_n) / 2:  # the rank would not make w2 smaller: keep it whole
         shapes["lokr_w2"] = (out_k, in_n, *kernel)
     else:
@@ -107,9 +107,9 @@ class _DenseAdapter(LoRALayer):
             raise ValueError(f"the LoKr factor must be -1 (automatic) or >= 1, got {factor}")
         self.factor = int(factor)
         self._names: list[str] = []
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        weight = self.base.weight
         for name, shape in factor_shapes(self.kind, base, rank, factor).items():
-            value = self._initial(name, shape, generator).to(**like)
+            value = self._initial(name, shape, generator).to(weight.device, weight.dtype)
             self.register_parameter(name, nn.Parameter(value))
             self._names.append(name)
 

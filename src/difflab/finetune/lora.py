@@ -384,11 +384,12 @@ def _factor_shapes(
 
         return factor_shapes(kind, base, rank, factor)
     fan_in, fan_out = _features(base)
-    if isinstance(base, nn.Linear):
-        shapes = {"lora_down.weight": (rank, fan_in), "lora_up.weight": (fan_out, rank)}
-    else:
+    shapes: dict[str, tuple[int, ...]]
+    if isinstance(base, nn.Conv2d):
         shapes = {"lora_down.weight": (rank, fan_in, *base.kernel_size),
                   "lora_up.weight": (fan_out, rank, 1, 1)}  # fmt: skip
+    else:  # nn.Linear (_features raised for anything else)
+        shapes = {"lora_down.weight": (rank, fan_in), "lora_up.weight": (fan_out, rank)}
     if dora:
         shapes["lora_magnitude"] = (fan_out,)
     return shapes

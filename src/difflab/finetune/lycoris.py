@@ -163,27 +163,28 @@ def adapter_delta(kind: str, tensors: Mapping[str, Tensor]) -> Tensor:
             w1, w2 = t["hada_w1_a"] @ t["hada_w1_b"], t["hada_w2_a"] @ t["hada_w2_b"]
         return w1 * w2 * _alpha_over(t, rank)
     if kind == "lokr":
-        scale, rank = 1.0, None
+        scale = 1.0
+        lokr_rank: int | None = None
         if "lokr_w1" in t:
             w1 = t["lokr_w1"]
         else:
-            w1, rank = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
+            w1, lokr_rank = t["lokr_w1_a"] @ t["lokr_w1_b"], t["lokr_w1_b"].shape[0]
         if "lokr_w2" in t:
             w2 = t["lokr_w2"]
         elif "lokr_t2" in t:
             w2 = _tucker(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-            rank = t["lokr_w2_b"].shape[0]
+            lokr_rank = t["lokr_w2_b"].shape[0]
         else:
-            w2, rank = t["lokr_w2_a"] @ t["lokr_w2_b"], t["lokr_w2_b"].shape[0]
-        if rank is not None:  # LyCORIS: α/r only when a factor is decomposed
-            scale = _alpha_over(t, rank)
+            w2, lokr_rank = t["lokr_w2_a"] @ t["lokr_w2_b"], t["lokr_w2_b"].shape[0]
+        if lokr_rank is not None:  # LyCORIS: α/r only when a factor is decomposed
+            scale = _alpha_over(t, lokr_rank)
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         return torch.kron(w1.contiguous(), w2.contiguous()) * scale
     raise ValueError(f"unknown adapter kind {kind!r} (choices: {', '.join(KIND_TENSORS)})")
 
 
-def base_op(base: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+def base_op(base: nn.Linear | nn.Conv2d, x: Tensor, weight: Tensor) -> Tensor:
     """``base``'s own linear map or convolution (stride, padding, ...) with ``weight`` and
     no bias: how a dense update ``ΔW`` acts on the input."""
     if isinstance(base, nn.Linear):
@@ -444,10 +445,10 @@ class AdapterTarget:
     name_map: Mapping[str, str] | None = None
 
 
-def _layers(model: nn.Module) -> dict[str, nn.Module]:
+def _layers(model: nn.Module) -> dict[str, nn.Linear | nn.Conv2d | AdapterLayer | LoRALayer]:
     """Adaptable layers by module name: ``Linear`` / ``Conv2d`` and :class:`AdapterLayer`
     (never the layers inside one), plus difflab ``LoRALayer`` (reported, never wrapped)."""
-    out: dict[str, nn.Module] = {}
+    out: dict[str, nn.Linear | nn.Conv2d | AdapterLayer | LoRALayer] = {}
     inside: list[str] = []
     for name, mod in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
@@ -484,7 +485,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _weight_of(layer: nn.Module) -> Tensor:
+def _weight_of(layer: nn.Linear | nn.Conv2d | AdapterLayer) -> Tensor:
     return (layer.base if isinstance(layer, AdapterLayer) else layer).weight
 
 
@@ -608,7 +609,8 @@ class AdapterSet:
         peft = _peft_alphas(meta)
         resolvers = {c: self._resolver(c) for c in self.targets}
         layers = {c: _layers(t.model) for c, t in self.targets.items()}
-        plan, kinds = [], Counter()
+        plan: list[tuple[str, str, str, dict[str, Tensor]]] = []
+        kinds: Counter[str] = Counter()
         for mod in modules:
             keys = ", ".join(sorted(mod.keys))
             if mod.component not in self.targets:
@@ -620,7 +622,7 @@ class AdapterSet:
                 report.unmatched.append(f"{keys} (ambiguous: several modules read {mod.name})")
                 continue
             internal = name_map.get(external) if external is not None else None
-            if internal is None or internal not in layers[mod.component]:
+            if external is None or internal is None or internal not in layers[mod.component]:
                 report.unmatched.append(f"{keys} (no {mod.component} layer of that name)")
                 continue
             layer = layers[mod.component][internal]

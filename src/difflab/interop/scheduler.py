@@ -488,8 +488,9 @@ def _kdiffusion_levels(
     if not karras:
         return ts if final == math.inf else _levels(sched, ts, None, final)
     spaced = [math.exp(-0.5 * float(sched.log_snr(t))) for t in ts]
-    smin = cfg.get("sigma_min") if cfg.get("sigma_min") is not None else spaced[-1]
-    smax = cfg.get("sigma_max") if cfg.get("sigma_max") is not None else spaced[0]
+    smin, smax = cfg.get("sigma_min"), cfg.get("sigma_max")
+    smin = spaced[-1] if smin is None else smin
+    smax = spaced[0] if smax is None else smax
     sigmas = _karras(float(smin), float(smax), n)
     by_log = sched.with_interpolation("log_snr")  # diffusers' _sigma_to_t: linear in log σ
     return _levels(sched, [by_log.t_from_sigma_ve(s) for s in sigmas], sigmas, final)
@@ -508,8 +509,9 @@ def _multistep_levels(
     if not karras:
         return _timesteps(cfg, n, "plus_one", last).tolist()
     table = sched.sigmas_ve.tolist()
-    smin = cfg.get("sigma_min") if cfg.get("sigma_min") is not None else table[0]
-    smax = cfg.get("sigma_max") if cfg.get("sigma_max") is not None else table[-1]
+    smin, smax = cfg.get("sigma_min"), cfg.get("sigma_max")
+    smin = table[0] if smin is None else smin
+    smax = table[-1] if smax is None else smax
     sigmas = _karras(float(smin), float(smax), n)
     by_log = sched.with_interpolation("log_snr")
     ts = [by_log.t_from_sigma_ve(s) for s in sigmas]

@@ -17,10 +17,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..models import UNet
+    from ..models.vae import AutoencoderKL
+    from .text import Family
 
 __all__ = [
     "FAMILIES",
@@ -157,7 +162,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
 
-def detect_family(state: Mapping[str, Tensor], path: str | Path = "checkpoint") -> str:
+def detect_family(state: Mapping[str, Tensor], path: str | Path = "checkpoint") -> Family:
     """SD 1.x, SD 2.x or SDXL, from an original-layout checkpoint's keys and shapes.
 
     The text encoder's layout tells: SD 1.x has a CLIP ViT-L in transformers' layout
@@ -257,9 +262,9 @@ class SDConditioner:
 class StableDiffusionParts:
     """What ``Pipeline.from_pretrained`` needs from an SD checkpoint."""
 
-    family: str
-    unet: nn.Module
-    vae: nn.Module
+    family: Family
+    unet: UNet
+    vae: AutoencoderKL
     conditioner: SDConditioner
     scheduler: dict[str, Any]
     prediction: str
@@ -309,7 +314,7 @@ def _prediction(scheduler: Mapping[str, Any], where: str) -> str:
     return _PREDICTIONS[kind]
 
 
-def _family_of_unet(config: Mapping[str, Any]) -> str:
+def _family_of_unet(config: Mapping[str, Any]) -> Family:
     if config.get("addition_embed_type") == "text_time":
         return "sdxl"
     dim = config.get("cross_attention_dim")

@@ -10,7 +10,7 @@ parametrizations or samplers.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # model.arch -> (config class, network class); "unet" when a model section names none.
-ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
+ARCHS: dict[str, tuple[type[UNetConfig] | type[DiTConfig], type[nn.Module]]] = {
     "unet": (UNetConfig, UNet),
     "dit": (DiTConfig, DiT),
 }
@@ -62,9 +62,9 @@ def model_config_from_dict(spec: Mapping[str, Any]) -> UNetConfig | DiTConfig:
 
 def build_model(
     config: UNetConfig | DiTConfig, *, generator: torch.Generator | None = None
-) -> nn.Module:
+) -> UNet | DiT:
     """The denoising network ``config`` describes (a ``UNet`` or a ``DiT``)."""
     for config_cls, net_cls in ARCHS.values():
         if isinstance(config, config_cls):
-            return net_cls(config, generator=generator)
+            return cast("UNet | DiT", net_cls(config, generator=generator))
     raise ValueError(f"build_model needs a UNetConfig or DiTConfig, got {type(config).__name__}")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +224,7 @@ class DiTBlock(nn.Module):
         mods = self.adaLN_modulation(c_act).chunk(6, dim=1)  # 6 x (B, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and self.cross_norm is not None:  # set together
             x = x + self.cross_attn(self.cross_norm(x), context, mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -297,11 +297,11 @@ class DiT(nn.Module):
                 m.weight.copy_(torch.empty(m.weight.shape).uniform_(-bound, bound, generator=gen))
                 if m.bias is not None:
                     m.bias.zero_()
-        normal = [self.t_embed[0].weight, self.t_embed[2].weight]
+        normal = [m.weight for m in self.t_embed if isinstance(m, nn.Linear)]  # its 2 Linears
         normal += [self.class_embed.weight] if self.class_embed is not None else []
         for w in normal:
             w.copy_(torch.empty(w.shape).normal_(0.0, 0.02, generator=gen))
-        for block in self.blocks:
+        for block in cast("Iterable[DiTBlock]", self.blocks):  # ModuleList items: nn.Module
             zero_init(block.adaLN_modulation)
             if block.cross_attn is not None:
                 zero_init(block.cross_attn.to_out)

@@ -188,7 +188,7 @@ def upsample_then_conv(conv: nn.Module, x: Tensor) -> Tensor:
     """``conv(nearest_upsample_2x(x))``, through :func:`upsample_conv3x3` when ``conv`` is a
     plain, hook-free 3x3 ``nn.Conv2d`` with padding 1; anything else (a LoRA wrapper, a
     hooked layer) is called on the upsampled input as usual."""
-    plain = (
+    if (
         type(conv) is nn.Conv2d
         and not (conv._forward_hooks or conv._forward_pre_hooks)
         and conv.kernel_size == (3, 3)
@@ -197,8 +197,7 @@ def upsample_then_conv(conv: nn.Module, x: Tensor) -> Tensor:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
-    )
-    if plain:
+    ):  # a plain 3x3 convolution
         return upsample_conv3x3(x, conv.weight, conv.bias)
     return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 

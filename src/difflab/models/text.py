@@ -22,10 +22,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from difflab.models.dit import DiT
+    from difflab.models.unet import UNet
 
 __all__ = [
     "PretrainedTextEncoder",
@@ -282,7 +286,7 @@ class TextConditionedUNet(nn.Module):
     ``set_gradient_checkpointing``) are the U-Net's.
     """
 
-    def __init__(self, unet: nn.Module, text: TextTransformer) -> None:
+    def __init__(self, unet: UNet | DiT, text: TextTransformer) -> None:
         super().__init__()
         self.unet = unet
         self.text = text
@@ -458,7 +462,8 @@ class PretrainedTextEncoder:
                 f"encoder's tokens have width {self.width}"
             )
         self.tokenizer.add_tokens([word])
-        token = int(self.tokenizer.convert_tokens_to_ids(word))
+        # transformers types the one-token call's result as int | list[int]
+        token = int(self.tokenizer.convert_tokens_to_ids(word))  # type: ignore[arg-type]
         self.words[token] = vector
         return token
 
@@ -481,4 +486,5 @@ class PretrainedTextEncoder:
                 f"init word {word!r} is {len(ids)} tokens for this tokenizer; choose one that "
                 "is a single token"
             )
-        return self.model.get_input_embeddings().weight[ids[0]].detach().clone()
+        # transformers types get_input_embeddings() as nn.Module (it is an nn.Embedding)
+        return self.model.get_input_embeddings().weight[ids[0]].detach().clone()  # type: ignore[index]

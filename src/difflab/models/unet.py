@@ -398,7 +398,7 @@ class UNet(nn.Module):
             self.vector_embed = nn.Sequential(
                 nn.Linear(cfg.vector_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
             )
-        res_kw = dict(
+        res_kw: dict[str, Any] = dict(
             emb_dim=emb_dim,
             dropout=cfg.dropout,
             norm_groups=cfg.norm_groups,
@@ -497,7 +497,7 @@ class UNet(nn.Module):
         self.config = dataclasses.replace(self.config, use_checkpoint=enabled)
 
     def _run(
-        self, stage: Stage, h: Tensor, emb: Tensor, ctx: Tensor | None, mask: Tensor | None
+        self, stage: nn.Module, h: Tensor, emb: Tensor, ctx: Tensor | None, mask: Tensor | None
     ) -> Tensor:
         if self.config.use_checkpoint and torch.is_grad_enabled():
             return checkpoint(stage, h, emb, ctx, mask, use_reentrant=False)
@@ -570,7 +570,7 @@ class UNet(nn.Module):
         return check_model_inputs("UNet", self.config, x, t, class_labels, context, context_mask)
 
 
-def _redraw(module: nn.Module, generator: torch.Generator) -> None:
+def _redraw(module: nn.Linear | nn.Conv2d | nn.Embedding, generator: torch.Generator) -> None:
     """PyTorch's default init of a layer (uniform ±1/sqrt(fan_in), N(0, 1) for an
     embedding), drawn from ``generator``."""
     weight = module.weight

@@ -267,6 +267,7 @@ def sample_euler_ancestral(
             x_ve = out.x0 + down * out.eps  # = x_ve + ε̂·(σ_down - σ_i)
         if sig[i + 1] > 0:
             x_ve = x_ve + randn_like(x_ve, generator) * (s_noise * up)
+    assert x_ve is not None  # set by the first step (NoiseLevels has at least one)
     return x_ve
 
 
@@ -407,6 +408,7 @@ def sample_dpm_2_ancestral(
             x_ve = _dpm_2_update(denoiser, out, sig[i], down, cond, max_ratio)
         if down > 0:
             x_ve = x_ve + randn_like(x_ve, generator) * (s_noise * up)
+    assert x_ve is not None  # set by the first step (NoiseLevels has at least one)
     return x_ve
 
 

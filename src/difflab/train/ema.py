@@ -51,7 +51,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s current parameters."""
         d = self.current_decay
-        ema_params = list(self.model.parameters())
+        ema_params: list[Tensor] = list(self.model.parameters())
         raw_params = [p.detach() for p in model.parameters()]
         if len(ema_params) != len(raw_params):
             raise ValueError("EMA.update got a model with a different parameter list")

@@ -39,8 +39,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
-                SummaryWriter = None  # noqa: N806
-            if SummaryWriter is not None:
+                pass
+            else:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:

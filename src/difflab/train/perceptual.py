@@ -46,6 +46,9 @@ class PerceptualLoss(nn.Module):
     :param pool: ``max`` or ``avg`` pooling between stages.
     """
 
+    shift: Tensor  # buffers [C]: images are compared as (x - shift) / scale
+    scale: Tensor
+
     def __init__(
         self,
         stages: list[list[tuple[Tensor, Tensor]]],
@@ -68,6 +71,7 @@ class PerceptualLoss(nn.Module):
                                      padding=weight.shape[-1] // 2)  # fmt: skip
                 with torch.no_grad():
                     conv.weight.copy_(weight)
+                    assert conv.bias is not None  # built with bias=True
                     conv.bias.copy_(bias)
                 stage.append(conv)
             self.convs.append(stage)
@@ -135,7 +139,7 @@ class PerceptualLoss(nn.Module):
         for i, stage in enumerate(self.convs):
             if i:
                 h = F.max_pool2d(h, 2) if self.pool == "max" else F.avg_pool2d(h, 2)
-            for conv in stage:
+            for conv in stage.children():  # a ModuleList of Conv2d
                 h = F.relu(conv(h))
             taps.append(h)
         return taps

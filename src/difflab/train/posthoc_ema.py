@@ -222,8 +222,8 @@ class PostHocEMA:
             beta = power_ema_beta(self.num_updates, gamma)
             for e, p in zip(copy_.parameters(), raw):
                 e.lerp_(p.to(e.dtype), 1.0 - beta)  # β·e + (1 - β)·p
-            for e, b in zip(copy_.buffers(), model.buffers()):
-                e.copy_(b)
+            for e_buf, b in zip(copy_.buffers(), model.buffers()):
+                e_buf.copy_(b)
         due = step % self.config.every == 0 or step == self.last_step
         return self.snapshot(step) if due and self.write else []
 

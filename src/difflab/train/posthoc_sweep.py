@@ -89,7 +89,7 @@ def sweep_sigma_rel(
     if len(set(names)) != len(names):
         raise ValueError(f"sigma_rels {sigma_rels} must differ in their first 3 decimals "
                          "(they name the reconstruction files)")  # fmt: skip
-    paths = write_reconstructions(run_dir, sigma_rels, step=step)
+    paths = write_reconstructions(Path(run_dir), sigma_rels, step=step)
     rows = []
     for sigma, name, path in zip(sigma_rels, names, paths):
         with safe_open(str(path), framework="pt") as fh:

@@ -189,7 +189,7 @@ class MixedStream:
 
     def __init__(self, main: BatchStream, mix: BatchStream) -> None:
         self.main, self.mix = main, mix
-        first, other = main.dataset[0], mix.dataset[0]  # type: ignore[index]
+        first, other = main.dataset[0], mix.dataset[0]
         if "text" in first and "text" not in other:
             raise ValueError(
                 "data.mix: the run trains on captions, and the mixed data set has none; mix "

@@ -512,7 +512,7 @@ async def ab_create(request: Request) -> Response:
     if not isinstance(name, str) or len(name) > 80:
         raise RequestError(f"name must be a string of at most 80 characters, got {name!r}")
     try:  # settings the pipeline refuses are refused now, not at the first pair
-        probe = {"class_labels": 0} if web.pipe.num_classes else {}
+        probe: dict[str, Any] = {"class_labels": 0} if web.pipe.num_classes else {}
         probe.update({"prompt": ""} if web.pipe.context_dim is not None else {})
         for config in (a, b):
             own = ("name", "weights", "lora_scale", "run")
@@ -602,7 +602,7 @@ def _sweep_dirs(web: WebState) -> dict[str, Path]:
     run = Path(web.pipe.run_dir or ".")
     if not run.is_dir():
         return {}
-    found = {}
+    found: dict[str, Path] = {}
     for log in sorted(run.glob("*/sweep.jsonl")) + sorted(run.glob("*/sweep.csv")):
         found.setdefault(log.parent.name, log.parent)
     return found
@@ -739,7 +739,7 @@ def create_app(
         ValueError: _request_error,
         Exception: _server_error,
     }
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.web = web
     app.add_middleware(_Limits, token=token, max_body=max_body, timeout=request_timeout)
     return app
