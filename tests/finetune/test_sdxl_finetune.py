@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
-from difflab.interop.sd_import import import_stable_diffusion  # noqa: E402
+from difflab.convert.sd_import import import_stable_diffusion  # noqa: E402
 from sd_helpers import (  # noqa: E402
     TEXT_WIDTH,
     hf_checkpoint_state,
