@@ -104,7 +104,7 @@ class Conditioning:
                 warnings.warn(
                     f"caption words the base run never saw encode as <unk>: "
                     f"{', '.join(unknown[:10])}",
-                    stacklevel=4,
+                    stacklevel=5,
                 )
         else:
             tokenizer = WordTokenizer.from_texts(texts, tc.max_length, min_count=tc.min_count)
@@ -114,7 +114,7 @@ class Conditioning:
                 f"the longest caption has {longest} words, but text.max_length="
                 f"{tc.max_length} keeps {tc.max_length - 1}; raise text.max_length to use "
                 "whole captions",
-                stacklevel=4,
+                stacklevel=5,
             )
         return tokenizer
 

@@ -598,7 +598,7 @@ class Trainer:
             changed = changed_keys(self.run_dir / "config.yaml", self.cfg)
             if changed:  # allowed (e.g. more steps), but worth a word
                 warnings.warn(
-                    f"resuming with changed config keys: {', '.join(changed)}", stacklevel=4
+                    f"resuming with changed config keys: {', '.join(changed)}", stacklevel=3
                 )
             if resumed and self.dist.is_main:
                 print(f"resuming {self.run_dir} from step {self.step}", flush=True)

@@ -140,7 +140,7 @@ def build_parts(
                 "do not condition the model, which trains unconditionally; set "
                 "text.encoder=transformer (trained on these captions), clip or t5 to "
                 "condition on them",
-                stacklevel=4,
+                stacklevel=3,
             )
     else:
         gen = getattr(dataset, "generator", None)
