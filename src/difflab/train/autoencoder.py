@@ -2,9 +2,9 @@
 
 Owns :func:`train_autoencoder`, a task of the core loop (:func:`difflab.train.loop.run_steps`,
 the one the diffusion trainer runs too): the loss is LDM's pixel term — the L1
-reconstruction error summed over each image — plus ``kl_weight`` times the KL of the posterior to N(0, I)
-(LDM's KL-reg autoencoders use 1e-6), averaged over the batch. AdamW with the trainer's
-warm-up + cosine schedule.  LDM's two further terms are optional:
+reconstruction error summed over each image — plus ``kl_weight`` times the KL of the
+posterior to N(0, I) (LDM's KL-reg autoencoders use 1e-6), averaged over the batch.
+AdamW with the trainer's warm-up + cosine schedule.  LDM's two further terms are optional:
 
 * perceptual: an LPIPS-style distance from a LOCAL feature network
   (:mod:`difflab.train.perceptual`; nothing is downloaded, and without a weights file the
