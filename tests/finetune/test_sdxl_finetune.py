@@ -16,7 +16,6 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
-from difflab.convert.sd_import import import_stable_diffusion  # noqa: E402
 from sd_helpers import (  # noqa: E402
     TEXT_WIDTH,
     hf_checkpoint_state,
@@ -27,6 +26,7 @@ from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
+from difflab.convert.sd_import import import_stable_diffusion  # noqa: E402
 from difflab.finetune import lora_layers  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")

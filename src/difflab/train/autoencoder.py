@@ -1,9 +1,10 @@
 """Training the KL autoencoder of latent diffusion (Rombach et al. 2022, sec. 3.1, appendix G).
 
-Owns :func:`train_autoencoder`: the loss is LDM's pixel term — the L1 reconstruction error
-summed over each image — plus ``kl_weight`` times the KL of the posterior to N(0, I)
-(LDM's KL-reg autoencoders use 1e-6), averaged over the batch. AdamW with the trainer's
-warm-up + cosine schedule.  LDM's two further terms are optional:
+Owns :func:`train_autoencoder`, a task of the core loop (:func:`difflab.train.loop.run_steps`,
+the one the diffusion trainer runs too): the loss is LDM's pixel term — the L1
+reconstruction error summed over each image — plus ``kl_weight`` times the KL of the
+posterior to N(0, I) (LDM's KL-reg autoencoders use 1e-6), averaged over the batch.
+AdamW with the trainer's warm-up + cosine schedule.  LDM's two further terms are optional:
 
 * perceptual: an LPIPS-style distance from a LOCAL feature network
   (:mod:`difflab.train.perceptual`; nothing is downloaded, and without a weights file the
@@ -53,6 +54,7 @@ from ..samplers.common import progress as progress_bar
 from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoopConfig
 from .gan_loss import GANConfig, adaptive_weight, hinge_d_loss, hinge_g_loss
+from .loop import run_steps
 from .monitor import MetricsLog, truncate_metrics
 from .optim import build_optimizer, step_lr_schedule
 from .perceptual import PerceptualLoss
@@ -196,39 +198,18 @@ def train_autoencoder(
     if first > 1:  # resumed: the steps after the checkpoint are logged again
         truncate_metrics(out, first - 1)
     log = MetricsLog(out, tensorboard=False)
-
-    def save(step: int) -> None:
-        model_state, opt_state = _state_dicts(parts)
-        save_checkpoint(ckpt_dir, Checkpoint(
-            model=model_state, ema={}, optimizer=opt_state,
-            rng={"noise": gen.get_state(), "data": data_gen.get_state()},
-            meta={"step": step, "steps": steps, "settings": settings,
-                  "data_position": stream.position,
-                  "lr_schedule": parts.schedule.state_dict()},
-        ))  # fmt: skip
-
-    loss_value, evaluation = float("nan"), {}
+    task = _AutoencoderTask(
+        parts, stream, gen, data_gen, log, ckpt_dir, held, settings, steps=steps,
+        kl_weight=kl_weight, perceptual_weight=perceptual_weight, gan=gan,
+        log_every=log_every, eval_every=eval_every, step=first - 1,
+    )  # fmt: skip
+    last = steps if stop_at is None or stop_at < first else min(stop_at, steps)
     try:
-        for step in progress_bar(range(first, steps + 1), total=steps - first + 1,
-                                 desc="autoencoder",
-                                 disable=None if progress is None else not progress):  # fmt: skip
-            x = stream.next()["image"].float().to(dev)
-            adversarial = gan is not None and step > gan.start
-            record = _train_step(parts, x, gen, kl_weight=kl_weight,
-                                 perceptual_weight=perceptual_weight,
-                                 disc_weight=gan.weight if adversarial else None)  # fmt: skip
-            loss_value = record["loss"]
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"autoencoder loss is {loss_value} at step {step}")
-            if step % log_every == 0 or step == steps:
-                log.log({"step": step, **record, "lr": parts.optimizer.param_groups[0]["lr"]})
-            if held is not None and (step % eval_every == 0 or step == steps):
-                evaluation = held.evaluate(parts.model)
-                log.log({"event": "eval", "step": step, **evaluation})
-            if step == steps or step == stop_at or (save_every and step % save_every == 0):
-                save(step)
-            if step == stop_at:
-                return None
+        bar = progress_bar(range(first, steps + 1), total=steps - first + 1, desc="autoencoder",
+                           disable=None if progress is None else not progress)  # fmt: skip
+        run_steps(task, bar, last, save_every=save_every, signals=False)
+        if stop_at is not None and first <= stop_at == task.step:  # cut off: no autoencoder
+            return None
         model = parts.model.eval()
         stats = _fit_scale(model, dataset, gen)
         model.config.scaling_factor = 1.0 / stats["latent_std"]
@@ -241,14 +222,73 @@ def train_autoencoder(
         folder=out,
         steps=steps,
         seconds=time.perf_counter() - start,
-        final_loss=loss_value,
+        final_loss=task.loss,
         l1=stats["l1"],
         psnr=stats["psnr"],
         latent_std=stats["latent_std"],
         scaling_factor=model.config.scaling_factor,
-        held_out_psnr=evaluation.get("psnr_held_out"),
-        rfid=evaluation.get("rfid_digits"),
+        held_out_psnr=task.evaluation.get("psnr_held_out"),
+        rfid=task.evaluation.get("rfid_digits"),
     )
+
+
+class _AutoencoderTask:
+    """The autoencoder as a task of the core loop (:func:`difflab.train.loop.run_steps`):
+    its step (:func:`_train_step`), metrics and held-out evaluation, and checkpoint."""
+
+    def __init__(
+        self, parts: _Parts, stream: BatchStream, gen: torch.Generator,
+        data_gen: torch.Generator, log: MetricsLog, ckpt_dir: Path, held: _HeldOut | None,
+        settings: dict[str, Any], *, steps: int, kl_weight: float, perceptual_weight: float,
+        gan: GANConfig | None, log_every: int, eval_every: int, step: int,
+    ) -> None:  # fmt: skip
+        self.parts, self.stream, self.gen, self.data_gen = parts, stream, gen, data_gen
+        self.log, self.run_dir, self.held, self.settings = log, ckpt_dir, held, settings
+        self.steps, self.kl_weight, self.perceptual_weight = steps, kl_weight, perceptual_weight
+        self.gan, self.log_every, self.eval_every = gan, log_every, eval_every
+        self.step = step
+        self.loss = float("nan")
+        self.evaluation: dict[str, float] = {}
+
+    def train_step(self) -> dict[str, Any]:
+        """One step on the next batch; a non-finite loss stops the run."""
+        step = self.step + 1
+        x = self.stream.next()["image"].float().to(next(self.parts.model.parameters()).device)
+        adversarial = self.gan is not None and step > self.gan.start
+        record = _train_step(
+            self.parts, x, self.gen, kl_weight=self.kl_weight,
+            perceptual_weight=self.perceptual_weight,
+            disc_weight=self.gan.weight if adversarial and self.gan is not None else None,
+        )  # fmt: skip
+        self.step, self.loss = step, record["loss"]
+        if not math.isfinite(self.loss):
+            raise FloatingPointError(f"autoencoder loss is {self.loss} at step {step}")
+        return record
+
+    def after_step(self, record: dict[str, Any], last: int) -> int:
+        """Log every ``log_every`` steps and at the end; evaluate the held-out images."""
+        step = self.step
+        if step % self.log_every == 0 or step == self.steps:
+            lr = self.parts.optimizer.param_groups[0]["lr"]
+            self.log.log({"step": step, **record, "lr": lr})
+        if self.held is not None and (step % self.eval_every == 0 or step == self.steps):
+            self.evaluation = self.held.evaluate(self.parts.model)
+            self.log.log({"event": "eval", "step": step, **self.evaluation})
+        return last
+
+    def save(self) -> None:
+        """Checkpoint the networks, optimisers, LR schedule, data position and generators."""
+        model_state, opt_state = _state_dicts(self.parts)
+        save_checkpoint(self.run_dir, Checkpoint(
+            model=model_state, ema={}, optimizer=opt_state,
+            rng={"noise": self.gen.get_state(), "data": self.data_gen.get_state()},
+            meta={"step": self.step, "steps": self.steps, "settings": self.settings,
+                  "data_position": self.stream.position,
+                  "lr_schedule": self.parts.schedule.state_dict()},
+        ))  # fmt: skip
+
+    def stopping(self, stop: list[int]) -> bool:
+        return bool(stop)
 
 
 def _default_device() -> torch.device:

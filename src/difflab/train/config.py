@@ -32,6 +32,7 @@ __all__ = [
     "SampleConfig",
     "TrainConfig",
     "apply_overrides",
+    "changed_keys",
     "load_config",
     "save_config",
 ]
@@ -718,3 +719,29 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def changed_keys(path: str | Path, config: TrainConfig) -> list[str]:
+    """The dotted keys in which ``config`` differs from the config saved at ``path`` (none
+    when there is no file); read through today's config, so keys a newer difflab added, at
+    their defaults, are not changes (a run written before ``diffusion.formulation``, say)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        old = _flat(load_config(path).to_dict())
+    except (ValueError, TypeError, OSError):  # a config today's code no longer reads
+        old = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    new = _flat(config.to_dict())
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

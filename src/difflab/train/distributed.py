@@ -1,7 +1,9 @@
 """Distributed setup under ``torchrun``: process group, device, rank helpers.
 
 Owns reading ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, initialising the process group (gloo
-on CPU, NCCL on GPU) and the few collectives the loop needs.  Knows nothing of models.
+on CPU, NCCL on GPU), the few collectives the loop needs and :func:`wrap_ddp`, the one
+place a network is wrapped for data parallelism (``DistributedDataParallel``).  Knows
+nothing of architectures.
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistInfo", "all_gather_objects", "setup_distributed", "teardown_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_gather_objects",
+    "any_rank",
+    "rank0_says",
+    "setup_distributed",
+    "teardown_distributed",
+    "wrap_ddp",
+]
 
 
 @dataclass(frozen=True)
@@ -85,3 +97,29 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` across the ranks (itself in a single
+    process): gradients are averaged over the ranks in the backward pass."""
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def rank0_says(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's ``flag`` on every rank (a broadcast)."""
+    value = torch.tensor([float(flag)], device=info.device)
+    if info.distributed:
+        dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is true on any rank (a max all-reduce)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import LoopConfig
 
-__all__ = ["build_optimizer", "lr_factor", "step_lr_schedule"]
+__all__ = ["build_optimizer", "lr_factor", "match_param_layout", "step_lr_schedule"]
 
 
 def lr_factor(step: float, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -76,3 +76,19 @@ def step_lr_schedule(schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         schedule.step()
+
+
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimiser state tensor its parameter's memory format (strides).
+
+    ``load_state_dict`` leaves the moments contiguous; with channels-last parameters the
+    fused element-wise update then runs in another order and the first step after a resume
+    differs in the last bits from the uninterrupted run.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    if value.stride() != p.stride():
+                        state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
