@@ -350,6 +350,7 @@ def _train_step(
               "l1_per_pixel": float(l1.detach().mean()) / x[0].numel(),
               "kl": float(kl.detach()), **record}  # fmt: skip
     if disc_weight is not None:  # the discriminator's step, on the same reconstructions
+        assert parts.d_opt is not None and parts.disc is not None  # set with a GAN
         parts.d_opt.zero_grad(set_to_none=True)  # drops what g_loss left on it
         real, fake = parts.disc(x), parts.disc(rec.detach())
         d_loss = hinge_d_loss(real, fake)

@@ -149,7 +149,7 @@ class Conditioning:
             latent = EncoderCache("vae-" + module_digest(self.vae, "float32"), folder)
         if self.frozen_text is not None:
             ft = self.frozen_text
-            settings = (f"max_length={ft.max_length}", type(ft.tokenizer).__name__,
+            settings: tuple[str, ...] = (f"max_length={ft.max_length}", type(ft.tokenizer).__name__,
                         str(len(ft.tokenizer)), "float32")  # fmt: skip
             if not ft.mask_padding:  # other values; masked runs keep their old cache names
                 settings += ("unmasked",)
@@ -163,7 +163,7 @@ class Conditioning:
             return model
         gen = torch.Generator().manual_seed(subseed(self.cfg.seed, 4))
         text = TextTransformer(len(self.tokenizer), self.cfg.text, generator=gen)
-        return TextConditionedUNet(model, text)
+        return TextConditionedUNet(model, text)  # type: ignore[arg-type]  # a U-Net or DiT
 
     # ------------------------------------------------------------------ run directory
     def write(self, run_dir: Path) -> None:

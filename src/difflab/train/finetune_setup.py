@@ -53,6 +53,7 @@ def with_prior_images(config: TrainConfig, dataset: Any, info: DistInfo, run_dir
 
     from ..prior import PriorMixture, prior_images
 
+    assert ft.base_run is not None  # config: prior_condition needs base_run
     args = (ft.base_run, ft.prior_condition, ft.prior_images, run_dir / "prior")
     if info.is_main:
         images = prior_images(*args, seed=config.seed)
@@ -128,7 +129,8 @@ class FinetuneSetup:
         if self.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             if ft.new_word is not None and frozen_text is None:  # a one-row mask
-                table = model.text.token.weight  # type: ignore[union-attr]
+                assert isinstance(model, TextConditionedUNet)  # a text run's word lives here
+                table = model.text.token.weight
                 trainable -= table.numel() - table.shape[1]
             total = sum(p.numel() for p in model.parameters())
             print(

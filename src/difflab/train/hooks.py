@@ -132,7 +132,7 @@ class TrainHooks:
             )
         net = ema_model
         was_training = net.training
-        pipe = Pipeline(
+        pipe: Pipeline | PromptedPipeline = Pipeline(
             net,
             self.schedule,
             prediction=self.cfg.diffusion.prediction,

@@ -27,6 +27,7 @@ restored on resume (and the caller's global RNG state is restored when :func:`tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import sys
@@ -122,7 +123,10 @@ def run_steps(
     :param signals: Ctrl-C / SIGTERM save a checkpoint after the step and raise
         :class:`TrainingInterrupted` (off: the default handlers stay).
     """
-    with stop_on_signals() if signals else contextlib.nullcontext([]) as stop:
+    guard: contextlib.AbstractContextManager[list[int]] = (
+        stop_on_signals() if signals else contextlib.nullcontext([])
+    )
+    with guard as stop:
         for _ in steps:
             record = task.train_step()
             step = task.step
@@ -227,7 +231,7 @@ class Trainer:
             )  # fmt: skip
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
         self._exit = contextlib.ExitStack()  # undone by close()
-        self.ddp = self._wrap_parallel(self.model)
+        self.ddp: Any = self._wrap_parallel(self.model)  # wrapped, then maybe compiled
         self._compile_pending = tc.compile  # the first step compiles; its time is logged
         if tc.compile:  # DDP first, then compile (DDP's buckets split the compiled graph)
             self._exit.enter_context(inductor_cache(self.run_dir / COMPILE_CACHE))
@@ -356,7 +360,7 @@ class Trainer:
         for i in range(tc.grad_accum):
             mb = self._draw(self.stream.next())
             sync = i == tc.grad_accum - 1 or not self.dist.distributed
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # type: ignore[operator]
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 loss, per_sample = self._forward(self.ddp, mb)
                 self.scaler.scale(loss / tc.grad_accum).backward()
             self._update_timestep_sampler(mb, per_sample)
@@ -427,7 +431,7 @@ class Trainer:
             for mb in micro:
                 self._set_local_rng(mb.rng)
                 found = first_nonfinite_module(
-                    self.model, lambda mb=mb: self._forward(self.model, mb)
+                    self.model, functools.partial(self._forward, self.model, mb)
                 )
                 if found is not None:
                     break
