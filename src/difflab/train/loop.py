@@ -3,9 +3,9 @@
 Owns :func:`train` and the :class:`Trainer` behind it: AdamW with linear warm-up then cosine
 or constant learning rate, gradient accumulation and clipping, EMA (one update per optimiser
 step), mixed precision, classifier-free-guidance condition dropout, non-finite detection,
-DDP under torchrun, ``torch.compile`` (``train.compile``), logging, sample grids and exact
-resume.  Every loss, weighting and timestep sampler comes from ``difflab.losses``; sampling
-from ``difflab.samplers``.
+DDP or FSDP2 (``difflab.train.fsdp``) under torchrun, ``torch.compile`` (``train.compile``),
+logging, sample grids and exact resume.  Every loss, weighting and timestep sampler comes
+from ``difflab.losses``; sampling from ``difflab.samplers``.
 
 Randomness: no global RNG is drawn by the loop.  A trainer-owned generator (seeded from
 ``config.seed``, the same on every rank) draws condition dropout, timesteps and noise for
@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from ..finetune.inversion import WORD_PARAM
@@ -71,6 +70,15 @@ from .config import TrainConfig, load_config, save_config
 from .distributed import all_gather_objects, setup_distributed, teardown_distributed
 from .early_stop import BEST_FILE, EarlyStopping
 from .ema import EMA
+from .fsdp import (
+    clip_grad_norm,
+    is_sharded,
+    is_sharded_checkpoint,
+    load_sharded,
+    no_sync,
+    parallelize,
+    save_sharded,
+)
 from .monitor import MetricsLog, log_line, plot_metrics, sample_grid, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, step_lr_schedule
@@ -252,10 +260,8 @@ class Trainer:
                 last_step=tc.max_steps, write=self.dist.is_main,
             )  # fmt: skip
         self.null_label: int | None = getattr(self.model, "null_class_label", None)
-        self.ddp: nn.Module = self.model
-        if self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        # DDP or FSDP2 by train.parallel (difflab.train.fsdp); the model itself in one process
+        self.ddp: nn.Module = parallelize(cfg, self.model, self.ema, self.dist, self.precision)
         self._exit = contextlib.ExitStack()  # undone by close()
         self._compile_pending = tc.compile  # the first step compiles; its time is logged
         if tc.compile:  # DDP first, then compile (DDP's buckets split the compiled graph)
@@ -609,7 +615,7 @@ class Trainer:
         for i in range(tc.grad_accum):
             mb = self._draw(self.stream.next())
             sync = i == tc.grad_accum - 1 or not self.dist.distributed
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # type: ignore[operator]
+            with contextlib.nullcontext() if sync else no_sync(self.ddp):
                 loss, per_sample = self._forward(self.ddp, mb)
                 self.scaler.scale(loss / tc.grad_accum).backward()
             self._update_timestep_sampler(mb, per_sample)
@@ -623,7 +629,7 @@ class Trainer:
             micro.append(mb)
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)  # global over shards
         flags = torch.stack([total, (~torch.isfinite(total)).float(), 1.0 - _finite(grad_norm)])
         if self.dist.distributed:
             dist.all_reduce(flags)
@@ -709,7 +715,8 @@ class Trainer:
     def save(self) -> None:
         """Write a checkpoint (rank 0; every rank's RNG states are gathered first)."""
         per_rank = all_gather_objects(self._local_rng(), self.dist)
-        if self.dist.is_main:
+        sharded = is_sharded(self.model)  # FSDP: every rank writes its shards
+        if self.dist.is_main or sharded:
             rng = {f"rank{r}.{k}": v for r, st in enumerate(per_rank) for k, v in st.items()}
             rng["shared.noise"] = self.gen.get_state()
             ts = self.timestep_sampler
@@ -727,16 +734,21 @@ class Trainer:
                 meta["train_time"] = self.budget.elapsed
             if self.early is not None:
                 meta["early_stopping"] = self.early.state_dict()
-            ckpt = Checkpoint(
-                model=self.model.state_dict(),
-                ema=self.ema.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                rng=rng,
-                meta=meta,
-            )
-            if self.posthoc is not None:  # before the checkpoint that refers to it
-                self.posthoc.save_state(self.step)
-            save_checkpoint(self.run_dir, ckpt)
+            if sharded:
+                save_sharded(self.run_dir, self.model, self.ema, self.optimizer, rng, meta,
+                             self.dist)  # fmt: skip
+            else:
+                ckpt = Checkpoint(
+                    model=self.model.state_dict(),
+                    ema=self.ema.state_dict(),
+                    optimizer=self.optimizer.state_dict(),
+                    rng=rng,
+                    meta=meta,
+                )
+                if self.posthoc is not None:  # before the checkpoint that refers to it
+                    self.posthoc.save_state(self.step)
+                save_checkpoint(self.run_dir, ckpt)
+        if self.dist.is_main:
             if self.cfg.train.plot_metrics and self.log is not None:
                 try:  # the picture of metrics.jsonl so far; never worth stopping a run for
                     plot_metrics(self.run_dir)
@@ -774,21 +786,24 @@ class Trainer:
                     f"(e.g. {new_words}, max_length {old.max_length} -> "
                     f"{self.tokenizer.max_length}); resume with the data the run started with"
                 )
-        ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
+        if is_sharded(self.model) or is_sharded_checkpoint(self.run_dir):  # DCP reshards
+            ck = load_sharded(self.run_dir, self.model, self.ema, self.optimizer)
+        else:
+            ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
+            try:
+                self.model.load_state_dict(ck.model)
+            except RuntimeError as err:  # size mismatch / missing keys: one line, not a page
+                detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+                raise ValueError(
+                    f"{self.run_dir} holds a checkpoint of another architecture ({detail}); "
+                    "resume with the run's own config.yaml, or train into a new run_dir"
+                ) from None
+            self.ema.load_state_dict(ck.ema, ck.meta["ema_updates"])
+            self.optimizer.load_state_dict(ck.optimizer)
+            _match_param_layout(self.optimizer)
         meta = ck.meta
-        try:
-            self.model.load_state_dict(ck.model)
-        except RuntimeError as err:  # size mismatch / missing keys: one line, not a page
-            detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-            raise ValueError(
-                f"{self.run_dir} holds a checkpoint of another architecture ({detail}); "
-                "resume with the run's own config.yaml, or train into a new run_dir"
-            ) from None
-        self.ema.load_state_dict(ck.ema, meta["ema_updates"])
         if self.posthoc is not None:
             self.posthoc.load_state(int(meta["step"]))
-        self.optimizer.load_state_dict(ck.optimizer)
-        _match_param_layout(self.optimizer)
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
