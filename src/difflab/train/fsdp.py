@@ -336,26 +336,29 @@ def _tuples(group: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(ref.get(k), tuple) else v for k, v in group.items()}
 
 
+def _shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` cut the way ``like`` (a DTensor parameter) is sharded, from this rank's own
+    copy (every rank read the whole file: no communication); plain tensors pass through."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor) or full.shape != like.shape:
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def _load_whole(
     ck: Checkpoint, model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer
 ) -> None:
-    """A plain checkpoint (optimiser state keyed by parameter index) into a sharded model."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ck.model, options=full)
-    set_model_state_dict(ema.model, ck.ema, options=full)
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    osd = {
-        "state": {order[int(i)]: st for i, st in ck.optimizer["state"].items()},
-        "param_groups": [
-            {**g, "params": [order[int(i)] for i in g["params"]]}
-            for g in ck.optimizer["param_groups"]
-        ],  # fmt: skip
+    """A plain checkpoint (DDP or one process) into a sharded model, EMA and optimiser."""
+    for net, weights in ((model, ck.model), (ema.model, ck.ema)):
+        live = net.state_dict()
+        net.load_state_dict({k: _shard_like(v, live[k]) if k in live else v
+                             for k, v in weights.items()})  # fmt: skip
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {
+        int(i): {
+            k: _shard_like(v, params[int(i)]) if isinstance(v, Tensor) else v for k, v in st.items()
+        }  # fmt: skip
+        for i, st in ck.optimizer["state"].items()
     }
-    set_optimizer_state_dict(model, optimizer, osd, options=full)
+    optimizer.load_state_dict({"state": state, "param_groups": ck.optimizer["param_groups"]})
