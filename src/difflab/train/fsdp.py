@@ -150,6 +150,8 @@ def parallelize(cfg: Any, model: nn.Module, ema: Any, info: DistInfo, precision:
     :param ema: the run's ``EMA`` (built from ``model`` before this call).
     :param precision: the resolved ``Precision`` of ``train.mixed_precision``.
     """
+    if info.is_main:  # the memory each rank will need, before any of it is spent
+        print(_memory_line(cfg, model, info, precision), flush=True)
     if not info.distributed:
         return model
     if cfg.train.parallel == "ddp":
@@ -165,6 +167,21 @@ def parallelize(cfg: Any, model: nn.Module, ema: Any, info: DistInfo, precision:
     _fully_shard(model, mesh, kwargs)
     _fully_shard(ema.model, mesh, {k: v for k, v in kwargs.items() if k != "mp_policy"})
     return model
+
+
+def _memory_line(cfg: Any, model: nn.Module, info: DistInfo, precision: Any) -> str:
+    """``difflab.train.memory``'s per-rank report of this run (activations measured on
+    fake tensors for one micro-batch)."""
+    from .memory import memory_report, model_activation_bytes
+
+    batch = max(1, cfg.train.batch_size // info.world_size)
+    with torch.random.fork_rng(devices=[]):  # the probe's random inputs draw no real RNG
+        acts = model_activation_bytes(model, batch, precision)
+    report = memory_report(
+        model, parallel=cfg.train.parallel, world_size=info.world_size,
+        compute_dtype=precision.dtype, activations=acts,
+    )  # fmt: skip
+    return report.format()
 
 
 def no_sync(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
