@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import pickle
 import shutil
 from collections.abc import Iterable
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from .checkpoint import (
     Checkpoint,
+    _read_state,
     commit_state_dir,
     find_checkpoint,
     load_checkpoint,
@@ -207,8 +207,7 @@ def is_sharded_checkpoint(run_dir: str | Path) -> bool:
     state_dir = find_checkpoint(run_dir)
     if state_dir is None:
         return False
-    meta = json.loads((state_dir / "state.json").read_text(encoding="utf-8"))
-    return meta.get("sharded") is not None
+    return _read_state(state_dir).get("sharded") is not None
 
 
 def _split_optimizer(osd: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
