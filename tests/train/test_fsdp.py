@@ -135,10 +135,10 @@ def test_fsdp_resume_with_another_number_of_ranks(runs, run):
 
 def test_fsdp_bf16_policy_stays_close_to_one_process_bf16(runs):
     """bf16 compute copies of the weights (fp32 shards and reduction) vs one process with
-    bf16 autocast over fp32 weights: the runs round differently, so they agree to 2e-3
-    (the weights move by ~1e-2 in these 4 steps), and both stay within 2e-2 of fp32."""
-    assert _max_diff(runs["E"], runs["S_bf16"]) <= 2e-3
-    assert _max_diff(runs["E"], runs["S"]) <= 2e-2
+    bf16 autocast over fp32 weights: the runs round differently (measured: 1.3e-4 apart,
+    each 3e-4 from fp32, while fp32 FSDP is 5e-8 from one process); bounds 1e-3 / 3e-3."""
+    assert _max_diff(runs["E"], runs["S_bf16"]) <= 1e-3
+    assert _max_diff(runs["E"], runs["S"]) <= 3e-3
 
 
 def test_published_weights_load_in_pipeline(runs):
