@@ -7,6 +7,9 @@ Owns the on-disk layout of a run's checkpoint (``notes/run_layout.md``)::
     run_dir/train_state/
         model.safetensors, ema.safetensors   the same weights (hard links when possible)
         optimizer.safetensors        every optimiser state tensor, flattened
+        dcp/                         instead of optimizer.safetensors in a sharded (FSDP)
+                                     checkpoint: each rank's shards of model, EMA and
+                                     optimiser state (torch.distributed.checkpoint)
         rng.safetensors              torch CPU/CUDA RNG states and the trainer's generators
         state.json                   step, data position, EMA count, LR schedule, grad
                                      scaler, the optimiser's non-tensor parts (written last)
@@ -41,11 +44,14 @@ from ..runs import _fsync_dir, atomic_write_bytes
 __all__ = [
     "Checkpoint",
     "atomic_write_bytes",
+    "commit_state_dir",
     "flatten_optimizer_state",
     "load_checkpoint",
+    "new_state_dir",
     "repair_run_dir",
     "save_checkpoint",
     "unflatten_optimizer_state",
+    "write_state_files",
 ]
 
 STATE_DIR = "train_state"
@@ -174,27 +180,45 @@ def save_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
     The previous checkpoint stays loadable until the new one is complete.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale(run_dir)
-    step = int(ckpt.meta.get("step", 0))
-    ema_updates = int(ckpt.meta.get("ema_updates", 0))
     opt_tensors, opt_index = flatten_optimizer_state(ckpt.optimizer)
-    meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "optimizer": opt_index}
-
-    tmp = Path(tempfile.mkdtemp(prefix=f"{STATE_DIR}.tmp-", dir=run_dir))
+    tmp = new_state_dir(run_dir)
     try:
-        step_md = {"step": str(step), "format": "difflab"}
-        _write_file(tmp / "model.safetensors", _tensors_bytes(ckpt.model, step_md))
-        ema_md = {**step_md, "ema_updates": str(ema_updates)}
-        _write_file(tmp / "ema.safetensors", _tensors_bytes(ckpt.ema, ema_md))
         _write_file(tmp / "optimizer.safetensors", _tensors_bytes(opt_tensors))
-        _write_file(tmp / "rng.safetensors", _tensors_bytes(ckpt.rng))
-        _write_file(tmp / "state.json", json.dumps(meta, indent=1).encode("utf-8"))  # last
-        _fsync_dir(tmp)
+        write_state_files(tmp, ckpt, {"optimizer": opt_index})  # state.json last
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return commit_state_dir(run_dir, tmp)
 
+
+def new_state_dir(run_dir: str | Path) -> Path:
+    """A fresh ``train_state.tmp-XXXX`` directory in ``run_dir`` (stale ones deleted) that
+    :func:`commit_state_dir` later renames into place."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale(run_dir)
+    return Path(tempfile.mkdtemp(prefix=f"{STATE_DIR}.tmp-", dir=run_dir))
+
+
+def write_state_files(tmp: Path, ckpt: Checkpoint, extra_meta: dict[str, Any]) -> None:
+    """Write the whole-model weights, RNG states and ``state.json`` (last) of ``ckpt`` into
+    the temp directory ``tmp``; ``extra_meta`` joins ``ckpt.meta`` in ``state.json``."""
+    step = int(ckpt.meta.get("step", 0))
+    ema_updates = int(ckpt.meta.get("ema_updates", 0))
+    meta = {**ckpt.meta, "format_version": FORMAT_VERSION, **extra_meta}
+    step_md = {"step": str(step), "format": "difflab"}
+    _write_file(tmp / "model.safetensors", _tensors_bytes(ckpt.model, step_md))
+    ema_md = {**step_md, "ema_updates": str(ema_updates)}
+    _write_file(tmp / "ema.safetensors", _tensors_bytes(ckpt.ema, ema_md))
+    _write_file(tmp / "rng.safetensors", _tensors_bytes(ckpt.rng))
+    _write_file(tmp / "state.json", json.dumps(meta, indent=1).encode("utf-8"))
+    _fsync_dir(tmp)
+
+
+def commit_state_dir(run_dir: str | Path, tmp: Path) -> Path:
+    """Rename the complete temp directory ``tmp`` to ``run_dir/train_state`` (the previous
+    checkpoint renamed aside first, deleted last) and publish its top-level weights."""
+    run_dir = Path(run_dir)
     final = run_dir / STATE_DIR
     old = None
     if final.exists():
@@ -285,6 +309,10 @@ def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) 
     """Read the checkpoint of ``run_dir``.
 
     :param optimizer_like: the live optimiser's ``state_dict()`` (restores tuple entries).
+
+    A sharded checkpoint (``meta["sharded"]``, written by ``difflab.train.fsdp``) gives its
+    whole-model weights, RNG states and meta here and an empty ``optimizer``: its optimiser
+    state lives in DCP shards that ``difflab.train.fsdp.load_sharded`` reads.
     :raises FileNotFoundError: when ``run_dir`` holds no complete checkpoint.
     """
     state_dir = find_checkpoint(run_dir)
@@ -296,10 +324,13 @@ def load_checkpoint(run_dir: str | Path, *, optimizer_like: dict | None = None) 
             f"{state_dir}: checkpoint format {meta.get('format_version')!r}, "
             f"this difflab reads {FORMAT_VERSION}"
         )
-    opt_index = meta.pop("optimizer")
-    optimizer = unflatten_optimizer_state(
-        _read_tensors(state_dir / "optimizer.safetensors"), opt_index, optimizer_like
-    )
+    if meta.get("sharded") is not None:  # DCP shards: difflab.train.fsdp.load_sharded
+        optimizer: dict[str, Any] = {}
+    else:
+        opt_index = meta.pop("optimizer")
+        optimizer = unflatten_optimizer_state(
+            _read_tensors(state_dir / "optimizer.safetensors"), opt_index, optimizer_like
+        )
     return Checkpoint(
         model=_read_tensors(state_dir / "model.safetensors"),
         ema=_read_tensors(state_dir / "ema.safetensors"),

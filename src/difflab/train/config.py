@@ -40,6 +40,9 @@ __all__ = [
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 LR_SCHEDULES = ("cosine", "constant")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+# How several processes share the work (difflab.train.fsdp): "ddp" replicates the model on
+# every rank; "fsdp" shards parameters, gradients and optimiser state (FSDP2 fully_shard).
+PARALLELS = ("ddp", "fsdp")
 ON_NONFINITE = ("stop", "skip")
 # What early stopping watches: a validation loss (train.val_every) or a periodic metric
 # (train.eval_every); lower is better for all of them.
@@ -233,6 +236,11 @@ class LoopConfig:
     # torch.compile the network for the training steps (the first step compiles, its time is
     # logged once); inductor's cache lives in RUN/compile_cache, so a resume reuses it.
     compile: bool = False
+    # Under torchrun (ignored by one process): "ddp" keeps a whole replica per rank, "fsdp"
+    # shards weights, gradients, optimiser state and EMA across ranks (difflab.train.fsdp).
+    parallel: str = "ddp"
+    # fsdp only, CUDA only: keep the sharded parameters and optimiser state in CPU memory.
+    cpu_offload: bool = False
     on_nonfinite: str = "stop"
     log_every: int = 50
     sample_every: int = 500  # 0 = never
@@ -291,6 +299,9 @@ class LoopConfig:
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        check_choice("train.parallel", self.parallel, PARALLELS)
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ValueError("train.cpu_offload offloads FSDP shards; it needs train.parallel=fsdp")
         for name in ("batch_size", "grad_accum", "log_every"):
             _check_range(f"train.{name}", getattr(self, name), 1)
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):

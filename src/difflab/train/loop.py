@@ -14,7 +14,8 @@ autoencoder latents, encoder caches: :mod:`~difflab.train.conditioning`), the fi
 set-up (:mod:`~difflab.train.finetune_setup`) and the hooks that look at the run (grids,
 validation, periodic eval: :mod:`~difflab.train.hooks`) — and never branches on them.
 Every loss, weighting and timestep sampler comes from ``difflab.losses``.  Data parallelism
-is one method, :meth:`Trainer._wrap_parallel`.
+(DDP, or FSDP2 by ``train.parallel``: :mod:`~difflab.train.fsdp`) is one method,
+:meth:`Trainer._wrap_parallel`.
 
 Randomness: no global RNG is drawn by the loop.  A trainer-owned generator (seeded from
 ``config.seed``, the same on every rank) draws condition dropout, timesteps and noise for
@@ -64,11 +65,19 @@ from .distributed import (
     rank0_says,
     setup_distributed,
     teardown_distributed,
-    wrap_ddp,
 )
 from .early_stop import BEST_FILE, EarlyStopping
 from .ema import EMA
 from .finetune_setup import word_weight
+from .fsdp import (
+    clip_grad_norm,
+    is_sharded,
+    is_sharded_checkpoint,
+    load_sharded,
+    no_sync,
+    parallelize,
+    save_sharded,
+)
 from .hooks import TrainHooks
 from .monitor import MetricsLog, log_line, plot_metrics, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
@@ -256,9 +265,10 @@ class Trainer:
         self._last_records: dict[str, dict[str, Any]] = {}  # latest val / eval record
 
     def _wrap_parallel(self, model: nn.Module) -> nn.Module:
-        """The network the step runs: ``model`` itself in one process, wrapped for data
-        parallelism under torchrun (DDP; the optimiser, EMA and checkpoints use ``model``)."""
-        return wrap_ddp(model, self.dist)
+        """The network the step runs: ``model`` itself in one process; under torchrun
+        wrapped by DDP or sharded in place by FSDP2 (``train.parallel``; the optimiser, EMA
+        and checkpoints use ``model``)."""
+        return parallelize(self.cfg, model, self.ema, self.dist, self.precision)
 
     # The conditioning part's objects, under the names they had on the trainer.
     @property
@@ -360,7 +370,7 @@ class Trainer:
         for i in range(tc.grad_accum):
             mb = self._draw(self.stream.next())
             sync = i == tc.grad_accum - 1 or not self.dist.distributed
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            with contextlib.nullcontext() if sync else no_sync(self.ddp):
                 loss, per_sample = self._forward(self.ddp, mb)
                 self.scaler.scale(loss / tc.grad_accum).backward()
             self._update_timestep_sampler(mb, per_sample)
@@ -374,7 +384,7 @@ class Trainer:
             micro.append(mb)
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm)  # global over shards
         flags = torch.stack(
             [total, (~torch.isfinite(total)).float(), 1.0 - torch.isfinite(grad_norm).float()]
         )
@@ -462,7 +472,8 @@ class Trainer:
     def save(self) -> None:
         """Write a checkpoint (rank 0; every rank's RNG states are gathered first)."""
         per_rank = all_gather_objects(self._local_rng(), self.dist)
-        if self.dist.is_main:
+        sharded = is_sharded(self.model)  # FSDP: every rank writes its shards
+        if self.dist.is_main or sharded:
             rng = {f"rank{r}.{k}": v for r, st in enumerate(per_rank) for k, v in st.items()}
             rng["shared.noise"] = self.gen.get_state()
             ts = self.timestep_sampler
@@ -480,16 +491,21 @@ class Trainer:
                 meta["train_time"] = self.budget.elapsed
             if self.early is not None:
                 meta["early_stopping"] = self.early.state_dict()
-            ckpt = Checkpoint(
-                model=self.model.state_dict(),
-                ema=self.ema.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                rng=rng,
-                meta=meta,
-            )
-            if self.posthoc is not None:  # before the checkpoint that refers to it
-                self.posthoc.save_state(self.step)
-            save_checkpoint(self.run_dir, ckpt)
+            if sharded:
+                save_sharded(self.run_dir, self.model, self.ema, self.optimizer, rng, meta,
+                             self.dist)  # fmt: skip
+            else:
+                ckpt = Checkpoint(
+                    model=self.model.state_dict(),
+                    ema=self.ema.state_dict(),
+                    optimizer=self.optimizer.state_dict(),
+                    rng=rng,
+                    meta=meta,
+                )
+                if self.posthoc is not None:  # before the checkpoint that refers to it
+                    self.posthoc.save_state(self.step)
+                save_checkpoint(self.run_dir, ckpt)
+        if self.dist.is_main:
             if self.cfg.train.plot_metrics and self.log is not None:
                 try:  # the picture of metrics.jsonl so far; never worth stopping a run for
                     plot_metrics(self.run_dir)
@@ -504,21 +520,24 @@ class Trainer:
         if find_checkpoint(self.run_dir) is None:
             return False
         self.conditioning.check_resume(self.run_dir)
-        ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
+        if is_sharded(self.model) or is_sharded_checkpoint(self.run_dir):  # DCP reshards
+            ck = load_sharded(self.run_dir, self.model, self.ema, self.optimizer)
+        else:
+            ck = load_checkpoint(self.run_dir, optimizer_like=self.optimizer.state_dict())
+            try:
+                self.model.load_state_dict(ck.model)
+            except RuntimeError as err:  # size mismatch / missing keys: one line, not a page
+                detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+                raise ValueError(
+                    f"{self.run_dir} holds a checkpoint of another architecture ({detail}); "
+                    "resume with the run's own config.yaml, or train into a new run_dir"
+                ) from None
+            self.ema.load_state_dict(ck.ema, ck.meta["ema_updates"])
+            self.optimizer.load_state_dict(ck.optimizer)
+            match_param_layout(self.optimizer)
         meta = ck.meta
-        try:
-            self.model.load_state_dict(ck.model)
-        except RuntimeError as err:  # size mismatch / missing keys: one line, not a page
-            detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-            raise ValueError(
-                f"{self.run_dir} holds a checkpoint of another architecture ({detail}); "
-                "resume with the run's own config.yaml, or train into a new run_dir"
-            ) from None
-        self.ema.load_state_dict(ck.ema, meta["ema_updates"])
         if self.posthoc is not None:
             self.posthoc.load_state(int(meta["step"]))
-        self.optimizer.load_state_dict(ck.optimizer)
-        match_param_layout(self.optimizer)
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
