@@ -72,10 +72,17 @@ class MemoryReport:
         return "\n".join(rows)
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules ``difflab.train.fsdp`` makes FSDP units: every U-Net ``Stage`` and
+    every ``DiTBlock`` (in module order; the root is sharded separately and holds the rest)."""
+    from ..models.dit import DiTBlock
+    from ..models.unet import Stage
+
+    return [m for m in model.modules() if isinstance(m, (Stage, DiTBlock)) and m is not model]
+
+
 def _unit_sizes(model: nn.Module) -> list[int]:
     """Parameter counts of the FSDP units (their own, nested units excluded) and the root."""
-    from .fsdp import shard_units
-
     units = shard_units(model)
     inner = {id(p) for u in units for p in u.parameters()}
     sizes = [sum(p.numel() for p in u.parameters()) for u in units]
