@@ -88,3 +88,19 @@ def test_eval_scores_shapes_runs_with_shapes_cnn(shapes):
                         for s in (0, 60)])  # fmt: skip
     direct = evaluate(images, shapes_tensor()[0], extractor=shapes, metrics=("fid",))
     assert row["fid[shapes-cnn]"] == pytest.approx(direct["fid[shapes-cnn]"], rel=1e-6)
+
+
+def test_periodic_eval_on_shapes_needs_no_inception_file():
+    from pathlib import Path
+
+    from difflab.train import load_config
+
+    digits_yaml = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
+    base = ["data.source=shapes", "data.image_size=32", "model.num_classes=6",
+            "train.eval_every=10", "train.eval_metrics=fid,accuracy"]  # fmt: skip
+    cfg = load_config(digits_yaml, [*base, "data.channels=3"])  # scored with shapes-cnn
+    assert cfg.data.source == "shapes"
+    with pytest.raises(ValueError, match="shapes classifier, which needs 3-channel"):
+        load_config(digits_yaml, [*base, "data.channels=1"])
+    with pytest.raises(ValueError, match="digits classifier, which needs 1-channel"):
+        load_config(digits_yaml, ["data.channels=3", "train.eval_every=10"])
