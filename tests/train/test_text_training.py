@@ -42,7 +42,7 @@ def _same(a: dict, b: dict) -> None:
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="has none; use data.source digits or captions"):
+    with pytest.raises(ValueError, match="has none; use data.source digits, shapes or captions"):
         load_config(None, ["text.encoder=transformer", "data.source=folder", "data.path=x"])
     with pytest.raises(ValueError, match="contradicts the text encoder.s width 16"):
         load_config(None, [*TEXT, "model.context_dim=8"]).model_config()

@@ -56,7 +56,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="FID Inception-v3 weights (pytorch-fid .pth or .safetensors; default "
         "$DIFFLAB_INCEPTION_WEIGHTS): FID/KID/precision-recall/IS in Inception space instead "
-        "of the digits classifier's (never downloaded)",
+        "of the run data's classifier (digits-cnn, or shapes-cnn for data.source shapes; "
+        "never downloaded)",
     )
     p.add_argument(
         "--resize",
@@ -116,7 +117,7 @@ def _results_dir(run: str, kind: str) -> Path:
 
 def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
     """Inception from ``--inception-weights`` or ``$DIFFLAB_INCEPTION_WEIGHTS``; else None
-    (the digits classifier)."""
+    (the classifier of the run's data: digits-cnn or shapes-cnn)."""
     from ..eval.features import INCEPTION_WEIGHTS_ENV, InceptionV3Features
 
     path = args.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)

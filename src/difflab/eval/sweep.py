@@ -46,6 +46,7 @@ __all__ = [
     "SweepResult",
     "evaluate_likelihood",
     "class_prompts",
+    "data_scorer",
     "evaluate_pipeline",
     "labelled_classes",
     "load_pipeline",
@@ -379,6 +380,25 @@ def _class_prompts(dataset: Any, labels: Sequence[int], names: Sequence[str]) ->
     return prompts
 
 
+def data_scorer(pipe: PipeLike, reference: Any = None) -> FeatureExtractor | None:
+    """The classifier that scores a run on its own data when no extractor is given:
+    `ShapesClassifier` (``shapes-cnn``) when the data (``reference`` as a data config, else
+    the run's ``data:`` section) is ``data.source: shapes``; None for anything else, which
+    the digits classifier (``digits-cnn``) scores."""
+    import dataclasses
+
+    data = reference
+    if data is None and _is_run(pipe):
+        data = _data_section(pipe)
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    if isinstance(data, Mapping) and data.get("source") == "shapes":
+        from difflab.eval.shapes_classifier import ShapesClassifier
+
+        return ShapesClassifier()
+    return None
+
+
 def _check_digits_scorer(pipe: PipeLike, what: str, instead: str) -> None:
     """The digits classifier, the default scorer, reads grayscale digits: refuse to score
     other images with it, saying what to pass ``instead``."""
@@ -433,6 +453,8 @@ class _Evaluator:
                     "prompts without class labels; use fid, kid, precision_recall or clip_score"
                 )
             if classifier is None:
+                classifier = data_scorer(pipe, reference)
+            if classifier is None:
                 _check_digits_scorer(
                     pipe, "metric 'accuracy' scores with",
                     "pass classifier= (a FeatureExtractor with class logits for this data) "
@@ -448,14 +470,15 @@ class _Evaluator:
         if REFERENCE_METRICS & set(metrics) and no_reference and _is_pretrained(pipe):
             _data_section(pipe)  # an SD model: say to pass a reference before anything else
         if extractor is None and set(metrics) - {"clip_score"}:  # features are needed
-            if classifier is None:
+            extractor = classifier if classifier is not None else data_scorer(pipe, reference)
+            if extractor is None:
                 _check_digits_scorer(
                     pipe, "FID/KID/precision-recall/IS take their features from",
                     "pass --inception-weights PATH (extractor= in Python): a local FID "
                     "Inception-v3 weights file (pytorch-fid's pt_inception-2015-12-05, .pth or "
                     ".safetensors; never downloaded)",
                 )  # fmt: skip
-            extractor = classifier if classifier is not None else DigitsClassifier()
+                extractor = DigitsClassifier()
         if isinstance(reference, str | os.PathLike):  # a folder of real images
             reference = reference_folder_config(reference, _pixel_shape(pipe))
         if REFERENCE_METRICS & set(metrics) and reference is None:
@@ -566,6 +589,7 @@ def evaluate_pipeline(
     Samples are class-conditional for a class-conditional model (labels ``i % K``); a text
     model's sample ``i`` is drawn from prompt ``i % N`` (``prompts``, or a text run's data;
     an SD model needs ``prompts``). FID/KID/precision-recall use ``extractor`` (default:
+    `data_scorer`: `ShapesClassifier`, id ``shapes-cnn``, for ``data.source: shapes``, else
     `DigitsClassifier`, id ``digits-cnn``) against ``reference`` (images, a data config, or a
     folder of real images resized and centre-cropped to the model's size; default the run's
     ``data:`` section), whose features are cached under ``cache_dir()/reference``; accuracy

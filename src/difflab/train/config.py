@@ -540,27 +540,34 @@ class TrainConfig:
             )
 
     def _check_text(self) -> None:
-        if self.data.source not in ("digits", "captions"):
+        if self.data.source not in ("digits", "shapes", "captions"):
             raise ValueError(
                 f"text.encoder={self.text.encoder!r} trains on captions, but data.source="
-                f"{self.data.source!r} has none; use data.source digits or captions"
+                f"{self.data.source!r} has none; use data.source digits, shapes or captions"
             )
         metrics = {m.strip() for m in self.train.eval_metrics.split(",")}
-        if self.train.eval_every and "accuracy" in metrics and self.data.source != "digits":
+        labelled = self.data.source in ("digits", "shapes")
+        if self.train.eval_every and "accuracy" in metrics and not labelled:
             raise ValueError(
                 "train.eval_metrics has 'accuracy', which for a text run needs captions with "
-                f"class labels (data.source: digits), and data.source={self.data.source!r} "
-                "has captions only; use fid / kid / precision_recall"
+                "class labels (data.source: digits or shapes), and data.source="
+                f"{self.data.source!r} has captions only; use fid / kid / precision_recall"
             )
 
     def _check_eval(self) -> None:
         metrics = {m.strip() for m in self.train.eval_metrics.split(",")}
-        if self.train.eval_inception_weights is None and self.data.channels != 1:
+        own_scorer = self.data.source == "shapes"  # scored by the shapes classifier
+        if self.train.eval_inception_weights is None and self.data.channels != 1 and not own_scorer:
             raise ValueError(
                 "train.eval_every without train.eval_inception_weights scores samples with the "
                 f"digits classifier, which needs 1-channel images (data.channels="
                 f"{self.data.channels}); set train.eval_inception_weights to a local "
                 "pytorch-fid Inception file or train.eval_every=0"
+            )
+        if own_scorer and self.data.channels != 3 and self.train.eval_inception_weights is None:
+            raise ValueError(
+                "train.eval_every on data.source=shapes scores samples with the shapes "
+                f"classifier, which needs 3-channel images (data.channels={self.data.channels})"
             )
         if (
             "accuracy" in metrics
