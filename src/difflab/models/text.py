@@ -484,7 +484,7 @@ class PretrainedTextEncoder:
         e.g. a network's adapted one (``finetune.text_encoder``)."""
         (model,) = models
         other = copy.copy(self)
-        other.model = model
+        other.model = model  # type: ignore[assignment]  # a copy of the same model class
         return other
 
     def word_embedding(self, word: str) -> Tensor:

@@ -160,10 +160,10 @@ class Conditioning:
         elif getattr(self.frozen_text, "kind", None) == "sdxl":  # both encoders + size ids
             xl: Any = self.frozen_text
             models = nn.ModuleList(xl.encoder.models)
-            settings = (f"max_length={xl.max_length}", f"size={xl.size}",
-                        f"time_embed_dim={xl.conditioner.time_embed_dim}",
-                        *(str(len(t)) for t in xl.encoder.tokenizers), "float32")  # fmt: skip
-            text = EncoderCache("sdxl-" + module_digest(models, *settings), folder)
+            xl_settings = (f"max_length={xl.max_length}", f"size={xl.size}",
+                           f"time_embed_dim={xl.conditioner.time_embed_dim}",
+                           *(str(len(t)) for t in xl.encoder.tokenizers), "float32")  # fmt: skip
+            text = EncoderCache("sdxl-" + module_digest(models, *xl_settings), folder)
         elif self.frozen_text is not None:
             ft = self.frozen_text
             settings: tuple[str, ...] = (f"max_length={ft.max_length}", type(ft.tokenizer).__name__,
