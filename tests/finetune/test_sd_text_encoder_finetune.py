@@ -16,7 +16,9 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
+sys.path.insert(0, str(Path(__file__).parent))
 from sd_helpers import tiny_sd1_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from test_lycoris_train import _peft_twin  # noqa: E402
 from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
@@ -124,12 +126,25 @@ def test_sd1_text_encoder_lycoris_file_gives_the_runs_encoder(sd_folder, data, t
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unet_theirs, unet_ours, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zero, base, atol=1e-6, rtol=0)
+    # The math reference: each trained text layer is peft's LoHa / LoKr with its tensors.
+    g = torch.Generator().manual_seed(2)
+    for _, layer in lora_layers(tuned.model.text_encoders):
+        h = torch.randn(3, layer.base.in_features, generator=g)
+        whole = "lokr_w2" in layer.factors()  # LyCORIS ignores alpha then (scale 1)
+        twin = _peft_twin(layer, kind, layer.rank, float(layer.rank) if whole else layer.alpha)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(h), twin(h), atol=1e-5, rtol=1e-5)
 
 
-def test_text_encoder_lr_zero_keeps_the_encoder_and_trains_the_unet(sd_folder, data, tmp_path):
+def test_text_encoder_lr_zero_keeps_the_encoder_and_trains_the_unet(
+    sd_folder, data, tmp_path, capsys
+):
     """``finetune.text_encoder_lr`` is the text adapters' own rate: at 0 the encoder stays
-    the base exactly (LoRA's up factor starts at zero) while the U-Net's adapters train."""
-    _finetune(sd_folder, tmp_path / "ft", data, "--text-encoder-lr", "0")
+    the base exactly (LoRA's up factor starts at zero) while the U-Net's adapters train.
+    ``train.encoder_cache`` then caches latents only, and says so."""
+    _finetune(sd_folder, tmp_path / "ft", data, "--text-encoder-lr", "0",
+              "--set", "train.encoder_cache=memory")  # fmt: skip
+    assert "caches the autoencoder's latents only" in capsys.readouterr().err
     tuned = dl.Pipeline.from_run(tmp_path / "ft")
     sd = dl.Pipeline.from_pretrained(sd_folder)
     x, t = _sd1_unet_inputs()
@@ -173,3 +188,23 @@ def test_sdxl_text_encoders_lora_loads_in_diffusers_with_the_same_prompt_embeddi
     torch.testing.assert_close(theirs[1], ours["pooled"], atol=1e-4, rtol=1e-4)
     for a, b in zip(zero, base):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_bad_text_encoder_settings_are_one_line_errors():
+    """A text encoder that is not CLIP, a rate without the option, the option without a
+    base run: each a one-line ValueError naming the setting."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from difflab.train import TrainConfig
+    from difflab.train.finetune_setup import FinetuneSetup
+
+    cfg = TrainConfig.from_dict({"finetune": {"base_run": "x", "text_encoder": True},
+                                 "text": {"encoder": "transformer"}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"adapts a CLIP text encoder .*text.encoder: transformer"):
+        FinetuneSetup(cfg)._adapt_text(nn.Linear(1, 1), SimpleNamespace(frozen_text=None))
+    with pytest.raises(ValueError, match="text_encoder_lr needs finetune.text_encoder: true"):
+        TrainConfig.from_dict({"finetune": {"text_encoder_lr": 0.1}})
+    with pytest.raises(ValueError, match="text_encoder needs finetune.base_run"):
+        TrainConfig.from_dict({"finetune": {"text_encoder": True}})
