@@ -395,6 +395,10 @@ class FinetuneConfig:
     :param prior_condition: DreamBooth's prior preservation (Ruiz et al. 2023): the class
         prompt (or label) whose ``prior_images`` base-run samples are trained alongside the
         instance data, weighted by ``prior_weight`` (λ of eq. 2). ``None`` = off.
+    :param text_encoder: adapters of the same kind and rank on the frozen CLIP text
+        encoder(s) too (``text.encoder: clip | sdxl``; kohya's ``lora_te_``), trained with
+        gradients through the encoder (``difflab.finetune.text_encoder``).
+    :param text_encoder_lr: their learning rate (``None``: ``train.lr``).
     """
 
     base_run: str | None = None
@@ -411,6 +415,8 @@ class FinetuneConfig:
     prior_condition: Any = None
     prior_images: int = 100
     prior_weight: float = 1.0
+    text_encoder: bool = False
+    text_encoder_lr: float | None = None
 
     def __post_init__(self) -> None:
         from ..finetune.lora import ADAPTER_KINDS, TARGET_SETS
@@ -440,9 +446,18 @@ class FinetuneConfig:
         if self.alpha is not None:
             _check_range("finetune.alpha", self.alpha, 0.0)
         patterns = isinstance(self.targets, list) and all(isinstance(p, str) for p in self.targets)
+        if self.text_encoder_lr is not None:
+            _check_range("finetune.text_encoder_lr", self.text_encoder_lr, 0.0)
+            if not self.text_encoder:
+                raise ValueError("finetune.text_encoder_lr needs finetune.text_encoder: true")
+        if self.text_encoder and self.base_run is None:
+            raise ValueError("finetune.text_encoder needs finetune.base_run (the run to adapt)")
         if self.targets == "none":
-            if self.new_word is None:
-                raise ValueError("finetune.targets: none trains nothing without finetune.new_word")
+            if self.new_word is None and not self.text_encoder:
+                raise ValueError(
+                    "finetune.targets: none trains nothing without finetune.new_word or "
+                    "finetune.text_encoder"
+                )
         elif not patterns and self.targets not in TARGET_SETS:
             raise ValueError(
                 f"finetune.targets must be one of {', '.join(TARGET_SETS)}, none (with "
