@@ -26,9 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="no torch.distributed"
-)
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 CONFIG = {  # the tiny U-Net of tests/train/train_helpers.py on the embedded digits
@@ -91,7 +89,9 @@ def test_killed_rank_restarts_from_checkpoint_and_ends_like_uninterrupted_run(tm
         name: subprocess.Popen(
             _command(config, run_dir),
             env={**env, "DIFFLAB_TEST_KILL_AT": str(KILL_AT)} if name == "killed" else env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for name, run_dir in runs.items()
     }
