@@ -30,12 +30,14 @@ from difflab.eval.metrics import (
     precision_recall,
     to_uint8,
 )
+from difflab.eval.ranks import Ranks
 from difflab.eval.sweep import SweepResult, evaluate_pipeline, periodic_eval, run_sweep
 
 __all__ = [
     "KID",
     "CLIPScorer",
     "ODELikelihood",
+    "Ranks",
     "clip_score",
     "dequantize",
     "ode_likelihood",
