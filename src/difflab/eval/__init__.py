@@ -30,6 +30,7 @@ from difflab.eval.metrics import (
     precision_recall,
     to_uint8,
 )
+from difflab.eval.ranks import Ranks
 from difflab.eval.shapes_classifier import ShapesClassifier
 from difflab.eval.sweep import SweepResult, evaluate_pipeline, periodic_eval, run_sweep
 
@@ -37,6 +38,7 @@ __all__ = [
     "KID",
     "CLIPScorer",
     "ODELikelihood",
+    "Ranks",
     "clip_score",
     "dequantize",
     "ode_likelihood",

@@ -37,6 +37,7 @@ from torch import Tensor
 from difflab._validate import check_choice
 from difflab.eval.features import DigitsClassifier, FeatureExtractor, cache_dir
 from difflab.eval.metrics import METRICS, evaluate, to_uint8
+from difflab.eval.ranks import Ranks
 from difflab.eval.sources import prompts_identity, reference_folder_config
 from difflab.images import new_figure, save_figure
 
@@ -224,6 +225,7 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 256,
     sampler_options: Mapping[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[Tensor, Tensor | None, float | None]:
     """Draw ``n`` images as ``uint8 [n, C, H, W]`` in batches; labels cycle over the classes.
 
@@ -232,6 +234,10 @@ def sample_images(
     ``sampler_options`` go to every call (``guidance_interval``, ``guidance_rescale``, ``eta``,
     a sampler's own options).
 
+    :param ranks: under ``torchrun``, the ranks that share the work (`Ranks.current()`):
+        batch *k* is drawn on rank ``k % world_size`` and gathered to rank 0, which returns
+        all ``n`` images (the same batches, so the same images, as one process); the other
+        ranks return empty ``images`` and ``nfe`` None.
     :return: ``(images, labels or None, nfe)``: ``nfe`` is the mean number of network forward
         calls per batch (a classifier-free-guidance call on a doubled batch counts once, as
         `Denoiser.nfe` does); None when the pipeline exposes no ``model`` module.
@@ -240,27 +246,37 @@ def sample_images(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ranks = ranks or Ranks()
     labels = _cycle_labels(pipe, n)
     model = getattr(pipe, "model", None)
     calls = [0]
     handle = None
     if isinstance(model, torch.nn.Module):
         handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    chunks = []
+    chunks, mine = [], []
     try:
-        for s in range(0, n, batch_size):
-            e = min(s + batch_size, n)
-            batch_labels = None if labels is None else labels[s:e]
-            x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s, False,
-                     **(sampler_options or {}))  # fmt: skip
-            chunks.append(to_uint8(x.cpu()))  # (b, C, H, W) uint8: what a PNG would hold
+        for span in ranks.batches(n, batch_size):  # one round: a batch per rank
+            x = None
+            if span is not None:
+                s, e = span
+                batch_labels = None if labels is None else labels[s:e]
+                x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s,
+                         False, **(sampler_options or {}))  # fmt: skip
+                x = to_uint8(x.cpu())  # (b, C, H, W) uint8: what a PNG would hold
+                mine.append(x[:0])
+            drawn = ranks.gather(x)  # rank 0: the round's batches in rank order = batch order
+            chunks += [c for c in drawn or [] if c is not None]
     finally:
         if handle is not None:
             handle.remove()
+    counts = ranks.gather((calls[0], handle is not None))
+    if not ranks.is_main or counts is None:
+        return torch.cat(mine) if mine else torch.zeros(0, dtype=torch.uint8), labels, None
     n_batches = math.ceil(n / batch_size)
+    total = sum(c for c, _ in counts)
     nfe: float | None = None
-    if handle is not None:
-        nfe = calls[0] // n_batches if calls[0] % n_batches == 0 else calls[0] / n_batches
+    if all(hooked for _, hooked in counts):
+        nfe = total // n_batches if total % n_batches == 0 else total / n_batches
     return torch.cat(chunks), labels, nfe
 
 
@@ -582,6 +598,7 @@ def evaluate_pipeline(
     prompts: Sequence[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
     prediction: str | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from a run or a Stable Diffusion model and score them with
     `difflab.eval.metrics.evaluate`.
@@ -607,6 +624,9 @@ def evaluate_pipeline(
         everything ``evaluate`` returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...).
         JSON-able; with ``prompts`` or a reference folder, also ``prompts`` (their count and
         digest, `prompts_identity`) and ``reference`` (the folder).
+    :param ranks: under ``torchrun`` (`Ranks.current()`): the sampling batches are split
+        over the ranks and gathered to rank 0, which scores them; every rank returns rank
+        0's result (plus ``ranks``: the number of ranks), equal to one process's.
     """
     pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device, prompts=prompts,
                          tokenizer=tokenizer, prediction=prediction)  # fmt: skip
@@ -622,7 +642,7 @@ def evaluate_pipeline(
         clip_model=clip_model,
     )
     row = _evaluate_cell(
-        pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size, sampler_options
+        pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size, sampler_options, ranks
     )
     return {**row, **_source_settings(prompts, reference)}
 
@@ -760,7 +780,11 @@ def _evaluate_cell(
     seed: int,
     batch_size: int,
     sampler_options: Mapping[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
+    """One setting's row; with ``ranks``, sampled on every rank, scored on rank 0, and rank
+    0's row returned on every rank."""
+    ranks = ranks or Ranks()
     labels = _cycle_labels(pipe, n)
     options = _json_options(sampler_options)
     sampler, steps, guidance_scale = _resolved(
@@ -776,8 +800,11 @@ def _evaluate_cell(
         seed=seed,
         batch_size=batch_size,
         sampler_options=options,
+        ranks=ranks,
     )
     sampled = time.perf_counter()
+    if not ranks.is_main:  # rank 0 scores the gathered images and sends its row
+        return ranks.from_main({})
     scores = ev(images, labels)
     row = {
         "sampler": sampler,
@@ -790,7 +817,9 @@ def _evaluate_cell(
         "eval_seconds": round(time.perf_counter() - sampled, 3),
     }
     row.update(scores)
-    return row
+    if ranks.distributed:
+        row["ranks"] = ranks.world_size
+    return ranks.from_main(row)
 
 
 def periodic_eval(
@@ -924,6 +953,7 @@ def run_sweep(
     prompts: Sequence[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
     prediction: str | None = None,
+    ranks: Ranks | None = None,
 ) -> SweepResult:
     """Evaluate every sampler × steps × guidance-scale cell and tabulate and plot the results.
 
@@ -940,6 +970,9 @@ def run_sweep(
     reference folder); metrics, ``reference``, ``prompts``, ``tokenizer`` and ``prediction``
     are those of `evaluate_pipeline` (an SD model is swept as a run is).
     ``progress``: a bar over cells (None: on when stderr is a terminal).
+    ``ranks``: under ``torchrun``, each cell's samples are split over the ranks (see
+    `evaluate_pipeline`); rank 0 alone reads and writes the files, and every rank returns
+    the same result.
     """
     from difflab.samplers import SAMPLERS
 
@@ -968,10 +1001,14 @@ def run_sweep(
         metric_options=metric_options,
         clip_model=clip_model,
     )
+    ranks = ranks or Ranks()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / SWEEP_FILES["jsonl"]
-    done = {_cell_key(r): r for r in _read_jsonl(log_path)}
+    done: dict[str, dict[str, Any]] = {}
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        done = {_cell_key(r): r for r in _read_jsonl(log_path)}
+    done = ranks.from_main(done)  # every rank skips the same cells
     shared = {
         "n": n,
         "seed": seed,
@@ -988,7 +1025,7 @@ def run_sweep(
     cells = list(itertools.product(sampler_list, step_list, scale_list))
     rows: list[dict[str, Any]] = []
     computed: list[str] = []
-    bar = _cell_bar(len(cells), progress)
+    bar = _cell_bar(len(cells), progress if ranks.is_main else False)
     try:
         for sampler, n_steps, scale in cells:
             key = _cell_key(
@@ -1000,19 +1037,22 @@ def run_sweep(
                     if computed:  # the sample-count warning was given for the first cell
                         warnings.filterwarnings("ignore", message=_FEW_SAMPLES_WARNING)
                     row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed,
-                                         batch_size, sampler_options)  # fmt: skip
+                                         batch_size, sampler_options, ranks)  # fmt: skip
                 row.update(shared, sampler=sampler, steps=n_steps, guidance_scale=scale)
-                _append_jsonl(log_path, row)
+                if ranks.is_main:
+                    _append_jsonl(log_path, row)
                 done[key] = row
                 computed.append(key)
             rows.append(done[key])
             bar.update(1)
     finally:
         bar.close()
-    files = {"jsonl": log_path, **write_tables(rows, out)}
-    if plots:
-        files.update(plot_sweep(rows, out))
-    return SweepResult(rows, computed, out, files)
+    files: dict[str, Path] = {}
+    if ranks.is_main:
+        files = {"jsonl": log_path, **write_tables(rows, out)}
+        if plots:
+            files.update(plot_sweep(rows, out))
+    return SweepResult(rows, computed, out, ranks.from_main(files))
 
 
 def _cell_bar(total: int, progress: bool | None):

@@ -159,13 +159,16 @@ def parallelize(cfg: Any, model: nn.Module, ema: Any, info: DistInfo, precision:
 
 
 def _memory_line(cfg: Any, model: nn.Module, info: DistInfo, precision: Any) -> str:
-    """``difflab.train.memory``'s per-rank report of this run (activations measured on
-    fake tensors for one micro-batch)."""
+    """``difflab.train.memory``'s per-rank report of this run.  Under torchrun the
+    activations of one micro-batch are measured on fake tensors (seconds: it loads
+    torch's fake-tensor machinery, so a single process skips it and says n/a)."""
     from .memory import memory_report, model_activation_bytes
 
-    batch = max(1, cfg.train.batch_size // info.world_size)
-    with torch.random.fork_rng(devices=[]):  # the probe's random inputs draw no real RNG
-        acts = model_activation_bytes(model, batch, precision)
+    acts = None
+    if info.distributed:
+        batch = max(1, cfg.train.batch_size // info.world_size)
+        with torch.random.fork_rng(devices=[]):  # the probe's random inputs draw no real RNG
+            acts = model_activation_bytes(model, batch, precision)
     report = memory_report(
         model, parallel=cfg.train.parallel, world_size=info.world_size,
         compute_dtype=precision.dtype, activations=acts,
