@@ -83,7 +83,7 @@ def _latent_run(run_dir, vae_dir, *extra):
             "data.random_flip=true", "train.max_steps=6", *extra]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random autoencoder's latent std is not 1
-        trainer = Trainer(tiny_config(run_dir, *opts), progress=False)
+        trainer = Trainer.from_config(tiny_config(run_dir, *opts), progress=False)
         try:
             result = trainer.run()
         finally:

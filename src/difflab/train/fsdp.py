@@ -50,6 +50,7 @@ from .checkpoint import (
     write_state_files,
 )
 from .distributed import DistInfo, wrap_ddp
+from .memory import shard_units  # the FSDP units, defined where the memory report counts them
 
 __all__ = [
     "DCP_DIR",
@@ -75,15 +76,6 @@ _RANK0_ONLY = {
 
 
 # --------------------------------------------------------------------------- wrapping
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules that become FSDP units: every U-Net ``Stage`` and every ``DiTBlock``
-    (in module order; the root is sharded separately and holds the rest)."""
-    from ..models.dit import DiTBlock
-    from ..models.unet import Stage
-
-    return [m for m in model.modules() if isinstance(m, (Stage, DiTBlock)) and m is not model]
-
-
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` was sharded by ``fully_shard``."""
     from torch.distributed.fsdp import FSDPModule
