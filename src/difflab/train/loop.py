@@ -589,23 +589,9 @@ class Trainer:
         metric = self.cfg.train.early_stop_metric
         if self.early is None or metric.startswith("val") != (kind == "val"):
             return False
-        stop = False
-        if self.dist.is_main:
-            record = self._last_records.get(kind, {})
-            if metric not in record:
-                raise ValueError(
-                    f"train.early_stop_metric={metric!r} is not among the measured metrics "
-                    f"({', '.join(k for k in record if k not in ('step', 'event'))}); add it "
-                    "to train.eval_metrics or choose another"
-                )
-            improved, stop = self.early.update(float(record[metric]), self.step)
-            if improved:
-                from safetensors.torch import save_file
-
-                tmp = self.run_dir / (BEST_FILE + ".tmp")
-                meta = {"step": str(self.step), metric: repr(self.early.best)}
-                save_file(self.ema.state_dict(), str(tmp), metadata=meta)
-                tmp.replace(self.run_dir / BEST_FILE)
+        stop = self.dist.is_main and self.early.observe(
+            self._last_records.get(kind, {}), metric, self.step, self.ema.state_dict, self.run_dir
+        )
         return rank0_says(stop, self.dist)
 
     def stopping(self, stop: list[int]) -> bool:
