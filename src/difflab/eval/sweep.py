@@ -78,7 +78,6 @@ _FEW_SAMPLES_WARNING = r".*not comparable with numbers in papers"  # eval.metric
 _METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)\[(?P<extractor>[^\]]+)\]$")
 
 
-
 class PipeLike(Protocol):
     """What the evaluations sample from: a :class:`difflab.Pipeline`, a
     :class:`PromptedPipeline`, or anything with that call signature and these attributes
