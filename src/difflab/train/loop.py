@@ -8,17 +8,18 @@ EMA and post-hoc EMA), the run (logging, time budget, early stopping), save / re
 the RNG state.  The autoencoder (:mod:`difflab.train.autoencoder`) is another task of the
 same loop.
 
-The trainer receives ready-made parts, built from the config by
-:func:`difflab.train.parts.build_parts` — the conditioning (class labels, text encoders,
+The trainer receives ready-made parts: :func:`train` builds them from the config with
+:func:`difflab.train.parts.build_parts` and passes them in (``Trainer(parts)``;
+:meth:`Trainer.from_config` does both) — the conditioning (class labels, text encoders,
 autoencoder latents, encoder caches: :mod:`~difflab.train.conditioning`), the fine-tuning
-set-up (:mod:`~difflab.train.finetune_setup`) and the hooks that look at the run (grids,
+set-up (:mod:`~difflab.train.finetune_setup`), the diffusion loss of one micro-batch
+(:mod:`~difflab.train.diffusion_loss`) and the hooks that look at the run (grids,
 validation, periodic eval: :mod:`~difflab.train.hooks`) — and never branches on them.
-Every loss, weighting and timestep sampler comes from ``difflab.losses``.  Data parallelism
-(DDP, or FSDP2 by ``train.parallel``: :mod:`~difflab.train.fsdp`) is one method,
-:meth:`Trainer._wrap_parallel`.
+Data parallelism (DDP, or FSDP2 by ``train.parallel``: :mod:`~difflab.train.fsdp`) is one
+method, :meth:`Trainer._wrap_parallel`.
 
-Randomness: no global RNG is drawn by the loop.  A trainer-owned generator (seeded from
-``config.seed``, the same on every rank) draws condition dropout, timesteps and noise for
+Randomness: no global RNG is drawn by the loop.  A generator of the parts (seeded from
+``config.seed``, the same on every rank; :class:`~difflab.train.seeds.RunGenerators`) draws condition dropout, timesteps and noise for
 the whole *global* batch, and each rank keeps its rows, so N ranks compute exactly what
 one process does with the same global batch.  Dropout layers inside the model use torch's
 global RNG; it is seeded at start (``seed + rank``), saved per rank in the checkpoint and
