@@ -18,10 +18,11 @@ validation, periodic eval: :mod:`~difflab.train.hooks`) — and never branches o
 Data parallelism (DDP, or FSDP2 by ``train.parallel``: :mod:`~difflab.train.fsdp`) is one
 method, :meth:`Trainer._wrap_parallel`.
 
-Randomness: no global RNG is drawn by the loop.  A generator of the parts (seeded from
-``config.seed``, the same on every rank; :class:`~difflab.train.seeds.RunGenerators`) draws condition dropout, timesteps and noise for
-the whole *global* batch, and each rank keeps its rows, so N ranks compute exactly what
-one process does with the same global batch.  Dropout layers inside the model use torch's
+Randomness: no global RNG is drawn by the loop.  A generator of the parts
+(:class:`~difflab.train.seeds.RunGenerators`, seeded from ``config.seed``, the same on every
+rank) draws condition dropout, timesteps and noise for the whole *global* batch, and each
+rank keeps its rows, so N ranks compute exactly what one process does with the same global
+batch.  Dropout layers inside the model use torch's
 global RNG; it is seeded at start (``seed + rank``), saved per rank in the checkpoint and
 restored on resume (and the caller's global RNG state is restored when :func:`train` returns).
 """
