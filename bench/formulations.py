@@ -140,7 +140,7 @@ def train_cell(formulation: str, arch: str, args: argparse.Namespace, work: Path
     params = sum(p.numel() for p in _build(cfg).parameters())
     cpu0, wall0 = time.process_time(), time.perf_counter()
     clock = time.process_time if args.clock == "cpu" else None  # None: time.monotonic
-    trainer = Trainer(cfg, progress=False, clock=clock)
+    trainer = Trainer.from_config(cfg, progress=False, clock=clock)
     try:
         result = trainer.run()
     finally:

@@ -20,7 +20,7 @@ dist.init_process_group("gloo")
 for job in json.loads(sys.argv[1]):
     cfg = tiny_config(job["dir"], *job["opts"])
     if job.get("cut"):
-        trainer = Trainer(cfg, dataset=ToyData())
+        trainer = Trainer.from_config(cfg, dataset=ToyData())
         try:
             trainer.run(stop_at=job["cut"], resume=job.get("resume", False))
         finally:

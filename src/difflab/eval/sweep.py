@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -40,6 +40,8 @@ from difflab.eval.metrics import METRICS, evaluate, to_uint8
 from difflab.eval.ranks import Ranks
 from difflab.eval.sources import prompts_identity, reference_folder_config
 from difflab.images import new_figure, save_figure
+from difflab.parametrization import DenoiserNet
+from difflab.schedules import NoiseSchedule
 
 __all__ = [
     "LIKELIHOOD_METHODS",
@@ -77,7 +79,36 @@ SWEEP_FILES = {
 _FEW_SAMPLES_WARNING = r".*not comparable with numbers in papers"  # eval.metrics, n < 10k
 _METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)\[(?P<extractor>[^\]]+)\]$")
 
-PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num_classes`, `model`
+
+class PipeLike(Protocol):
+    """What the evaluations sample from: a :class:`difflab.Pipeline`, a
+    :class:`PromptedPipeline`, or anything with that call signature and these attributes
+    (``run_dir``, ``labelled``, ``pixel_shape`` are read when present)."""
+
+    @property
+    def num_classes(self) -> int | None: ...
+
+    @property
+    def context_dim(self) -> int | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def model(self) -> DenoiserNet: ...
+
+    @property
+    def schedule(self) -> NoiseSchedule: ...
+
+    @property
+    def prediction(self) -> str: ...
+
+    @property
+    def variance(self) -> str: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...  # Pipeline.__call__'s arguments
+
+    def resolve_params(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,8 +177,10 @@ def load_pipeline(
     :param prediction: override the model's prediction type (SD 2.x single files need it).
     """
     loaded = isinstance(pipe_or_run_dir, str | os.PathLike)
-    pipe: PipeLike = pipe_or_run_dir
-    if isinstance(pipe_or_run_dir, str | os.PathLike):
+    pipe: PipeLike
+    if not isinstance(pipe_or_run_dir, str | os.PathLike):
+        pipe = pipe_or_run_dir
+    else:
         from difflab.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(
@@ -716,8 +749,9 @@ def evaluate_likelihood(
     images = real[pick].to(pipe.device)
     cond: dict[str, Any] = {}
     condition = "none"
-    if getattr(pipe, "num_classes", None) is not None:
-        cond = {"class_labels": torch.full((len(images),), int(pipe.num_classes))}
+    null_label = getattr(pipe, "num_classes", None)
+    if null_label is not None:
+        cond = {"class_labels": torch.full((len(images),), int(null_label))}
         condition = "null label (unconditional p(x))"
     out: dict[str, Any] = {
         "likelihood_n": len(images),
