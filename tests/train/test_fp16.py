@@ -13,7 +13,7 @@ import torch
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
 from difflab.train import Trainer, load_checkpoint, train
-from difflab.train import loop as train_loop
+from difflab.train import parts as train_parts
 from difflab.train.amp import Precision
 
 INIT_SCALE = 2.0**28  # far above what fp16 activation gradients can carry
@@ -27,7 +27,7 @@ def real_fp16(monkeypatch):
         return torch.amp.GradScaler(self.device_type, init_scale=INIT_SCALE, enabled=True)
 
     monkeypatch.setattr(Precision, "grad_scaler", scaler)
-    monkeypatch.setattr(train_loop, "resolve_precision", lambda mode, device: Precision(
+    monkeypatch.setattr(train_parts, "resolve_precision", lambda mode, device: Precision(
         mode, torch.device(device).type))  # fmt: skip
 
 
