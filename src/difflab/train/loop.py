@@ -197,10 +197,10 @@ class Trainer:
     ) -> None:
         self.cfg = cfg = config.resolve()
         tc = cfg.train
-        self.dist = setup_distributed(tc.device)
+        self.dist = setup_distributed(tc.device, tensor_parallel=tc.tensor_parallel)
         # Dropout layers draw from torch's global RNG: seed it per rank (train() restores the
         # caller's state afterwards; a checkpoint saves and restores it).
-        torch.manual_seed(subseed(cfg.seed, 100 + self.dist.rank))
+        torch.manual_seed(subseed(cfg.seed, 100 + self.dist.data_rank))
         self.device = self.dist.device
         self.run_dir = Path(cfg.run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -213,7 +213,7 @@ class Trainer:
         )
         if self.formulation is not None:
             self.schedule = self.formulation.schedule
-        rank = self.dist.rank
+        rank = self.dist.data_rank  # a TP group shares its draws
         # Shared by all ranks: condition dropout, timesteps, noise of the global batch.
         self.gen = torch.Generator().manual_seed(subseed(cfg.seed, 0))
         # Per rank: offset noise / input perturbation inside the loss, and data flips.
@@ -299,8 +299,8 @@ class Trainer:
     def _draw(self, batch: dict[str, Any]) -> _MicroBatch:
         """This rank's inputs, from draws over the whole global batch (same as 1 process)."""
         B, dev = self.cfg.train.batch_size, self.device
-        b = B // self.dist.world_size
-        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        b = B // self.dist.data_world  # a TP group's ranks share their rows
+        rows = slice(self.dist.data_rank * b, (self.dist.data_rank + 1) * b)
         x0, cond = self.conditioning.inputs(batch, self.gen, B, rows, self.null_label)
         importance = None
         if self.timestep_sampler is not None:
@@ -354,6 +354,7 @@ class Trainer:
         if self.timestep_sampler is None:
             return
         pairs = all_gather_objects((mb.t.cpu(), per_sample.detach().float().cpu()), self.dist)
+        pairs = pairs[:: self.dist.tensor_parallel]  # one copy per TP group
         self.timestep_sampler.update(
             torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         )

@@ -152,10 +152,10 @@ def build_parts(
         print(f"validation: {len(val_set)} held-out samples, {len(dataset)} for training")
     notes = adapt_to_data(
         cfg, dataset, num_classes_given=model is not None or "num_classes" in given.model,
-        world_size=info.world_size,
+        world_size=info.data_world,
     )  # fmt: skip
     stream = build_stream(
-        cfg, dataset, rank=info.rank, world_size=info.world_size,
+        cfg, dataset, rank=info.data_rank, world_size=info.data_world,
         mix_seed=subseed(cfg.seed, 60), generator=data_gen,
     )  # fmt: skip
     conditioning = Conditioning(cfg, dataset, info.device)
