@@ -177,3 +177,16 @@ def test_tensor_parallel_is_validated(tmp_path):
         check_tensor_parallel(dit, 2, 2)
     with pytest.raises(ValueError, match="divisible"):
         check_tensor_parallel(dit, 3, 4)
+
+
+def test_memory_probe_leaves_the_dit_with_real_tensors():
+    """The start-of-run memory report runs the DiT on fake tensors; its position-embedding
+    cache must not keep the fake grid (a later real forward would come out fake)."""
+    from difflab.models.dit import DiT, DiTConfig
+    from difflab.train.memory import model_activation_bytes
+
+    dit = DiT(DiTConfig(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=1,
+                        num_heads=2))  # fmt: skip
+    assert model_activation_bytes(dit, 2) > 0
+    out = dit(torch.zeros(2, 1, 8, 8), torch.zeros(2))
+    assert type(out) is torch.Tensor

@@ -241,7 +241,7 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tenso
         return full() if full is not None else norm
     norms = []
     for group in groups.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in group])
+        n = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None])
         full = getattr(n, "full_tensor", None)
         norms.append(full() if full is not None else n)
     total = torch.linalg.vector_norm(torch.stack(norms))

@@ -108,9 +108,10 @@ def block_plan(block: nn.Module) -> dict[str, Any]:
     q/k/v column-wise, out row-wise; MLP ``fc1`` column-wise, ``fc2`` row-wise."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    plan = _attention_plan("attn", block.attn)
-    if getattr(block, "cross_attn", None) is not None:
-        plan.update(_attention_plan("cross_attn", block.cross_attn))
+    plan = _attention_plan("attn", block.get_submodule("attn"))
+    cross = getattr(block, "cross_attn", None)
+    if isinstance(cross, nn.Module):
+        plan.update(_attention_plan("cross_attn", cross))
     plan["mlp.fc1"] = ColwiseParallel()
     plan["mlp.fc2"] = RowwiseParallel()
     return plan
