@@ -11,6 +11,9 @@ Owns how a network is spread over the ranks of a ``torchrun`` job, on PyTorch's 
   fp16 compute copies of the weights, fp32 gradient reduction); ``train.cpu_offload`` keeps
   the shards in CPU memory (CUDA only).  Frozen modules (autoencoder, CLIP/T5) are not part
   of the trained network and are never sharded.
+- With ``train.tensor_parallel: N`` :func:`parallelize` first splits the DiT blocks over
+  the ``"tp"`` dimension of a 2-D ``("dp", "tp")`` mesh (:mod:`difflab.train.tensor_parallel`)
+  and then shards every parameter over ``"dp"`` (torchtitan's layout).
 - :func:`no_sync` / :func:`clip_grad_norm`: gradient accumulation and clipping under either
   wrapper.  FSDP reduce-scatters every micro-batch into the sharded gradients (they stay
   sharded while accumulating); the clipping norm is the global one over all shards.
