@@ -24,10 +24,17 @@ requested labels. "NFE for quality" is the fewest steps whose FID is within ``--
 of that cell's best FID over the step counts tried (network evaluations per step: one, for a
 CFG batch of two).
 
+``--data shapes`` runs the same grid on difflab's synthetic 32x32 RGB shapes
+(``data.source: shapes``, 6 classes, `difflab.data.shapes`) with small 32 px networks sized
+for a CPU (``SHAPES``: a 0.29M-parameter U-Net and a patch-4 DiT, 64 tokens, batch 16, lr 2e-3)
+and scores in the shapes classifier's feature space (``fid[shapes-cnn]``, against all 3,000
+shapes). It also writes a grid of each cell's samples (one row per cell, two per class).
+
 Usage::
 
     python bench/formulations.py                    # 6 cells x 60 s + eval, ~10 min
     python bench/formulations.py --budget 20s --n 200 --steps 5,10  # a quick look
+    python bench/formulations.py --data shapes --budget 30s --n 300 --steps 5,10
 """
 
 from __future__ import annotations
@@ -39,22 +46,68 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from difflab import Pipeline
-from difflab.eval import DigitsClassifier, evaluate
+from difflab.data import shapes_tensor
+from difflab.eval import DigitsClassifier, ShapesClassifier, evaluate, to_uint8
 from difflab.eval.features import digits_data
 from difflab.eval.sweep import evaluate_pipeline
+from difflab.images import save_grid
 from difflab.train import Trainer, load_config
 from difflab.train.budget import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results" / "formulations.md"
-FID, ACC = "fid[digits-cnn]", "accuracy[digits-cnn]"
-DIT = "model={arch: dit, preset: digits, num_classes: 10}"
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """One data set of the bench: its overrides of configs/digits.yaml, the two backbones,
+    its classifier (FID space and accuracy) and its real images (uint8) and labels."""
+
+    name: str
+    title: str
+    overrides: tuple[str, ...]
+    unet: str | None  # None: the config's U-Net
+    dit: str
+    scorer: Callable[[], Any]
+    real: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    out: str
+
+    @property
+    def fid(self) -> str:
+        return f"fid[{self.scorer.id}]"  # type: ignore[attr-defined]
+
+    @property
+    def acc(self) -> str:
+        return f"accuracy[{self.scorer.id}]"  # type: ignore[attr-defined]
+
+
+def _shapes_real() -> tuple[torch.Tensor, torch.Tensor]:
+    x, labels = shapes_tensor()
+    return to_uint8(x), labels
+
+
+DIGITS = BenchData(
+    "digits", "digits 8x8", (), None, "model={arch: dit, preset: digits, num_classes: 10}",
+    DigitsClassifier, digits_data, "formulations.md",
+)  # fmt: skip
+SHAPES = BenchData(
+    "shapes", "shapes 32x32 RGB",
+    ("data.source=shapes", "data.image_size=32", "data.channels=3", "train.batch_size=16",
+     "train.lr=2e-3", "train.warmup_steps=10"),
+    "model={model_channels: 16, channel_mult: [1, 2, 2], num_res_blocks: 1, "
+    "attention_resolutions: [], num_heads: 2, norm_groups: 8, num_classes: 6}",
+    "model={arch: dit, patch_size: 4, hidden_size: 96, depth: 4, num_heads: 4, num_classes: 6}",
+    ShapesClassifier, _shapes_real, "formulations_shapes.md",
+)  # fmt: skip
+DATA = {d.name: d for d in (DIGITS, SHAPES)}
 
 
 def cpu_name() -> str:
@@ -78,14 +131,16 @@ def train_cell(formulation: str, arch: str, args: argparse.Namespace, work: Path
         f"train.max_time={args.budget}",
         "train.max_steps=1000000",  # out of reach: the clock stops the run
         "train.log_every=1000000",
+        *args.data.overrides,
     ]
-    if arch == "dit":
-        overrides.append(DIT)
+    backbone = args.data.dit if arch == "dit" else args.data.unet
+    if backbone is not None:
+        overrides.append(backbone)
     cfg = load_config(ROOT / "configs" / "digits.yaml", overrides)
     params = sum(p.numel() for p in _build(cfg).parameters())
     cpu0, wall0 = time.process_time(), time.perf_counter()
     clock = time.process_time if args.clock == "cpu" else None  # None: time.monotonic
-    trainer = Trainer(cfg, progress=False, clock=clock)
+    trainer = Trainer.from_config(cfg, progress=False, clock=clock)
     try:
         result = trainer.run()
     finally:
@@ -110,10 +165,15 @@ def eval_cell(cell: dict[str, Any], args: argparse.Namespace) -> None:
         row = evaluate_pipeline(pipe, metrics=("fid", "accuracy"), n=args.n,
                                 sampler=args.sampler, steps=steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed)  # fmt: skip
-        cell["fid"][steps], cell["acc"][steps] = row[FID], row[ACC]
+        fid, acc = args.data.fid, args.data.acc
+        cell["fid"][steps], cell["acc"][steps] = row[fid], row[acc]
         cell["sample_s"][steps] = row["sample_seconds"]
-        print(f"  {cell['formulation']}/{cell['arch']} steps={steps}: FID {row[FID]:.2f}, "
-              f"acc {row[ACC]:.3f}", file=sys.stderr)  # fmt: skip
+        print(f"  {cell['formulation']}/{cell['arch']} steps={steps}: FID {row[fid]:.2f}, "
+              f"acc {row[acc]:.3f}", file=sys.stderr)  # fmt: skip
+    per_class = 2
+    labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
+    cell["grid"] = pipe(len(labels), labels, None, args.sampler, max(args.steps),
+                        args.guidance_scale, args.seed, False).cpu()  # fmt: skip
 
 
 def steps_needed(fid: dict[int, float], tolerance: float) -> int:
@@ -122,15 +182,22 @@ def steps_needed(fid: dict[int, float], tolerance: float) -> int:
     return min(s for s, f in fid.items() if f <= best * (1 + tolerance))
 
 
-def real_floor(n: int, seed: int) -> float:
-    """FID[digits-cnn] of ``n`` real digits drawn with replacement against all digits: the
-    score a perfect model would get at this ``n`` (bench/digits_floor.py)."""
-    clf = DigitsClassifier()
-    images, labels = digits_data()
+def real_floor(data: BenchData, n: int, seed: int) -> float:
+    """FID of ``n`` real images drawn with replacement against the whole set, in the data's
+    classifier space: the score a perfect model would get at this ``n``
+    (bench/digits_floor.py)."""
+    clf = data.scorer()
+    images, labels = data.real()
     idx = torch.randint(len(images), (n,), generator=torch.Generator().manual_seed(seed))
     res = evaluate(images[idx], images, extractor=clf, classifier=clf, labels=labels[idx],
                    metrics=("fid",), generator=seed)  # fmt: skip
-    return res[FID]
+    return res[data.fid]
+
+
+def sample_grid(cells: list[dict[str, Any]], path: Path) -> None:
+    """One row per cell: two samples of each class at the largest step count."""
+    rows = [c["grid"] for c in cells]
+    save_grid(torch.cat(rows), path, nrow=len(rows[0]), padding=2)
 
 
 def plot(cells: list[dict[str, Any]], args: argparse.Namespace, floor: float, path: Path) -> None:
@@ -152,20 +219,55 @@ def plot(cells: list[dict[str, Any]], args: argparse.Namespace, floor: float, pa
             color=colours.get(c["formulation"]),
             label=f"{c['formulation']} / {c['arch']} ({c['train_steps']} train steps)",
         )
-    ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"real digits, n={args.n}")
+    ax.axhline(floor, color="grey", lw=0.8, ls=":", label=f"real {args.data.name}, n={args.n}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_locator(NullLocator())  # no "6x10^0" labels
     ax.set_xticks(args.steps, [str(s) for s in args.steps])
     ax.set_xlabel(f"sampling steps ({args.sampler}, CFG {args.guidance_scale:g})")
-    ax.set_ylabel(f"FID[digits-cnn], n={args.n}")
+    ax.set_ylabel(f"FID[{args.data.scorer.id}], n={args.n}")
     ax.set_title(
-        f"digits 8x8, {args.budget} ({args.clock}) of training per cell, {args.threads} thread"
+        f"{args.data.title}, {args.budget} ({args.clock}) of training per cell, "
+        f"{args.threads} thread"
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def recipe_lines(args: argparse.Namespace, floor: float) -> list[str]:
+    """What was trained and how it was scored, per data set."""
+    if args.data.name == "digits":
+        return [
+            "- Recipe: `configs/digits.yaml` (8x8 digits, batch 128, lr 1e-3, cosine LR over "
+            "the budget, EMA 0.995) with only `diffusion.formulation` and the backbone changed: "
+            f"U-Net = the config's; DiT = `{args.data.dit.split('=', 1)[1]}` (patch 2, 16 "
+            "tokens). Default `formulation_options`; ddpm is the config's cosine schedule with "
+            "eps prediction.",
+            f"- Eval: EMA weights, {args.sampler}, CFG {args.guidance_scale:g}, n = {args.n} "
+            f"class-conditional samples (labels i mod 10), seed {args.seed}; FID in the digits "
+            "classifier's feature space against all 1,797 digits (`evaluate_pipeline`); acc = "
+            "the classifier's accuracy on the requested labels. "
+            f"Floor: {args.n} real digits (with replacement) score FID {floor:.2f}.",
+        ]
+    return [
+        "- Recipe: `configs/digits.yaml` with `" + " ".join(args.data.overrides) + "` "
+        "(difflab's synthetic 32x32 RGB shapes, `data.source: shapes`, 3,000 images in 6 "
+        "classes; cosine LR over the budget, EMA 0.995 with warm-up), then only "
+        "`diffusion.formulation` and the backbone changed: U-Net = `"
+        + args.data.unet.split("=", 1)[1]
+        + "`; DiT = `"
+        + args.data.dit.split("=", 1)[1]
+        + "` (patch 4, 64 tokens). Default `formulation_options`; ddpm is the config's cosine "
+        "schedule with eps prediction.",
+        f"- Eval: EMA weights, {args.sampler}, CFG {args.guidance_scale:g}, n = {args.n} "
+        f"class-conditional samples (labels i mod 6), seed {args.seed}; FID in the shapes "
+        "classifier's feature space (`fid[shapes-cnn]`, `difflab.eval.ShapesClassifier`, 64-d) "
+        "against all 3,000 shapes (`evaluate_pipeline`); acc = that classifier's accuracy on "
+        f"the requested labels (it scores {ShapesClassifier().accuracy:.1%} on held-out real "
+        f"shapes). Floor: {args.n} real shapes (with replacement) score FID {floor:.2f}.",
+    ]
 
 
 def report(
@@ -176,7 +278,7 @@ def report(
     steps_head = " | ".join(f"FID @{s}" for s in args.steps)
     acc_head = " | ".join(f"acc @{s}" for s in args.steps)
     lines = [
-        "# Formulations x backbones at equal CPU time (digits)",
+        f"# Formulations x backbones at equal CPU time ({args.data.name})",
         "",
         f"`{command}`",
         "",
@@ -190,21 +292,13 @@ def report(
         f"{torch.__version__}; {total_s / 60:.1f} min in all. The machine (2 cores) was "
         "shared with other processes; CPU s and wall s are those of each cell's `Trainer` "
         "(construction included).",
-        "- Recipe: `configs/digits.yaml` (8x8 digits, batch 128, lr 1e-3, cosine LR over the "
-        "budget, EMA 0.995) with only `diffusion.formulation` and the backbone changed: U-Net = "
-        f"the config's; DiT = `{DIT.split('=', 1)[1]}` (patch 2, 16 tokens). Default "
-        "`formulation_options`; ddpm is the config's cosine schedule with eps prediction.",
-        f"- Eval: EMA weights, {args.sampler}, CFG {args.guidance_scale:g}, n = {args.n} "
-        "class-conditional samples (labels i mod 10), seed "
-        f"{args.seed}; FID in the digits classifier's feature space against all 1,797 digits "
-        f"(`evaluate_pipeline`); acc = the classifier's accuracy on the requested labels. "
-        f"Floor: {args.n} real digits (with replacement) score FID {floor:.2f}.",
+        *recipe_lines(args, floor),
         f"- Steps for quality: fewest steps with FID within {100 * args.tolerance:g}% of the "
         f"cell's best over steps {', '.join(map(str, args.steps))} (1 network call per step, "
         "on a CFG batch of 2).",
         "- **Indicative only**: one seed, one short budget, small n (FID at n = "
         f"{args.n} is biased upwards and noisy); the ranking can change with a longer budget "
-        "or per-formulation tuning (all cells share the U-Net recipe's lr 1e-3).",
+        "or per-formulation tuning (all cells share one recipe's lr).",
         "",
         f"| formulation | backbone | params (M) | train steps | CPU s | wall s | {steps_head} | "
         f"{acc_head} | steps for quality |",
@@ -225,6 +319,10 @@ def report(
         f"({min(best_cell['fid'].values()):.2f}).",
         "",
         f"![FID vs sampling steps per cell]({args.out.with_suffix('.png').name})",
+        "",
+        f"Samples at {max(args.steps)} steps (one row per cell in table order, two per class):",
+        "",
+        f"![samples]({args.out.stem}_samples.png)",
         "",
     ]
     return "\n".join(lines)
@@ -248,8 +346,18 @@ def main(argv: list[str] | None = None) -> None:
         help="what the budget counts: process CPU seconds (time.process_time) or wall seconds",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--data", choices=tuple(DATA), default="digits",
+                   help="digits (8x8, configs/digits.yaml) or shapes (32x32 RGB, data.source "
+                   "shapes)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default bench/results/formulations[_shapes].md)",
+    )
     args = p.parse_args(argv)
+    args.data = DATA[args.data]
+    args.out = args.out or RESULTS / args.data.out
     args.argv = sys.argv[1:] if argv is None else argv
     args.steps = sorted(int(s) for s in args.steps.split(","))
     parse_duration(args.budget)  # fail before any training
@@ -268,12 +376,13 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)  # fmt: skip
             eval_cell(cell, args)
             cells.append(cell)
-    floor = real_floor(args.n, args.seed)
+    floor = real_floor(args.data, args.n, args.seed)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(cells, args, floor, args.out.with_suffix(".png"))
+    sample_grid(cells, args.out.with_name(f"{args.out.stem}_samples.png"))
     text = report(cells, args, floor, time.perf_counter() - start)
-    raw = [{k: v for k, v in c.items() if k != "run_dir"} for c in cells]
+    raw = [{k: v for k, v in c.items() if k not in ("run_dir", "grid")} for c in cells]
     args.out.with_suffix(".json").write_text(json.dumps({"floor": floor, "cells": raw}, indent=1))
     print(text)
     args.out.write_text(text, encoding="utf-8")

@@ -32,7 +32,7 @@ _INLINE_CODE = re.compile(r"(`+)(.+?)\1", re.S)
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*(?:<(?P<angled>[^>]+)>|(?P<plain>[^)\s]+))[^)]*\)")
 _SHELL_LANGS = {"", "bash", "sh", "shell", "console"}
 _COMMAND = re.compile(
-    r"(?:^\s*|[;&|]\s*)difflab\s+(?P<args>\S.*)$|-m\s+difflab\.cli\s+(?P<module_args>\S.*)$"
+    r"(?:^\s*|[;&|]\s*)difflab\s+(?P<args>\S.*)$|-m\s+difflab\.cli\s+(?:--\s+)?(?P<module_args>\S.*)$"
 )
 
 

@@ -30,6 +30,7 @@ from .parametrization import (
     PREDICTIONS,
     VARIANCES,
     Denoiser,
+    DenoiserNet,
     append_dims,
     split_variance,
     to_x0_eps,
@@ -342,7 +343,7 @@ def _vlb_table(schedule: NoiseSchedule) -> Tensor:
 
 
 def _resolve(
-    model: Callable[..., Tensor] | Denoiser,
+    model: DenoiserNet | Denoiser,
     prediction: str | None,
     variance: str | None,
 ) -> tuple[Callable[..., Tensor], str, str]:
@@ -361,7 +362,7 @@ def _resolve(
 
 
 def vlb_terms(
-    model: Callable[..., Tensor] | Denoiser,
+    model: DenoiserNet | Denoiser,
     schedule: NoiseSchedule,
     x0: Tensor,
     t: Tensor | int,
@@ -428,7 +429,7 @@ class BitsPerDim:
 
 @torch.no_grad()
 def bits_per_dim(
-    model: Callable[..., Tensor] | Denoiser,
+    model: DenoiserNet | Denoiser,
     x0: Tensor,
     schedule: NoiseSchedule,
     *,
@@ -504,7 +505,7 @@ class BitsPerDimEstimate:
 
 @torch.no_grad()
 def bits_per_dim_estimate(
-    model: Callable[..., Tensor] | Denoiser,
+    model: DenoiserNet | Denoiser,
     x0: Tensor,
     schedule: NoiseSchedule,
     *,

@@ -28,7 +28,7 @@ Knows nothing of samplers' algorithms, optimisers or data.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
 
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ._validate import check_choice, unknown_message
 from .diffusion import mean_flat
-from .parametrization import Coef, Denoiser, DenoiserOutput, append_dims
+from .parametrization import Coef, Denoiser, DenoiserNet, DenoiserOutput, append_dims
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -119,7 +119,7 @@ class Formulation:
 
     def training_loss(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         x0: Tensor,
         levels: Tensor,
         noise: Tensor,
@@ -152,9 +152,7 @@ class Formulation:
         """(u at the data end, u at the prior end) of the probability-flow ODE."""
         raise NotImplementedError
 
-    def ode_drift(
-        self, model: Callable[..., Tensor], x: Tensor, u: float, cond: Mapping[str, Any]
-    ) -> Tensor:
+    def ode_drift(self, model: DenoiserNet, x: Tensor, u: float, cond: Mapping[str, Any]) -> Tensor:
         """d x / d u of the probability-flow ODE at the native state ``x [B, ...]``."""
         raise NotImplementedError
 
@@ -188,7 +186,7 @@ class Formulation:
         raise NotImplementedError
 
     def denoiser(
-        self, model: Callable[..., Tensor], model_dtype: torch.dtype | None = None
+        self, model: DenoiserNet, model_dtype: torch.dtype | None = None
     ) -> FormulationDenoiser:
         """``model`` as the x̂0 / ε̂ denoiser every sampler takes."""
         return FormulationDenoiser(model, self, model_dtype)
@@ -247,7 +245,7 @@ class EDM(Formulation):
 
     def denoise(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         x: Tensor,
         sigma: Tensor,
         cond: Mapping[str, Any] | None = None,
@@ -267,7 +265,7 @@ class EDM(Formulation):
 
     def training_loss(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         x0: Tensor,
         levels: Tensor,
         noise: Tensor,
@@ -292,9 +290,7 @@ class EDM(Formulation):
         """(ln σ_min, ln σ_max): the ODE runs in u = ln σ."""
         return math.log(self.sigma_min), math.log(self.sigma_max)
 
-    def ode_drift(
-        self, model: Callable[..., Tensor], x: Tensor, u: float, cond: Mapping[str, Any]
-    ) -> Tensor:
+    def ode_drift(self, model: DenoiserNet, x: Tensor, u: float, cond: Mapping[str, Any]) -> Tensor:
         """dx/d ln σ = σ·dx/dσ = x - D(x; σ) (eq. 1 and 3 with σ(t) = t)."""
         sigma = torch.full((x.shape[0],), math.exp(u), device=x.device)
         return x - self.denoise(model, x, sigma, cond)
@@ -400,7 +396,7 @@ class Flow(Formulation):
 
     def velocity(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         x_t: Tensor,
         t: Tensor,
         cond: Mapping[str, Any] | None = None,
@@ -414,15 +410,13 @@ class Flow(Formulation):
         """(0, 1): the ODE runs in t from the data to N(0, I) (x_1 = ε exactly)."""
         return 0.0, 1.0
 
-    def ode_drift(
-        self, model: Callable[..., Tensor], x: Tensor, u: float, cond: Mapping[str, Any]
-    ) -> Tensor:
+    def ode_drift(self, model: DenoiserNet, x: Tensor, u: float, cond: Mapping[str, Any]) -> Tensor:
         """dx/dt = v(x, t) (Lipman et al. 2023 eq. 1; Liu et al. 2023)."""
         return self.velocity(model, x, torch.full((x.shape[0],), u), cond)
 
     def training_loss(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         x0: Tensor,
         levels: Tensor,
         noise: Tensor,
@@ -507,7 +501,7 @@ class FormulationDenoiser(Denoiser):
 
     def __init__(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         formulation: Formulation,
         model_dtype: torch.dtype | None = None,
     ):

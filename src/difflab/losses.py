@@ -18,7 +18,7 @@ becomes w/SNR on an ε-loss, w/(SNR+1) on a v-loss and w on an x0-loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._validate import check_choice
 from .diffusion import mean_flat, q_sample, vlb_from_output
-from .parametrization import PREDICTIONS, VARIANCES, split_variance, target
+from .parametrization import PREDICTIONS, VARIANCES, DenoiserNet, split_variance, target
 from .schedules import NoiseSchedule
 
 Weighting = Literal["none", "snr", "min_snr"]
@@ -249,7 +249,7 @@ def _randint(T: int, b: int, generator: Generators, device: torch.device) -> Ten
 
 
 def training_loss(
-    model: Callable[..., Tensor],
+    model: DenoiserNet,
     schedule: NoiseSchedule,
     x0: Tensor,
     *,

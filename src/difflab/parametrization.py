@@ -13,9 +13,8 @@ floats or tensors broadcastable to ``x`` and run in float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -33,6 +32,23 @@ Coef = float | Tensor
 # about x0 there.  As diffusers does for such schedules, α² = 0 is replaced by 2⁻²⁴ in that one
 # division, so the first step stays finite (x̂0 is then dominated by the model's error).
 _MIN_ALPHA = 2.0**-12
+
+
+@runtime_checkable
+class DenoiserNet(Protocol):
+    """The model contract (docs/design.md): ``net(x_t [B, C, H, W], t [B], class_labels [B]
+    | None, context [B, L, D] | None, context_mask [B, L] | None) -> [B, C', H, W]`` (C' = C,
+    or 2C with learned variances).  Every network difflab ships honours it; samplers, the
+    losses and the trainer take any such network."""
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        class_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor: ...
 
 
 @overload
@@ -165,7 +181,7 @@ class Denoiser:
 
     def __init__(
         self,
-        model: Callable[..., Tensor],
+        model: DenoiserNet,
         schedule: NoiseSchedule,
         prediction: str = "eps",
         variance: str = "fixedsmall",

@@ -31,8 +31,10 @@ __all__ = ["Pipeline", "load_weights", "read_run_config"]
 TextEncoder = Callable[[list[str]], tuple[Tensor, Tensor | None]]
 
 
-def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]:
-    """The run's network (a ``TextConditionedUNet`` for a text run) and its tokenizer."""
+def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any, Any]:
+    """The run's network (a ``TextConditionedUNet`` for a text run), its tokenizer, and the
+    prompt encoder whose adapted text models the network holds (``finetune.text_encoder``;
+    else None)."""
     from .models import build_model, model_config_from_dict
     from .models.text import (
         TOKENIZER_FILE,
@@ -62,7 +64,20 @@ def _build_model(cfg: Mapping[str, Any], run_dir: Path) -> tuple[nn.Module, Any]
             rslora=ft.get("rslora", False), dora=ft.get("dora", False),
             factor=ft.get("lokr_factor", -1), generator=torch.Generator(),  # weights follow
         )  # fmt: skip
-    return model, tokenizer
+    encoder = None
+    if ft.get("text_encoder"):  # adapters on the CLIP encoder(s), held by the network
+        from .finetune.text_encoder import add_text_adapters
+        from .interop.sd_text_train import training_text_encoder
+
+        image_size = int((cfg.get("data") or {}).get("image_size") or 0)
+        vector_dim = getattr(unet.config, "vector_dim", None)
+        encoder = training_text_encoder(text, None, image_size=image_size, vector_dim=vector_dim)
+        add_text_adapters(
+            unet, encoder, ft["rank"], ft.get("alpha"), kind=ft.get("adapter", "lora"),
+            rslora=ft.get("rslora", False), dora=ft.get("dora", False),
+            factor=ft.get("lokr_factor", -1), generator=torch.Generator(),  # weights follow
+        )  # fmt: skip
+    return model, tokenizer, encoder
 
 
 class Pipeline:
@@ -177,12 +192,15 @@ class Pipeline:
         cfg = read_run_config(run_dir)
         path = weights_file(Path(run_dir), weights)
         text_cfg = cfg.get("text") or {}
+        own_text = text_encoder is None  # built here from the run's files
         vae = None
         # The networks' random initialisation is overwritten by the loaded weights; it must
         # not draw from (and so change) the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
-            model, tokenizer = _build_model(cfg, Path(run_dir))
+            model, tokenizer, adapted_text = _build_model(cfg, Path(run_dir))
             load_weights(model, path)
+            if text_encoder is None and adapted_text is not None:  # finetune.text_encoder
+                text_encoder = adapted_text
             vae_path = (cfg.get("latent") or {}).get("vae")
             if vae_path is not None:
                 from .models.vae import AutoencoderKL
@@ -207,11 +225,11 @@ class Pipeline:
                     text_cfg["path"], text_cfg.get("max_length", 77), device,
                     kind=text_cfg["encoder"], mask_padding=text_cfg.get("mask_padding", True),
                 )  # fmt: skip
-                word = (cfg.get("finetune") or {}).get("new_word")
-                if word is not None:  # a textual-inversion run: its trained word
-                    from .finetune.inversion import WORD_PARAM
+            word = (cfg.get("finetune") or {}).get("new_word")
+            if own_text and word is not None and text_cfg.get("encoder") in ("clip", "t5"):
+                from .finetune.inversion import WORD_PARAM  # a textual-inversion run's word
 
-                    text_encoder.add_word(word, getattr(model, WORD_PARAM).detach())
+                text_encoder.add_word(word, getattr(model, WORD_PARAM).detach())  # type: ignore[union-attr]
         diffusion = cfg.get("diffusion") or {}
         schedule = NoiseSchedule.from_config(diffusion.get("schedule", {"name": "cosine"}))
         formulation = formulation_from_config(

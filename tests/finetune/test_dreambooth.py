@@ -80,13 +80,13 @@ def _db(base, out, *extra, weight=0.5):
 
 def test_prior_rows_weigh_lambda_and_both_losses_are_logged(base_run, tmp_path):
     cfg = _db(base_run, tmp_path / "db")
-    trainer = Trainer(cfg, dataset=ToyData(4))
+    trainer = Trainer.from_config(cfg, dataset=ToyData(4))
     try:
-        mb = trainer._draw(trainer.stream.next())
+        mb = trainer.loss.draw(trainer.stream.next())
         assert mb.prior is not None and mb.prior.any() and (~mb.prior).any()
         expected_w = torch.where(mb.prior, 0.5, 1.0)
         assert torch.equal(mb.importance, expected_w)
-        loss, per_sample = trainer._forward(trainer.model, mb)
+        loss, per_sample = trainer.loss.loss(trainer.model, mb)
         torch.testing.assert_close(loss, (per_sample * expected_w).mean())
     finally:
         trainer.close()

@@ -96,7 +96,7 @@ def test_finetune_resumes_bit_for_bit(base_run, tmp_path):
 def test_a_base_of_another_architecture_is_refused(base_run, tmp_path):
     cfg = _finetune(base_run, tmp_path / "bad", "model.model_channels=32", "model.norm_groups=8")
     with pytest.raises(ValueError, match="another architecture"):
-        Trainer(cfg, dataset=ToyData())
+        Trainer.from_config(cfg, dataset=ToyData())
 
 
 def test_labels_beyond_the_models_classes_are_refused(tmp_path):

@@ -229,3 +229,50 @@ def test_bad_sdxl_inputs_are_one_line_errors(xl_pipe, xl_folder, data, tmp_path,
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "textual inversion (finetune.new_word) is not supported on SDXL" in err
+
+
+def test_sdxl_run_draws_sample_grids_with_the_vector(xl_folder, data, tmp_path):
+    """``train.sample_every=1`` on an SDXL run: each step's raw and EMA grids are drawn with
+    the pooled embedding + size ids (``vector``) as the run's ``Pipeline`` builds them (before,
+    the grid gave the U-Net no ``vector`` and failed)."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "ft"
+    argv = ["finetune", str(xl_folder), "--out", str(out), "--rank", "2", *FT,
+            "--set", f"data.path={data}", "--set", "train.sample_every=1",
+            "--set", "sample.steps=2", "--set", "sample.num_images=2"]  # fmt: skip
+    assert cli_main(argv) == 0
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert grids == [f"step_00000{s}_{w}.png" for s in (1, 2) for w in ("ema", "raw")]
+    grid = np.asarray(Image.open(out / "samples" / "step_000002_ema.png").convert("RGB"))
+    assert grid.std() > 1.0  # drawn, not a blank canvas
+
+
+def test_sdxl_encoder_cache_holds_the_whole_keyword_conditioning(xl_folder, data, tmp_path):
+    """``train.encoder_cache`` on ``text.encoder: sdxl``: the cached context, mask and vector
+    equal the encoders' own, and a second batch of the same captions is read back."""
+    from difflab.train import TrainConfig
+    from difflab.train.conditioning import Conditioning
+
+    run = import_stable_diffusion(xl_folder, tmp_path / "base")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["path"] = str(data)
+    cfg["train"]["encoder_cache"] = "memory"
+    config = TrainConfig.from_dict(cfg).resolve()
+
+    class Captions:
+        texts = CAPTIONS
+
+    cond = Conditioning(config, Captions(), torch.device("cpu"))
+    assert cond.text_cache is not None
+    prompts = ["a red cat", "the red sky"]
+    first = cond.text_inputs(prompts, torch.device("cpu"))
+    again = cond.text_inputs(prompts, torch.device("cpu"))
+    direct = _difflab_keywords(run, prompts)
+    assert first.keys() == direct.keys() == {"context", "context_mask", "vector"}
+    for key in direct:
+        # one prompt at a time (the cache) against a batch of two: float rounding apart
+        torch.testing.assert_close(first[key], direct[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(again[key], first[key], atol=0, rtol=0)
+    assert (cond.text_cache.computed, cond.text_cache.hits) == (2, 2)

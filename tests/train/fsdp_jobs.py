@@ -31,7 +31,7 @@ for job in json.loads(sys.argv[1]):
         continue
     cfg = (tiny_dit_config if job.get("dit") else tiny_config)(job["dir"], *job["opts"])
     if job.get("cut"):
-        trainer = Trainer(cfg, dataset=ToyData())
+        trainer = Trainer.from_config(cfg, dataset=ToyData())
         try:
             trainer.run(stop_at=job["cut"], resume=job.get("resume", False))
         finally:

@@ -31,7 +31,7 @@ def _cfg(tmp_path, name):
 
 def test_bucketed_run_trains_non_square_batches_and_resumes_exactly(tmp_path):
     _folder(tmp_path / "imgs")
-    trainer = Trainer(_cfg(tmp_path, "peek"))
+    trainer = Trainer.from_config(_cfg(tmp_path, "peek"))
     try:
         assert trainer.cfg.data.bucket_step == 2  # the tiny U-Net's downsampling
         shapes = {tuple(trainer.stream.next()["image"].shape[2:]) for _ in range(9)}

@@ -90,7 +90,7 @@ def test_crash_while_writing_keeps_previous_checkpoint_resumable(tmp_path, monke
 
 def test_crash_between_renames_falls_back_to_the_previous_state(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "train.max_steps=2")
-    trainer = Trainer(cfg, dataset=ToyData())
+    trainer = Trainer.from_config(cfg, dataset=ToyData())
     try:
         trainer.run(stop_at=1)
         real_rename, calls = ckpt_mod.os.rename, []

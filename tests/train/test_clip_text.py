@@ -134,10 +134,10 @@ def test_cached_caption_tokens_train_like_the_encoder(clip_dir, tmp_path):
     plain = train(tiny_config(tmp_path / "plain", *opts))
     runs = []
     for name in ("cold", "warm"):
-        trainer = Trainer(tiny_config(tmp_path / name, *opts,
+        trainer = Trainer.from_config(tiny_config(tmp_path / name, *opts,
                                       f"train.encoder_cache={tmp_path / 'cache'}"))  # fmt: skip
         try:
-            runs.append((trainer.run(), trainer.text_cache))
+            runs.append((trainer.run(), trainer.conditioning.text_cache))
         finally:
             trainer.close()
     (cold, cold_cache), (warm, warm_cache) = runs

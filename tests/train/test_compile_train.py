@@ -47,7 +47,7 @@ class SmallNet(nn.Module):
 
 
 def _run(run_dir, dropout, *extra, stop_at=None, resume=False):
-    trainer = Trainer(tiny_config(run_dir, *OPTS, *extra), dataset=ToyData(16),
+    trainer = Trainer.from_config(tiny_config(run_dir, *OPTS, *extra), dataset=ToyData(16),
                       model=SmallNet(dropout))  # fmt: skip
     try:
         return trainer.run(stop_at=stop_at, resume=resume)

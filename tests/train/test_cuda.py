@@ -101,7 +101,7 @@ def test_fp16_with_grad_scaler_on_cuda(tmp_path):
     ref = train(tiny_config(tmp_path / "fp32", *opts), dataset=data)
     fp16_opts = [*opts, "train.mixed_precision=fp16"]
     full = train(tiny_config(tmp_path / "full", *fp16_opts), dataset=data)
-    trainer = Trainer(tiny_config(tmp_path / "split", *fp16_opts), dataset=data)
+    trainer = Trainer.from_config(tiny_config(tmp_path / "split", *fp16_opts), dataset=data)
     try:
         assert trainer.precision.mode == "fp16" and trainer.scaler.is_enabled()
         trainer.run(stop_at=5)

@@ -29,7 +29,7 @@ def test_patience_counter_known_answer():
 def test_early_stopping_on_a_scripted_validation_metric(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.max_steps=20", "train.val_fraction=0.25",
                       "train.val_every=2", "train.patience=2")  # fmt: skip
-    trainer = Trainer(cfg, dataset=ToyData())
+    trainer = Trainer.from_config(cfg, dataset=ToyData())
     script = iter([0.9, 0.7, 0.8, 0.75, 0.6])  # best at step 4, then two without improving
     ema_at: dict[int, dict] = {}
 
@@ -61,7 +61,7 @@ def test_mix_fraction_is_exact_per_batch_and_both_losses_logged(tmp_path):
     general = _colour_folder(tmp_path / "general", 10, 255)  # white: pixel value +1
     cfg = tiny_config(tmp_path / "run", "train.max_steps=3", "train.batch_size=8",
                       f"data.mix={{path: {general}, fraction: 0.25}}")  # fmt: skip
-    trainer = Trainer(cfg, dataset=ToyData())  # ToyData pixels are < 1
+    trainer = Trainer.from_config(cfg, dataset=ToyData())  # ToyData pixels are < 1
     try:
         for _ in range(5):
             batch = trainer.stream.next()
@@ -90,6 +90,6 @@ def test_data_report_counts_captions_past_the_token_limit(tmp_path, capsys):
                       "text.layers=1", "text.heads=2", "text.max_length=4",
                       "train.batch_size=2")  # fmt: skip
     with pytest.warns(UserWarning, match="longest caption has 6 words"):
-        Trainer(cfg).close()
+        Trainer.from_config(cfg).close()
     # max_length 4 keeps 3 words after the start token: two captions are cut
     assert "captions truncated at the encoder's 3 tokens: 2" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_update_rule_matches_closed_form():
 
 def test_one_ema_update_per_optimizer_step_under_accumulation(tmp_path):
     cfg = tiny_config(tmp_path, "train.grad_accum=3", "train.ema_decay=0.9")
-    trainer = Trainer(cfg, dataset=ToyData())
+    trainer = Trainer.from_config(cfg, dataset=ToyData())
     try:
         expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         for n in range(4):

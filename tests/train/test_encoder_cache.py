@@ -83,7 +83,7 @@ def _latent_run(run_dir, vae_dir, *extra):
             "data.random_flip=true", "train.max_steps=6", *extra]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random autoencoder's latent std is not 1
-        trainer = Trainer(tiny_config(run_dir, *opts), progress=False)
+        trainer = Trainer.from_config(tiny_config(run_dir, *opts), progress=False)
         try:
             result = trainer.run()
         finally:
@@ -96,15 +96,16 @@ def test_latent_runs_train_the_same_with_a_cold_or_warm_cache(tmp_path, vae_dir)
     cold, a = _latent_run(tmp_path / "cold", vae_dir, f"train.encoder_cache={store}")
     warm, b = _latent_run(tmp_path / "warm", vae_dir, f"train.encoder_cache={store}")
     none, c = _latent_run(tmp_path / "none", vae_dir)
-    assert cold.latent_cache.computed > 0
-    assert warm.latent_cache.computed == 0
-    assert warm.latent_cache.hits == cold.latent_cache.hits + cold.latent_cache.computed
+    assert cold.conditioning.latent_cache.computed > 0
+    assert warm.conditioning.latent_cache.computed == 0
+    cold_cache = cold.conditioning.latent_cache
+    assert warm.conditioning.latent_cache.hits == cold_cache.hits + cold_cache.computed
     assert a.losses == b.losses
     wa, wb = load_checkpoint(tmp_path / "cold").model, load_checkpoint(tmp_path / "warm").model
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # Without the cache each batch is encoded at once: the same values to float rounding.
     assert c.losses == pytest.approx(a.losses, rel=1e-5)
-    assert none.latent_cache is None
+    assert none.conditioning.latent_cache is None
 
 
 def test_a_cache_without_a_frozen_encoder_is_refused(tmp_path):

@@ -64,11 +64,11 @@ def test_formulation_run_trains_resumes_exactly_and_samples(tmp_path, form):
 def test_formulation_loss_is_the_formulations_own(tmp_path):
     """The trainer's first-step loss is EDM's weighted loss at its drawn levels and noise."""
     cfg = tiny_config(tmp_path, "diffusion.formulation=edm", "diffusion.cond_drop_prob=0.0")
-    trainer = Trainer(cfg, dataset=ToyData(16))
+    trainer = Trainer.from_config(cfg, dataset=ToyData(16))
     try:
         batch = trainer.stream.next()
-        mb = trainer._draw(batch)
-        loss, per_sample = trainer._forward(trainer.model, mb)
+        mb = trainer.loss.draw(batch)
+        loss, per_sample = trainer.loss.loss(trainer.model, mb)
         ref = EDM().training_loss(trainer.model, mb.x0, mb.t, mb.noise, mb.cond)
         torch.testing.assert_close(loss, ref.loss)
         assert mb.t.is_floating_point() and (mb.t > 0).all()

@@ -39,7 +39,9 @@ def _params(module):
 
 
 def test_overflowing_steps_are_skipped_and_halve_the_scale(tmp_path, real_fp16):
-    trainer = Trainer(tiny_config(tmp_path, *OPTS, "train.max_steps=40"), dataset=ToyData())
+    trainer = Trainer.from_config(
+        tiny_config(tmp_path, *OPTS, "train.max_steps=40"), dataset=ToyData()
+    )
     try:
         assert trainer.precision.needs_scaler and trainer.scaler.is_enabled()
         skipped = 0
@@ -79,7 +81,7 @@ def test_fp16_resume_restores_the_scale_bit_for_bit(tmp_path, real_fp16):
     full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
 
     cfg = tiny_config(tmp_path / "split", *opts)
-    first = Trainer(cfg, dataset=data)
+    first = Trainer.from_config(cfg, dataset=data)
     try:
         first.run(stop_at=6)
         cut_scale = first.scaler.get_scale()

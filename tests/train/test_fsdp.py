@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 
 def _cut(run_dir: Path, opts: list[str], at: int) -> None:
-    trainer = Trainer(tiny_config(run_dir, *opts), dataset=ToyData())
+    trainer = Trainer.from_config(tiny_config(run_dir, *opts), dataset=ToyData())
     try:
         trainer.run(stop_at=at)
     finally:

@@ -79,15 +79,15 @@ def test_the_unet_trains_on_the_scaled_latents(vae_dir, tmp_path):
     folder, _ = vae_dir
     cfg = tiny_config(tmp_path, *latent_opts(folder), "data.source=digits",
                       "latent.sample_posterior=false")  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     try:
         batch = trainer.stream.next()
-        mb = trainer._draw(batch)
+        mb = trainer.loss.draw(batch)
         vae = AutoencoderKL.from_pretrained(folder)
         with torch.no_grad():
             expected = vae.latents(batch["image"].float())
         torch.testing.assert_close(mb.x0, expected, rtol=0, atol=0)
-        assert not any(p.requires_grad for p in trainer.vae.parameters())
+        assert not any(p.requires_grad for p in trainer.conditioning.vae.parameters())
     finally:
         trainer.close()
 
@@ -227,7 +227,7 @@ def test_latent_run_validation_scores_posterior_mean_latents(vae_dir, tmp_path):
     train(cfg, progress=False)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     last = [r for r in map(json.loads, lines) if r.get("event") == "validation"][-1]
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer.from_config(cfg, progress=False)
     held, data = trainer.val_set.indices, trainer.val_set.dataset
     trainer.close()
     vae = AutoencoderKL.from_pretrained(folder)

@@ -62,7 +62,7 @@ def test_stop_reports_step_and_first_bad_module(tmp_path):
 def test_skip_mode_skips_exactly_that_step(tmp_path):
     cfg = tiny_config(tmp_path, *OPTS, "train.on_nonfinite=skip")
     k = _bad_step(cfg.seed)
-    trainer = Trainer(cfg, dataset=_poisoned(), model=StandIn())
+    trainer = Trainer.from_config(cfg, dataset=_poisoned(), model=StandIn())
     try:
         for step in (1, 2):
             before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

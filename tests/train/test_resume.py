@@ -32,7 +32,7 @@ def test_resume_is_bit_exact(tmp_path, extra):
     full = train(tiny_config(tmp_path / "full", *opts), dataset=data)
 
     cfg = tiny_config(tmp_path / "split", *opts)
-    first = Trainer(cfg, dataset=data)  # the same run, cut off after step 3
+    first = Trainer.from_config(cfg, dataset=data)  # the same run, cut off after step 3
     try:
         first.run(stop_at=3)
     finally:
@@ -83,7 +83,7 @@ def test_memory_flags_and_workers_do_not_change_the_gradients(tmp_path):
     flags = ["train.num_workers=1", "train.grad_checkpointing=true", "train.channels_last=true"]
     grads, losses = [], []
     for name, opts in (("base", []), ("flags", flags)):
-        trainer = Trainer(tiny_config(tmp_path / name, *opts), dataset=ToyData())
+        trainer = Trainer.from_config(tiny_config(tmp_path / name, *opts), dataset=ToyData())
         try:
             losses.append(trainer.train_step()["loss"])
             grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})

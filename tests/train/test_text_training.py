@@ -42,7 +42,7 @@ def _same(a: dict, b: dict) -> None:
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="has none; use data.source digits or captions"):
+    with pytest.raises(ValueError, match="has none; use data.source digits, shapes or captions"):
         load_config(None, ["text.encoder=transformer", "data.source=folder", "data.path=x"])
     with pytest.raises(ValueError, match="contradicts the text encoder.s width 16"):
         load_config(None, [*TEXT, "model.context_dim=8"]).model_config()
@@ -55,7 +55,7 @@ def test_config_checks():
 def test_context_dim_without_text_encoder_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, "model.context_dim=8", "data.source=digits")
     with pytest.raises(ValueError, match="set text.encoder: transformer"):
-        Trainer(cfg)
+        Trainer.from_config(cfg)
 
 
 def test_captioned_data_without_a_text_encoder_warns_that_captions_go_unused(tmp_path):
@@ -64,27 +64,29 @@ def test_captioned_data_without_a_text_encoder_warns_that_captions_go_unused(tmp
             "train.batch_size=4"]  # fmt: skip
     cfg = tiny_config(tmp_path / "run", *data, "model.num_classes=null")
     with pytest.warns(UserWarning, match="captions are read and do not condition the model"):
-        Trainer(cfg).close()
+        Trainer.from_config(cfg).close()
     text = tiny_config(tmp_path / "run2", *TEXT, *data)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*do not condition the model")
-        Trainer(text).close()  # a text run uses them: no warning
+        Trainer.from_config(text).close()  # a text run uses them: no warning
 
 
 def test_caption_dropout_uses_the_empty_prompt(tmp_path):
     cfg = tiny_config(tmp_path, *TEXT, "diffusion.cond_drop_prob=1.0")
-    trainer = Trainer(cfg)
+    trainer = Trainer.from_config(cfg)
     try:
-        mb = trainer._draw(trainer.stream.next())
+        mb = trainer.loss.draw(trainer.stream.next())
         assert mb.cond["input_ids"][:, 0].eq(2).all()  # <bos> ...
         assert not mb.cond["input_ids"][:, 1:].any()  # ... and nothing else
     finally:
         trainer.close()
-    trainer = Trainer(tiny_config(tmp_path / "keep", *TEXT, "diffusion.cond_drop_prob=0"))
+    trainer = Trainer.from_config(
+        tiny_config(tmp_path / "keep", *TEXT, "diffusion.cond_drop_prob=0")
+    )
     try:
         batch = trainer.stream.next()
-        ids = trainer._draw(batch).cond["input_ids"]
-        assert torch.equal(ids, trainer.tokenizer.encode(list(batch["text"]))[0])
+        ids = trainer.loss.draw(batch).cond["input_ids"]
+        assert torch.equal(ids, trainer.conditioning.tokenizer.encode(list(batch["text"]))[0])
     finally:
         trainer.close()
 
@@ -100,7 +102,7 @@ def test_text_run_resumes_bit_for_bit_and_trains_the_encoder(tmp_path):
     _same(a.ema, b.ema)
     assert any(k.startswith("text.") for k in a.model)
     # The encoder learns: its token table moved away from the initialisation.
-    fresh = Trainer(tiny_config(tmp_path / "fresh", *opts))
+    fresh = Trainer.from_config(tiny_config(tmp_path / "fresh", *opts))
     try:
         init = fresh.model.text.token.weight.detach()
     finally:

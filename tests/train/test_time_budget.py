@@ -19,7 +19,9 @@ BUDGET = ["train.max_time=10s", "train.max_steps=100", "train.warmup_steps=2"]
 def _trainer(cfg) -> Trainer:
     """A trainer whose clock advances 2 s with every optimiser update (deterministic)."""
     updates = [0]
-    trainer = Trainer(cfg, dataset=ToyData(), clock=lambda: updates[0] * SECONDS_PER_STEP)
+    trainer = Trainer.from_config(
+        cfg, dataset=ToyData(), clock=lambda: updates[0] * SECONDS_PER_STEP
+    )
     trainer.optimizer.register_step_post_hook(lambda *args: updates.__setitem__(0, updates[0] + 1))
     return trainer
 

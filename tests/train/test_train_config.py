@@ -123,7 +123,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
     from difflab.train import Trainer
 
     with pytest.raises(ValueError, match="'cuda' was asked for but torch sees no CUDA"):
-        Trainer(tiny_config(tmp_path, "train.device=cuda"), dataset=ToyData())
+        Trainer.from_config(tiny_config(tmp_path, "train.device=cuda"), dataset=ToyData())
 
 
 def test_device_cpu_is_honoured(tmp_path):
@@ -131,7 +131,7 @@ def test_device_cpu_is_honoured(tmp_path):
 
     from difflab.train import Trainer
 
-    trainer = Trainer(tiny_config(tmp_path, "train.device=cpu"), dataset=ToyData())
+    trainer = Trainer.from_config(tiny_config(tmp_path, "train.device=cpu"), dataset=ToyData())
     try:
         assert trainer.device == torch.device("cpu")
         assert next(trainer.model.parameters()).device.type == "cpu"

@@ -39,7 +39,9 @@ def test_split_is_deterministic_disjoint_and_complete():
 
 
 def test_training_stream_never_yields_a_held_out_sample(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, *VAL), dataset=IndexedData(32), progress=False)
+    trainer = Trainer.from_config(
+        tiny_config(tmp_path, *VAL), dataset=IndexedData(32), progress=False
+    )
     held = set(trainer.val_set.indices)
     assert len(held) == 8
     seen = set()
@@ -69,7 +71,7 @@ def test_logged_validation_loss_equals_an_independent_computation(tmp_path, pred
     assert [r["step"] for r in logged] == [3, 4] and result.validation == logged
 
     # Recompute the last record from the saved weights, by hand.
-    trainer = Trainer(cfg, dataset=data, progress=False)
+    trainer = Trainer.from_config(cfg, dataset=data, progress=False)
     held = trainer.val_set.indices
     trainer.close()
     schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
@@ -109,7 +111,7 @@ def test_resumed_run_holds_out_the_same_data_and_logs_the_same_validation(tmp_pa
     data = ToyData(32)
     full = train(tiny_config(tmp_path / "full", *VAL), dataset=data, progress=False)
     cfg = tiny_config(tmp_path / "split", *VAL)
-    first = Trainer(cfg, dataset=data, progress=False)
+    first = Trainer.from_config(cfg, dataset=data, progress=False)
     try:
         first.run(stop_at=2)
     finally:
@@ -159,7 +161,7 @@ def test_text_run_validation_scores_the_true_captions(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if r.get("event") == "validation"][-1]
 
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer.from_config(cfg, progress=False)
     held, data = trainer.val_set.indices, trainer.val_set.dataset
     trainer.close()
     tokenizer = WordTokenizer.load(tmp_path / "tokenizer.json")

@@ -110,8 +110,8 @@ def test_formulation_run_logs_its_validation_loss(tmp_path, name):
     assert (tmp_path / "best.safetensors").exists()  # early stopping watched val_loss_ema
 
     # the last record, recomputed from the saved weights with the formulation named
-    trainer = Trainer(cfg, dataset=data, progress=False)
-    val_set, form = trainer.val_set, trainer.formulation
+    trainer = Trainer.from_config(cfg, dataset=data, progress=False)
+    val_set, form = trainer.val_set, trainer.loss.formulation
     trainer.close()
     net = UNet(cfg.resolve().model_config())
     net.load_state_dict(load_file(str(tmp_path / "model.safetensors")))

@@ -78,7 +78,7 @@ def train_with_a_cut(
 ) -> TrainResult:
     """The run of ``cfg`` cut off after step ``cut`` (checkpoint saved), then resumed to the
     end: what "2N steps equal N + resume + N" compares with the uncut run."""
-    first = Trainer(cfg, dataset=dataset, **kwargs)
+    first = Trainer.from_config(cfg, dataset=dataset, **kwargs)
     try:
         first.run(stop_at=cut)
     finally:

@@ -7,17 +7,24 @@ model (a diffusers folder or a single file, with ``--tokenizer`` / ``--predictio
 for. Register them with
 ``add_eval_parser(subparsers)`` and ``add_sweep_parser(subparsers)``; each parser sets
 ``func=handler`` where ``handler(args) -> int`` (exit status).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) both join the process group (gloo on CPU, NCCL with
+``--device cuda``, each rank on ``cuda:LOCAL_RANK``), split the samples over the ranks
+(`difflab.eval.ranks.Ranks`) and let rank 0 alone print and write the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..eval.features import RESIZE_MODES, FeatureExtractor
+from ..eval.ranks import Ranks
 from .common import _add_model_args, add_refinement_args, refinement_options
 
 __all__ = ["add_eval_parser", "add_sweep_parser", "format_results", "run_eval", "run_sweep_cli"]
@@ -56,7 +63,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="FID Inception-v3 weights (pytorch-fid .pth or .safetensors; default "
         "$DIFFLAB_INCEPTION_WEIGHTS): FID/KID/precision-recall/IS in Inception space instead "
-        "of the digits classifier's (never downloaded)",
+        "of the run data's classifier (digits-cnn, or shapes-cnn for data.source shapes; "
+        "never downloaded)",
     )
     p.add_argument(
         "--resize",
@@ -108,6 +116,23 @@ def _model(args: argparse.Namespace) -> tuple[Any, list[str] | None]:
     return pipe, prompts
 
 
+@contextlib.contextmanager
+def _ranks(args: argparse.Namespace) -> Iterator[Ranks]:
+    """The ranks of a ``torchrun`` launch (a single process otherwise); under torchrun the
+    process group is made here (``args.device`` becomes this rank's device) and closed after."""
+    from ..train.distributed import setup_distributed, teardown_distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Ranks()
+        return
+    info = setup_distributed(args.device or "cpu")
+    args.device = str(info.device)
+    try:
+        yield Ranks(info.rank, info.world_size)
+    finally:
+        teardown_distributed(info)
+
+
 def _results_dir(run: str, kind: str) -> Path:
     """``RUN/<kind>`` for a run or diffusers folder; ``<stem>-<kind>`` beside a single file."""
     path = Path(run)
@@ -116,7 +141,7 @@ def _results_dir(run: str, kind: str) -> Path:
 
 def _extractor(args: argparse.Namespace) -> FeatureExtractor | None:
     """Inception from ``--inception-weights`` or ``$DIFFLAB_INCEPTION_WEIGHTS``; else None
-    (the digits classifier)."""
+    (the classifier of the run's data: digits-cnn or shapes-cnn)."""
     from ..eval.features import INCEPTION_WEIGHTS_ENV, InceptionV3Features
 
     path = args.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
@@ -201,6 +226,11 @@ def format_results(results: dict[str, Any]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``difflab eval``."""
+    with _ranks(args) as ranks:
+        return _run_eval(args, ranks)
+
+
+def _run_eval(args: argparse.Namespace, ranks: Ranks) -> int:
     from ..eval.sweep import evaluate_likelihood, evaluate_pipeline, labelled_classes
 
     pipe, prompts = _model(args)
@@ -227,8 +257,11 @@ def run_eval(args: argparse.Namespace) -> int:
                 sampler_options=refinement_options(args),
                 reference=args.reference,
                 prompts=prompts,
+                ranks=ranks,
             )
         )
+    if not ranks.is_main:  # rank 0 has the results (and the likelihood, not split)
+        return 0
     if args.likelihood is not None:
         results.update(
             evaluate_likelihood(
@@ -302,6 +335,11 @@ def add_sweep_parser(subparsers: Any) -> None:
 
 def run_sweep_cli(args: argparse.Namespace) -> int:
     """Handler of ``difflab sweep``."""
+    with _ranks(args) as ranks:
+        return _run_sweep(args, ranks)
+
+
+def _run_sweep(args: argparse.Namespace, ranks: Ranks) -> int:
     from ..eval.sweep import labelled_classes, run_sweep
 
     pipe, prompts = _model(args)
@@ -326,7 +364,10 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
         plots=args.plots,
         sampler_options=refinement_options(args),
         prompts=prompts,
+        ranks=ranks,
     )
+    if not ranks.is_main:
+        return 0
     print(result.to_markdown())
     reused = len(result.rows) - len(result.computed)
     print(f"{len(result.computed)} cell(s) computed, {reused} taken from {result.files['jsonl']}")

@@ -88,6 +88,15 @@ def add_finetune_parser(subparsers: Any) -> None:
         "embedding (with --targets none, nothing else trains)",
     )
     p.add_argument("--init-word", default=None, help="the word whose embedding starts it")
+    p.add_argument(
+        "--text-encoder",
+        action="store_true",
+        help="SD models: adapters of the same kind on the CLIP text encoder(s) too (kohya's "
+        "lora_te_ / lora_te1_, lora_te2_)",
+    )
+    p.add_argument(
+        "--text-encoder-lr", type=float, default=None, help="their learning rate (default --lr)"
+    )
     _add_overrides(p, "override a config key, e.g. --set data.source=npz (repeatable)")
     p.add_argument("--resume", action="store_true", help="resume the fine-tuning run")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
@@ -111,6 +120,8 @@ def finetune_config(
     prior_weight: float = 1.0,
     new_word: str | None = None,
     init_word: str | None = None,
+    text_encoder: bool = False,
+    text_encoder_lr: float | None = None,
 ) -> Any:
     """The config of an adapter run (``adapter``: lora, loha or lokr) on ``base``: its config
     with ``finetune`` set, ``run_dir`` = ``out``, its train/sample/text sections kept, then
@@ -124,7 +135,7 @@ def finetune_config(
         base_run=str(base), adapter=adapter, rank=rank, alpha=alpha, targets=targets,
         rslora=rslora, dora=dora, lokr_factor=lokr_factor, prior_condition=prior,
         prior_images=prior_images, prior_weight=prior_weight, new_word=new_word,
-        init_word=init_word,
+        init_word=init_word, text_encoder=text_encoder, text_encoder_lr=text_encoder_lr,
     )  # fmt: skip
     return TrainConfig.from_dict(apply_overrides(cfg, overrides))
 
@@ -153,13 +164,15 @@ def _finetune(args: argparse.Namespace) -> int:
         overrides=overrides, prior=prior,
         prior_images=args.prior_images, prior_weight=args.prior_weight,
         new_word=args.new_word, init_word=args.init_word,
+        text_encoder=args.text_encoder, text_encoder_lr=args.text_encoder_lr,
     )  # fmt: skip
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
     prepare_run_dir(config.run_dir, overwrite=args.overwrite, resume=args.resume)
     train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        if stable_diffusion and config.finetune.targets != "none" and not config.finetune.dora:
+        ft = config.finetune
+        if stable_diffusion and (ft.targets != "none" or ft.text_encoder) and not ft.dora:
             from ..convert.export import export_kohya_lora
 
             export_kohya_lora(config.run_dir)

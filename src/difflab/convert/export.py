@@ -78,6 +78,11 @@ def check_exportable(cfg: Mapping[str, Any], run: str | Path) -> None:
             f"{where} has text.encoder: {encoder}; a Stable Diffusion pipeline conditions on "
             "a frozen CLIP text encoder (text.encoder: clip)"
         )
+    if (cfg.get("finetune") or {}).get("text_encoder"):
+        raise ValueError(
+            f"{where} trains adapters on its text encoder (finetune.text_encoder), which this "
+            "export does not fold in; export the adapters with --to kohya"
+        )
     variance = (cfg.get("diffusion") or {}).get("variance", "fixedsmall")
     if variance in ("learned", "learned_range") or model.get("learn_sigma"):
         raise ValueError(
@@ -302,20 +307,24 @@ def export_kohya_lora(
     """Write a fine-tuning run's U-Net LoRA in kohya's layout with diffusers module names
     (``lora_unet_down_blocks_0_attentions_0_..._to_q``), as SD 1.x / 2.x LoRA files name
     them, for ``diffusers``' ``load_lora_weights`` and A1111 / ComfyUI; a LoHa / LoKr run's
-    in LyCORIS' layout (``hada_*`` / ``lokr_*``) for LyCORIS-reading tools.
+    in LyCORIS' layout (``hada_*`` / ``lokr_*``) for LyCORIS-reading tools.  A run with
+    ``finetune.text_encoder`` adds its CLIP adapters as ``lora_te_text_model_encoder_...``
+    (SDXL: ``lora_te1_`` and ``lora_te2_``).
 
     :param out: default ``RUN/lora_kohya.safetensors``.
     :raises ValueError: not a LoRA run, DoRA adapters, or fused q/k/v (difflab's own
         runs: kohya's files adapt ``to_q``/``to_k``/``to_v`` apart).
     """
     from ..finetune.lycoris import AdapterTarget, save_kohya
+    from ..finetune.text_encoder import detach_text_encoders
     from ..interop.unet import diffusers_module_map
     from ..pipeline import Pipeline, read_run_config
 
     run = Path(run_dir)
     cfg = read_run_config(run)
     ft = cfg.get("finetune") or {}
-    if ft.get("base_run") is None or ft.get("targets") == "none":
+    adapted_text = bool(ft.get("text_encoder"))
+    if ft.get("base_run") is None or (ft.get("targets") == "none" and not adapted_text):
         raise ValueError(f"{run} is not a LoRA fine-tuning run (finetune.base_run, targets)")
     if (cfg.get("model") or {}).get("fuse_qkv", True):
         raise ValueError(
@@ -328,7 +337,11 @@ def export_kohya_lora(
     name_map = diffusers_module_map(ucfg)
     path = run / "lora_kohya.safetensors" if out is None else Path(out)
     meta = {"difflab_run": str(run)}
-    save_kohya(path, {"unet": AdapterTarget(pipe.model, name_map)}, metadata=meta)
+    # finetune.text_encoder: the CLIP encoders' adapters, lora_te_ (SDXL: lora_te1_, te2_)
+    text = detach_text_encoders(pipe.model)
+    targets: dict[str, nn.Module | AdapterTarget] = {"unet": AdapterTarget(pipe.model, name_map)}
+    targets |= dict(zip(("text_encoder", "text_encoder_2"), text))
+    save_kohya(path, targets, metadata=meta)
     if ucfg.transformer_conv_proj:  # SD 1.x's proj_in/proj_out are 1x1 convolutions
         _as_conv1x1(path, _CONV_PROJ)
     return path

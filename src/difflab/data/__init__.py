@@ -1,4 +1,5 @@
-"""Training data: the embedded digits, image folders, captioned folders, ``.npz`` arrays.
+"""Training data: the embedded digits, the synthetic RGB shapes, image folders, captioned
+folders, ``.npz`` arrays.
 
 Owns ``DataConfig`` (the ``data:`` section of a run config), ``build_dataset`` and the
 ``DataReport`` printed before training.  Every source yields
@@ -22,6 +23,7 @@ from .captions import CaptionTransform
 from .digits import digits_accuracy, digits_caption, digits_tensor, load_digits_dataset
 from .folders import ArrayDataset, FileDataset, load_captioned_folder, load_image_folder, load_npz
 from .report import DataReport
+from .shapes import SHAPE_NAMES, load_shapes_dataset, shapes_caption, shapes_tensor
 from .transforms import ImageTransform, random_flip
 
 __all__ = [
@@ -32,25 +34,30 @@ __all__ = [
     "DataConfig",
     "DataReport",
     "FileDataset",
+    "SHAPE_NAMES",
     "ImageTransform",
     "build_dataset",
     "digits_accuracy",
     "digits_caption",
     "digits_tensor",
     "random_flip",
+    "shapes_caption",
+    "shapes_tensor",
 ]
 
-SOURCES = ("digits", "folder", "captions", "npz")
-Source = Literal["digits", "folder", "captions", "npz"]
+SOURCES = ("digits", "shapes", "folder", "captions", "npz")
+Source = Literal["digits", "shapes", "folder", "captions", "npz"]
+EMBEDDED = ("digits", "shapes")  # made in memory: no data.path
 
 
 @dataclass
 class DataConfig:
     """The ``data:`` section of a run config.
 
-    :param source: ``digits`` (embedded, class labels + captions), ``folder`` (class =
+    :param source: ``digits`` (embedded, class labels + captions), ``shapes`` (synthetic
+        RGB shapes in 6 classes, labels + captions, `difflab.data.shapes`), ``folder`` (class =
         subfolder), ``captions`` (metadata.jsonl or sidecar .txt), ``npz`` (arrays).
-    :param path: folder or ``.npz`` file (unused for ``digits``).
+    :param path: folder or ``.npz`` file (unused for ``digits`` and ``shapes``).
     :param image_size: output side in pixels (images are square).
     :param channels: 1 (grayscale) or 3 (RGB).
     :param center_crop: resize the shorter side then crop the centre; else squash to square.
@@ -98,7 +105,7 @@ class DataConfig:
             raise ValueError(f"data.image_size must be a positive integer, got {self.image_size}")
         if self.channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 or 3, got {self.channels}")
-        if self.source != "digits" and self.path is None:
+        if self.source not in EMBEDDED and self.path is None:
             raise ValueError(f"data.path is required for source '{self.source}'")
         self.caption_transform()  # validates dropout / keep_tokens
         if self.buckets and self.source not in ("folder", "captions"):
@@ -175,6 +182,10 @@ def build_dataset(
     path = cfg.path or ""  # DataConfig requires it for every source but digits
     if cfg.source == "digits":
         dataset, report = load_digits_dataset(
+            cfg.image_size, cfg.channels, random_flip=cfg.random_flip, generator=generator
+        )
+    elif cfg.source == "shapes":
+        dataset, report = load_shapes_dataset(
             cfg.image_size, cfg.channels, random_flip=cfg.random_flip, generator=generator
         )
     elif cfg.source == "folder":

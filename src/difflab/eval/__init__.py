@@ -30,12 +30,15 @@ from difflab.eval.metrics import (
     precision_recall,
     to_uint8,
 )
+from difflab.eval.ranks import Ranks
+from difflab.eval.shapes_classifier import ShapesClassifier
 from difflab.eval.sweep import SweepResult, evaluate_pipeline, periodic_eval, run_sweep
 
 __all__ = [
     "KID",
     "CLIPScorer",
     "ODELikelihood",
+    "Ranks",
     "clip_score",
     "dequantize",
     "ode_likelihood",
@@ -44,6 +47,7 @@ __all__ = [
     "FeatureStats",
     "InceptionV3Features",
     "PrecisionRecall",
+    "ShapesClassifier",
     "cache_dir",
     "cached_features",
     "cached_stats",

@@ -2,8 +2,9 @@
 
 Owns: the `FeatureExtractor` interface (an ``id`` recorded next to every number it produces),
 Inception-v3 in the pytorch-fid layout (FID: Heusel et al. 2017; resize modes per clean-fid,
-Parmar et al. 2022) loaded from a local weights file, and `DigitsClassifier`, a small CNN
-trained on scikit-learn's bundled 8x8 digits and cached on disk.
+Parmar et al. 2022) loaded from a local weights file, `DigitsClassifier`, a small CNN
+trained on scikit-learn's bundled 8x8 digits and cached on disk, and `load_or_train`, the
+cache both it and `difflab.eval.shapes_classifier.ShapesClassifier` use.
 
 Knows nothing of models, schedules or samplers: extractors take ``uint8`` images
 ``[N, C, H, W]`` (quantise with `difflab.eval.metrics.to_uint8` first) and nothing else.
@@ -17,8 +18,9 @@ import json
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -414,6 +416,37 @@ def _reinit(module: nn.Module, generator: torch.Generator) -> None:
                     m.bias.zero_()
 
 
+_Net = TypeVar("_Net", bound=nn.Module)
+
+
+def load_or_train(
+    path: Path,
+    network: _Net,
+    train: Callable[[], tuple[_Net, float, dict[str, str]]],
+) -> tuple[_Net, float]:
+    """A small classifier cached as safetensors: ``network`` with the weights of ``path``, or
+    the network ``train()`` returns (with its held-out accuracy and metadata), written to
+    ``path`` atomically. :return: the network and its held-out accuracy."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "held_out_accuracy" not in meta:
+            raise ValueError(f"{path} has no 'held_out_accuracy' metadata: not a difflab cache")
+        load_strict(network, load_file(str(path)), str(path))
+        return network, float(meta["held_out_accuracy"])
+    network, accuracy, meta = train()
+    meta = {**meta, "held_out_accuracy": repr(accuracy),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(network.state_dict(), str(tmp), metadata=meta)
+    os.replace(tmp, path)  # atomic: never a half-written cache entry
+    return network, accuracy
+
+
 # --------------------------------------------------------------------------------------------
 # Digits classifier (scikit-learn's 8x8 digits).
 # --------------------------------------------------------------------------------------------
@@ -526,42 +559,30 @@ class DigitsClassifier(FeatureExtractor):
     def __init__(
         self, *, cache: str | os.PathLike | None = None, device: str | torch.device = "cpu"
     ) -> None:
-        from safetensors.torch import load_file, save_file
-
         images, labels = digits_data()
         key = _digits_key(images, labels)
         folder = Path(cache) if cache is not None else cache_dir() / "digits_cnn"
         self.path = folder / f"digits_cnn-{key}.safetensors"
-        with torch.random.fork_rng(devices=[]):
-            self.network = DigitsCNN()  # weights come from the cache or from training below
-        if self.path.is_file():
-            from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="pt") as f:
-                meta = f.metadata() or {}
-            load_strict(self.network, load_file(str(self.path)), str(self.path))
-            self.accuracy = float(meta["held_out_accuracy"])
-        else:
-            train, held = digits_split(len(images))
-            self.network = train_digits_cnn(images[train], labels[train])
+        def train() -> tuple[DigitsCNN, float, dict[str, str]]:
+            train_idx, held = digits_split(len(images))
+            network = train_digits_cnn(images[train_idx], labels[train_idx])
             with torch.no_grad():
-                pred = self.network(_to_unit_8x8(images[held])).argmax(1)
-            self.accuracy = float((pred == labels[held]).float().mean())
+                pred = network(_to_unit_8x8(images[held])).argmax(1)
             meta = {
-                "held_out_accuracy": repr(self.accuracy),
-                "n_train": str(len(train)),
+                "n_train": str(len(train_idx)),
                 "n_held_out": str(len(held)),
                 "data_key": key,
                 "arch_version": DIGITS_ARCH_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "config": json.dumps(
                     {"seed": DIGITS_SEED, "held_out": DIGITS_HELD_OUT, **DIGITS_TRAIN}
                 ),
             }
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            save_file(self.network.state_dict(), str(tmp), metadata=meta)
-            os.replace(tmp, self.path)  # atomic: never a half-written cache entry
+            return network, float((pred == labels[held]).float().mean()), meta
+
+        with torch.random.fork_rng(devices=[]):
+            network = DigitsCNN()  # weights come from the cache or from training
+        self.network, self.accuracy = load_or_train(self.path, network, train)
         self.device = torch.device(device)
         self.network = self.network.to(self.device).eval().requires_grad_(False)
 

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -37,8 +37,11 @@ from torch import Tensor
 from difflab._validate import check_choice
 from difflab.eval.features import DigitsClassifier, FeatureExtractor, cache_dir
 from difflab.eval.metrics import METRICS, evaluate, to_uint8
+from difflab.eval.ranks import Ranks
 from difflab.eval.sources import prompts_identity, reference_folder_config
 from difflab.images import new_figure, save_figure
+from difflab.parametrization import DenoiserNet
+from difflab.schedules import NoiseSchedule
 
 __all__ = [
     "LIKELIHOOD_METHODS",
@@ -46,6 +49,7 @@ __all__ = [
     "SweepResult",
     "evaluate_likelihood",
     "class_prompts",
+    "data_scorer",
     "evaluate_pipeline",
     "labelled_classes",
     "load_pipeline",
@@ -75,7 +79,36 @@ SWEEP_FILES = {
 _FEW_SAMPLES_WARNING = r".*not comparable with numbers in papers"  # eval.metrics, n < 10k
 _METRIC_KEY = re.compile(r"^(?P<name>[a-z_]+)\[(?P<extractor>[^\]]+)\]$")
 
-PipeLike = Any  # a `difflab.Pipeline` or anything with its call signature, `num_classes`, `model`
+
+class PipeLike(Protocol):
+    """What the evaluations sample from: a :class:`difflab.Pipeline`, a
+    :class:`PromptedPipeline`, or anything with that call signature and these attributes
+    (``run_dir``, ``labelled``, ``pixel_shape`` are read when present)."""
+
+    @property
+    def num_classes(self) -> int | None: ...
+
+    @property
+    def context_dim(self) -> int | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def model(self) -> DenoiserNet: ...
+
+    @property
+    def schedule(self) -> NoiseSchedule: ...
+
+    @property
+    def prediction(self) -> str: ...
+
+    @property
+    def variance(self) -> str: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...  # Pipeline.__call__'s arguments
+
+    def resolve_params(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,8 +177,10 @@ def load_pipeline(
     :param prediction: override the model's prediction type (SD 2.x single files need it).
     """
     loaded = isinstance(pipe_or_run_dir, str | os.PathLike)
-    pipe: PipeLike = pipe_or_run_dir
-    if isinstance(pipe_or_run_dir, str | os.PathLike):
+    pipe: PipeLike
+    if not isinstance(pipe_or_run_dir, str | os.PathLike):
+        pipe = pipe_or_run_dir
+    else:
         from difflab.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(
@@ -223,6 +258,7 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 256,
     sampler_options: Mapping[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[Tensor, Tensor | None, float | None]:
     """Draw ``n`` images as ``uint8 [n, C, H, W]`` in batches; labels cycle over the classes.
 
@@ -231,6 +267,10 @@ def sample_images(
     ``sampler_options`` go to every call (``guidance_interval``, ``guidance_rescale``, ``eta``,
     a sampler's own options).
 
+    :param ranks: under ``torchrun``, the ranks that share the work (`Ranks.current()`):
+        batch *k* is drawn on rank ``k % world_size`` and gathered to rank 0, which returns
+        all ``n`` images (the same batches, so the same images, as one process); the other
+        ranks return empty ``images`` and ``nfe`` None.
     :return: ``(images, labels or None, nfe)``: ``nfe`` is the mean number of network forward
         calls per batch (a classifier-free-guidance call on a doubled batch counts once, as
         `Denoiser.nfe` does); None when the pipeline exposes no ``model`` module.
@@ -239,27 +279,37 @@ def sample_images(
         raise ValueError(f"n must be a positive integer, got {n!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ranks = ranks or Ranks()
     labels = _cycle_labels(pipe, n)
     model = getattr(pipe, "model", None)
     calls = [0]
     handle = None
     if isinstance(model, torch.nn.Module):
         handle = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    chunks = []
+    chunks, mine = [], []
     try:
-        for s in range(0, n, batch_size):
-            e = min(s + batch_size, n)
-            batch_labels = None if labels is None else labels[s:e]
-            x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s, False,
-                     **(sampler_options or {}))  # fmt: skip
-            chunks.append(to_uint8(x.cpu()))  # (b, C, H, W) uint8: what a PNG would hold
+        for span in ranks.batches(n, batch_size):  # one round: a batch per rank
+            x = None
+            if span is not None:
+                s, e = span
+                batch_labels = None if labels is None else labels[s:e]
+                x = pipe(e - s, batch_labels, None, sampler, steps, guidance_scale, seed + s,
+                         False, **(sampler_options or {}))  # fmt: skip
+                x = to_uint8(x.cpu())  # (b, C, H, W) uint8: what a PNG would hold
+                mine.append(x[:0])
+            drawn = ranks.gather(x)  # rank 0: the round's batches in rank order = batch order
+            chunks += [c for c in drawn or [] if c is not None]
     finally:
         if handle is not None:
             handle.remove()
+    counts = ranks.gather((calls[0], handle is not None))
+    if not ranks.is_main or counts is None:
+        return torch.cat(mine) if mine else torch.zeros(0, dtype=torch.uint8), labels, None
     n_batches = math.ceil(n / batch_size)
+    total = sum(c for c, _ in counts)
     nfe: float | None = None
-    if handle is not None:
-        nfe = calls[0] // n_batches if calls[0] % n_batches == 0 else calls[0] / n_batches
+    if all(hooked for _, hooked in counts):
+        nfe = total // n_batches if total % n_batches == 0 else total / n_batches
     return torch.cat(chunks), labels, nfe
 
 
@@ -379,6 +429,25 @@ def _class_prompts(dataset: Any, labels: Sequence[int], names: Sequence[str]) ->
     return prompts
 
 
+def data_scorer(pipe: PipeLike, reference: Any = None) -> FeatureExtractor | None:
+    """The classifier that scores a run on its own data when no extractor is given:
+    `ShapesClassifier` (``shapes-cnn``) when the data (``reference`` as a data config, else
+    the run's ``data:`` section) is ``data.source: shapes``; None for anything else, which
+    the digits classifier (``digits-cnn``) scores."""
+    import dataclasses
+
+    data = reference
+    if data is None and _is_run(pipe):
+        data = _data_section(pipe)
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    if isinstance(data, Mapping) and data.get("source") == "shapes":
+        from difflab.eval.shapes_classifier import ShapesClassifier
+
+        return ShapesClassifier()
+    return None
+
+
 def _check_digits_scorer(pipe: PipeLike, what: str, instead: str) -> None:
     """The digits classifier, the default scorer, reads grayscale digits: refuse to score
     other images with it, saying what to pass ``instead``."""
@@ -433,6 +502,8 @@ class _Evaluator:
                     "prompts without class labels; use fid, kid, precision_recall or clip_score"
                 )
             if classifier is None:
+                classifier = data_scorer(pipe, reference)
+            if classifier is None:
                 _check_digits_scorer(
                     pipe, "metric 'accuracy' scores with",
                     "pass classifier= (a FeatureExtractor with class logits for this data) "
@@ -448,14 +519,15 @@ class _Evaluator:
         if REFERENCE_METRICS & set(metrics) and no_reference and _is_pretrained(pipe):
             _data_section(pipe)  # an SD model: say to pass a reference before anything else
         if extractor is None and set(metrics) - {"clip_score"}:  # features are needed
-            if classifier is None:
+            extractor = classifier if classifier is not None else data_scorer(pipe, reference)
+            if extractor is None:
                 _check_digits_scorer(
                     pipe, "FID/KID/precision-recall/IS take their features from",
                     "pass --inception-weights PATH (extractor= in Python): a local FID "
                     "Inception-v3 weights file (pytorch-fid's pt_inception-2015-12-05, .pth or "
                     ".safetensors; never downloaded)",
                 )  # fmt: skip
-            extractor = classifier if classifier is not None else DigitsClassifier()
+                extractor = DigitsClassifier()
         if isinstance(reference, str | os.PathLike):  # a folder of real images
             reference = reference_folder_config(reference, _pixel_shape(pipe))
         if REFERENCE_METRICS & set(metrics) and reference is None:
@@ -559,6 +631,7 @@ def evaluate_pipeline(
     prompts: Sequence[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
     prediction: str | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from a run or a Stable Diffusion model and score them with
     `difflab.eval.metrics.evaluate`.
@@ -566,6 +639,7 @@ def evaluate_pipeline(
     Samples are class-conditional for a class-conditional model (labels ``i % K``); a text
     model's sample ``i`` is drawn from prompt ``i % N`` (``prompts``, or a text run's data;
     an SD model needs ``prompts``). FID/KID/precision-recall use ``extractor`` (default:
+    `data_scorer`: `ShapesClassifier`, id ``shapes-cnn``, for ``data.source: shapes``, else
     `DigitsClassifier`, id ``digits-cnn``) against ``reference`` (images, a data config, or a
     folder of real images resized and centre-cropped to the model's size; default the run's
     ``data:`` section), whose features are cached under ``cache_dir()/reference``; accuracy
@@ -583,6 +657,9 @@ def evaluate_pipeline(
         everything ``evaluate`` returns (``"fid[digits-cnn]"``, ``n``, ``extractor``, ...).
         JSON-able; with ``prompts`` or a reference folder, also ``prompts`` (their count and
         digest, `prompts_identity`) and ``reference`` (the folder).
+    :param ranks: under ``torchrun`` (`Ranks.current()`): the sampling batches are split
+        over the ranks and gathered to rank 0, which scores them; every rank returns rank
+        0's result (plus ``ranks``: the number of ranks), equal to one process's.
     """
     pipe = load_pipeline(pipe_or_run_dir, weights=weights, device=device, prompts=prompts,
                          tokenizer=tokenizer, prediction=prediction)  # fmt: skip
@@ -598,7 +675,7 @@ def evaluate_pipeline(
         clip_model=clip_model,
     )
     row = _evaluate_cell(
-        pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size, sampler_options
+        pipe, ev, n, sampler, steps, guidance_scale, seed, batch_size, sampler_options, ranks
     )
     return {**row, **_source_settings(prompts, reference)}
 
@@ -672,8 +749,9 @@ def evaluate_likelihood(
     images = real[pick].to(pipe.device)
     cond: dict[str, Any] = {}
     condition = "none"
-    if getattr(pipe, "num_classes", None) is not None:
-        cond = {"class_labels": torch.full((len(images),), int(pipe.num_classes))}
+    null_label = getattr(pipe, "num_classes", None)
+    if null_label is not None:
+        cond = {"class_labels": torch.full((len(images),), int(null_label))}
         condition = "null label (unconditional p(x))"
     out: dict[str, Any] = {
         "likelihood_n": len(images),
@@ -736,7 +814,11 @@ def _evaluate_cell(
     seed: int,
     batch_size: int,
     sampler_options: Mapping[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
+    """One setting's row; with ``ranks``, sampled on every rank, scored on rank 0, and rank
+    0's row returned on every rank."""
+    ranks = ranks or Ranks()
     labels = _cycle_labels(pipe, n)
     options = _json_options(sampler_options)
     sampler, steps, guidance_scale = _resolved(
@@ -752,8 +834,11 @@ def _evaluate_cell(
         seed=seed,
         batch_size=batch_size,
         sampler_options=options,
+        ranks=ranks,
     )
     sampled = time.perf_counter()
+    if not ranks.is_main:  # rank 0 scores the gathered images and sends its row
+        return ranks.from_main({})
     scores = ev(images, labels)
     row = {
         "sampler": sampler,
@@ -766,7 +851,9 @@ def _evaluate_cell(
         "eval_seconds": round(time.perf_counter() - sampled, 3),
     }
     row.update(scores)
-    return row
+    if ranks.distributed:
+        row["ranks"] = ranks.world_size
+    return ranks.from_main(row)
 
 
 def periodic_eval(
@@ -900,6 +987,7 @@ def run_sweep(
     prompts: Sequence[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
     prediction: str | None = None,
+    ranks: Ranks | None = None,
 ) -> SweepResult:
     """Evaluate every sampler × steps × guidance-scale cell and tabulate and plot the results.
 
@@ -916,6 +1004,9 @@ def run_sweep(
     reference folder); metrics, ``reference``, ``prompts``, ``tokenizer`` and ``prediction``
     are those of `evaluate_pipeline` (an SD model is swept as a run is).
     ``progress``: a bar over cells (None: on when stderr is a terminal).
+    ``ranks``: under ``torchrun``, each cell's samples are split over the ranks (see
+    `evaluate_pipeline`); rank 0 alone reads and writes the files, and every rank returns
+    the same result.
     """
     from difflab.samplers import SAMPLERS
 
@@ -944,10 +1035,14 @@ def run_sweep(
         metric_options=metric_options,
         clip_model=clip_model,
     )
+    ranks = ranks or Ranks()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / SWEEP_FILES["jsonl"]
-    done = {_cell_key(r): r for r in _read_jsonl(log_path)}
+    done: dict[str, dict[str, Any]] = {}
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        done = {_cell_key(r): r for r in _read_jsonl(log_path)}
+    done = ranks.from_main(done)  # every rank skips the same cells
     shared = {
         "n": n,
         "seed": seed,
@@ -964,7 +1059,7 @@ def run_sweep(
     cells = list(itertools.product(sampler_list, step_list, scale_list))
     rows: list[dict[str, Any]] = []
     computed: list[str] = []
-    bar = _cell_bar(len(cells), progress)
+    bar = _cell_bar(len(cells), progress if ranks.is_main else False)
     try:
         for sampler, n_steps, scale in cells:
             key = _cell_key(
@@ -976,19 +1071,22 @@ def run_sweep(
                     if computed:  # the sample-count warning was given for the first cell
                         warnings.filterwarnings("ignore", message=_FEW_SAMPLES_WARNING)
                     row = _evaluate_cell(pipe, ev, n, sampler, n_steps, scale, seed,
-                                         batch_size, sampler_options)  # fmt: skip
+                                         batch_size, sampler_options, ranks)  # fmt: skip
                 row.update(shared, sampler=sampler, steps=n_steps, guidance_scale=scale)
-                _append_jsonl(log_path, row)
+                if ranks.is_main:
+                    _append_jsonl(log_path, row)
                 done[key] = row
                 computed.append(key)
             rows.append(done[key])
             bar.update(1)
     finally:
         bar.close()
-    files = {"jsonl": log_path, **write_tables(rows, out)}
-    if plots:
-        files.update(plot_sweep(rows, out))
-    return SweepResult(rows, computed, out, files)
+    files: dict[str, Path] = {}
+    if ranks.is_main:
+        files = {"jsonl": log_path, **write_tables(rows, out)}
+        if plots:
+            files.update(plot_sweep(rows, out))
+    return SweepResult(rows, computed, out, ranks.from_main(files))
 
 
 def _cell_bar(total: int, progress: bool | None):

@@ -14,6 +14,8 @@ so the ids are ``(S, S, 0, 0, S, S)``. Knows nothing of the training loop.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,10 +95,11 @@ class SDXLTrainingText:
         context = self.keywords(prompts)["context"]
         return context, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
 
-    def keywords(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """The U-Net's keyword conditioning of ``prompts`` at the training size."""
-        with torch.no_grad():
-            encoded = self.encoder(list(prompts))
+    def keywords(self, prompts: Sequence[str], *, grad: bool = False) -> dict[str, Tensor]:
+        """The U-Net's keyword conditioning of ``prompts`` at the training size (``grad``:
+        with autograd on, for adapters on the text encoders)."""
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            encoded = self.encoder(list(prompts), grad=grad)
             out = self.conditioner._kwargs(encoded, self.size)
         context = out["context"]
         mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
@@ -107,6 +110,19 @@ class SDXLTrainingText:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``(cond, uncond)`` as diffusers' SDXL pipeline builds them (``Pipeline``'s hook)."""
         return self.conditioner.conditioning(prompts, negatives, size=size)
+
+    def with_models(self, models: Sequence[Any]) -> SDXLTrainingText:
+        """This encoder reading other copies of its two text models, e.g. a network's
+        adapted ones (``finetune.text_encoder``)."""
+        from .sd import SDConditioner
+
+        other = copy.copy(self)
+        other.encoder = self.encoder.with_models(models)
+        other.conditioner = SDConditioner(
+            other.encoder, "sdxl", time_embed_dim=self.conditioner.time_embed_dim
+        )
+        other.model = other.encoder.models[0]
+        return other
 
     def word_embedding(self, word: str) -> Tensor:
         raise ValueError(_NO_INVERSION)

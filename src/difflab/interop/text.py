@@ -19,6 +19,8 @@ it knows nothing of U-Nets, VAEs or samplers.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import re
 import warnings
@@ -138,6 +140,15 @@ class SDTextEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.models[-1].parameters()).dtype
 
+    def with_models(self, models: Sequence[Any]) -> SDTextEncoder:
+        """This encoder (tokenizers, words, settings) reading other copies of its text
+        models, e.g. a network's adapted ones (``finetune.text_encoder``)."""
+        if len(models) != len(self.models):
+            raise ValueError(f"{len(models)} text models for an encoder of {len(self.models)}")
+        other = copy.copy(self)
+        other.models = list(models)
+        return other
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> SDTextEncoder:
@@ -154,6 +165,7 @@ class SDTextEncoder:
         *,
         prompts_2: Sequence[str] | None = None,
         clip_skip: int | None = None,
+        grad: bool = False,
     ) -> dict[str, Tensor]:
         """``{"context": [B, 77, D]}`` (SDXL: and ``"pooled": [B, P]``) for ``prompts``.
 
@@ -161,10 +173,11 @@ class SDTextEncoder:
         :param clip_skip: diffusers' ``clip_skip``: use the output of the layer ``clip_skip``
             before the last (SD 1.x / 2.x: then the final LayerNorm; SDXL: counted from its
             penultimate layer). A1111's "Clip skip: N" is ``clip_skip=N - 1``.
+        :param grad: keep autograd on (adapters on the text models train through it).
         """
         prompts = _prompt_list(prompts, "prompts")
         second = _prompt_list(prompts_2, "prompts_2") if prompts_2 else prompts
-        return self._encode(self._per_model(prompts, second), clip_skip)
+        return self._encode(self._per_model(prompts, second), clip_skip, grad=grad)
 
     def uncond(
         self,
@@ -203,12 +216,14 @@ class SDTextEncoder:
         # diffusers zips [prompt, prompt_2] with the encoders: the refiner reads the first.
         return [first, second][: len(self.models)]
 
-    def _encode(self, prompts: list[list[str]], clip_skip: int | None) -> dict[str, Tensor]:
+    def _encode(
+        self, prompts: list[list[str]], clip_skip: int | None, *, grad: bool = False
+    ) -> dict[str, Tensor]:
         contexts, pooled = [], None
         warned: set[str] = set()  # SDXL's two tokenizers: one warning per prompt
         for i, (model, batch) in enumerate(zip(self.models, prompts)):
             ids = self._token_ids(i, batch, warned).to(self.device)  # (B, 77)
-            with torch.no_grad():
+            with contextlib.nullcontext() if grad else torch.no_grad():
                 out = model(ids, output_hidden_states=True)
             hidden = out.hidden_states  # embeddings, then each of the L layers
             if self.family == "sdxl":  # the penultimate layer, no final LayerNorm
@@ -219,7 +234,7 @@ class SDTextEncoder:
                 contexts.append(out.last_hidden_state)
             else:
                 layer = hidden[_layer_index(len(hidden), clip_skip, 1)]
-                with torch.no_grad():
+                with contextlib.nullcontext() if grad else torch.no_grad():
                     contexts.append(_text_transformer(model).final_layer_norm(layer))
         result = {"context": torch.cat(contexts, dim=-1)}  # (B, 77, D)
         if pooled is not None:

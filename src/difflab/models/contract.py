@@ -3,35 +3,22 @@
 Owns ``check_model_inputs``: ``model(x_t, t, class_labels=None, context=None,
 context_mask=None)`` validated against the network's config (``in_channels``,
 ``downsample_factor``, ``num_classes``, ``context_dim``) with messages that say what was
-wrong and what is allowed, and :class:`DenoiserNet`, that contract as a ``Protocol`` for
-the code that takes any such network (the trainer, its hooks).  Knows nothing of any
+wrong and what is allowed; :class:`DenoiserNet`, that contract as a ``Protocol``, is
+defined with the code that calls such networks (:mod:`difflab.parametrization`) and
+re-exported here.  Knows nothing of any
 architecture.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..parametrization import DenoiserNet
+
 __all__ = ["DenoiserNet", "check_model_inputs"]
-
-
-@runtime_checkable
-class DenoiserNet(Protocol):
-    """The model contract: ``net(x_t [B, C, H, W], t [B], class_labels [B] | None,
-    context [B, L, D] | None, context_mask [B, L] | None) -> [B, C', H, W]`` (C' = C, or 2C
-    with learned variances)."""
-
-    def __call__(
-        self,
-        x: Tensor,
-        t: Tensor,
-        class_labels: Tensor | None = None,
-        context: Tensor | None = None,
-        context_mask: Tensor | None = None,
-    ) -> Tensor: ...
 
 
 def check_model_inputs(

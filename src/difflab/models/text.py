@@ -15,6 +15,7 @@ guidance uses the empty prompt, which encodes to the start token alone.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -477,6 +478,14 @@ class PretrainedTextEncoder:
 
         encode.tokenizer = self.tokenizer  # type: ignore[attr-defined]
         return encode
+
+    def with_models(self, models: Sequence[nn.Module]) -> PretrainedTextEncoder:
+        """This encoder (tokenizer, words, settings) reading another copy of its text model,
+        e.g. a network's adapted one (``finetune.text_encoder``)."""
+        (model,) = models
+        other = copy.copy(self)
+        other.model = model  # type: ignore[assignment]  # a copy of the same model class
+        return other
 
     def word_embedding(self, word: str) -> Tensor:
         """The frozen table's embedding of ``word``, which must be one token."""

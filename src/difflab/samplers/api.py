@@ -9,14 +9,14 @@ are found through the registry).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..parametrization import Denoiser
+from ..parametrization import Denoiser, DenoiserNet
 from ..schedules import NoiseLevels, NoiseSchedule
 from .common import Generators, SamplerCallback, SamplerSpec, randn
 from .common import progress as progress_bar
@@ -72,7 +72,7 @@ class _Plan:
 
 
 def _plan(
-    model: Callable[..., Tensor],
+    model: DenoiserNet,
     *,
     schedule: NoiseSchedule | None,
     sampler: str | SamplerSpec | None,
@@ -256,7 +256,7 @@ def _check_generator(generator: Generators, batch: int) -> None:
 
 
 def sample(
-    model: Callable[..., Tensor],
+    model: DenoiserNet,
     shape: Sequence[int] | None = None,
     *,
     schedule: NoiseSchedule | None = None,
@@ -376,7 +376,7 @@ class Img2ImgResult:
 
 
 def img2img(
-    model: Callable[..., Tensor],
+    model: DenoiserNet,
     x0: Tensor,
     *,
     strength: float,

@@ -10,7 +10,9 @@ Owns :class:`Conditioning`, built by the trainer from the config and handed to t
   prompt encoder that samples a network;
 * latent diffusion: the frozen autoencoder (``latent.vae``) whose scaled latents the
   network denoises (posterior samples, or means for validation);
-* ``train.encoder_cache``: content-addressed caches of the frozen encoders' outputs.
+* ``train.encoder_cache``: content-addressed caches of the frozen encoders' outputs (SDXL's
+  whole keyword conditioning included); none for a text encoder whose adapters train
+  (``finetune.text_encoder``: its prompts are encoded with gradients at every step).
 
 Randomness comes from the generator the loop passes (the global batch's draws, so N ranks
 compute what one process does).  Knows nothing of optimisers, checkpoints or sampling.
@@ -78,6 +80,8 @@ class Conditioning:
             self.vae = AutoencoderKL.from_pretrained(cfg.latent.vae).to(device)
             self.vae.requires_grad_(False)
         self._latents_checked = False
+        # finetune.text_encoder: adapters on the frozen encoder train (gradients, no cache)
+        self.text_trains = bool(cfg.finetune.text_encoder) and self.frozen_text is not None
         self.latent_cache, self.text_cache = self._encoder_caches(cfg.train.encoder_cache)
 
     # ------------------------------------------------------------------ set-up
@@ -147,7 +151,20 @@ class Conditioning:
         latent = text = None
         if self.vae is not None:
             latent = EncoderCache("vae-" + module_digest(self.vae, "float32"), folder)
-        if self.frozen_text is not None:
+        if self.frozen_text is not None and self.text_trains:
+            warnings.warn(
+                "train.encoder_cache caches the autoencoder's latents only: the text encoder's "
+                "adapters train (finetune.text_encoder), so prompts are encoded at every step",
+                stacklevel=4,
+            )
+        elif getattr(self.frozen_text, "kind", None) == "sdxl":  # both encoders + size ids
+            xl: Any = self.frozen_text
+            models = nn.ModuleList(xl.encoder.models)
+            xl_settings = (f"max_length={xl.max_length}", f"size={xl.size}",
+                           f"time_embed_dim={xl.conditioner.time_embed_dim}",
+                           *(str(len(t)) for t in xl.encoder.tokenizers), "float32")  # fmt: skip
+            text = EncoderCache("sdxl-" + module_digest(models, *xl_settings), folder)
+        elif self.frozen_text is not None:
             ft = self.frozen_text
             settings: tuple[str, ...] = (f"max_length={ft.max_length}", type(ft.tokenizer).__name__,
                         str(len(ft.tokenizer)), "float32")  # fmt: skip
@@ -244,8 +261,15 @@ class Conditioning:
         assert self.frozen_text is not None
         keywords = getattr(self.frozen_text, "keywords", None)
         if keywords is not None:  # SDXL: context and the vector (pooled text + size ids)
-            return {k: v.to(dev) for k, v in keywords(texts).items()}
-        if self.frozen_text.words:  # textual inversion: gradients reach the word's vector
+            if self.text_cache is not None:
+
+                def encode_xl(i: int) -> dict[str, Tensor]:
+                    return {k: v[0] for k, v in keywords([texts[i]]).items()}
+
+                entries = self.text_cache.get([content_key(t) for t in texts], encode_xl)
+                return {k: torch.stack([e[k] for e in entries]).to(dev) for k in entries[0]}
+            return {k: v.to(dev) for k, v in keywords(texts, grad=self.text_trains).items()}
+        if self.frozen_text.words or self.text_trains:  # gradients reach the word / adapters
             context, mask = self.frozen_text.encode(texts)
         elif self.text_cache is not None:
             encoder = self.frozen_text
@@ -303,10 +327,13 @@ class Conditioning:
     def prompt_encoder(self, net: nn.Module) -> Any:
         """``prompts -> (context, mask)`` for sampling ``net`` (None without text)."""
         if self.frozen_text is not None:
-            if self.frozen_text.words:  # the word vector of the network being sampled
-                (token,) = self.frozen_text.words
-                return self.frozen_text.with_words({token: getattr(net, WORD_PARAM)})
-            return self.frozen_text
+            from ..finetune.text_encoder import encoder_for
+
+            encoder = encoder_for(net, self.frozen_text)  # the network's adapted text models
+            if encoder.words:  # the word vector of the network being sampled
+                (token,) = encoder.words
+                return encoder.with_words({token: getattr(net, WORD_PARAM)})
+            return encoder
         if self.tokenizer is not None:
             return PromptEncoder(net, self.tokenizer)  # type: ignore[arg-type]
         return None

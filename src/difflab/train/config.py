@@ -400,6 +400,10 @@ class FinetuneConfig:
     :param prior_condition: DreamBooth's prior preservation (Ruiz et al. 2023): the class
         prompt (or label) whose ``prior_images`` base-run samples are trained alongside the
         instance data, weighted by ``prior_weight`` (λ of eq. 2). ``None`` = off.
+    :param text_encoder: adapters of the same kind and rank on the frozen CLIP text
+        encoder(s) too (``text.encoder: clip | sdxl``; kohya's ``lora_te_``), trained with
+        gradients through the encoder (``difflab.finetune.text_encoder``).
+    :param text_encoder_lr: their learning rate (``None``: ``train.lr``).
     """
 
     base_run: str | None = None
@@ -416,6 +420,8 @@ class FinetuneConfig:
     prior_condition: Any = None
     prior_images: int = 100
     prior_weight: float = 1.0
+    text_encoder: bool = False
+    text_encoder_lr: float | None = None
 
     def __post_init__(self) -> None:
         from ..finetune.lora import ADAPTER_KINDS, TARGET_SETS
@@ -445,9 +451,18 @@ class FinetuneConfig:
         if self.alpha is not None:
             _check_range("finetune.alpha", self.alpha, 0.0)
         patterns = isinstance(self.targets, list) and all(isinstance(p, str) for p in self.targets)
+        if self.text_encoder_lr is not None:
+            _check_range("finetune.text_encoder_lr", self.text_encoder_lr, 0.0)
+            if not self.text_encoder:
+                raise ValueError("finetune.text_encoder_lr needs finetune.text_encoder: true")
+        if self.text_encoder and self.base_run is None:
+            raise ValueError("finetune.text_encoder needs finetune.base_run (the run to adapt)")
         if self.targets == "none":
-            if self.new_word is None:
-                raise ValueError("finetune.targets: none trains nothing without finetune.new_word")
+            if self.new_word is None and not self.text_encoder:
+                raise ValueError(
+                    "finetune.targets: none trains nothing without finetune.new_word or "
+                    "finetune.text_encoder"
+                )
         elif not patterns and self.targets not in TARGET_SETS:
             raise ValueError(
                 f"finetune.targets must be one of {', '.join(TARGET_SETS)}, none (with "
@@ -545,27 +560,34 @@ class TrainConfig:
             )
 
     def _check_text(self) -> None:
-        if self.data.source not in ("digits", "captions"):
+        if self.data.source not in ("digits", "shapes", "captions"):
             raise ValueError(
                 f"text.encoder={self.text.encoder!r} trains on captions, but data.source="
-                f"{self.data.source!r} has none; use data.source digits or captions"
+                f"{self.data.source!r} has none; use data.source digits, shapes or captions"
             )
         metrics = {m.strip() for m in self.train.eval_metrics.split(",")}
-        if self.train.eval_every and "accuracy" in metrics and self.data.source != "digits":
+        labelled = self.data.source in ("digits", "shapes")
+        if self.train.eval_every and "accuracy" in metrics and not labelled:
             raise ValueError(
                 "train.eval_metrics has 'accuracy', which for a text run needs captions with "
-                f"class labels (data.source: digits), and data.source={self.data.source!r} "
-                "has captions only; use fid / kid / precision_recall"
+                "class labels (data.source: digits or shapes), and data.source="
+                f"{self.data.source!r} has captions only; use fid / kid / precision_recall"
             )
 
     def _check_eval(self) -> None:
         metrics = {m.strip() for m in self.train.eval_metrics.split(",")}
-        if self.train.eval_inception_weights is None and self.data.channels != 1:
+        own_scorer = self.data.source == "shapes"  # scored by the shapes classifier
+        if self.train.eval_inception_weights is None and self.data.channels != 1 and not own_scorer:
             raise ValueError(
                 "train.eval_every without train.eval_inception_weights scores samples with the "
                 f"digits classifier, which needs 1-channel images (data.channels="
                 f"{self.data.channels}); set train.eval_inception_weights to a local "
                 "pytorch-fid Inception file or train.eval_every=0"
+            )
+        if own_scorer and self.data.channels != 3 and self.train.eval_inception_weights is None:
+            raise ValueError(
+                "train.eval_every on data.source=shapes scores samples with the shapes "
+                f"classifier, which needs 3-channel images (data.channels={self.data.channels})"
             )
         if (
             "accuracy" in metrics

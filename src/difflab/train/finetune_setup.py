@@ -5,9 +5,10 @@ loading the base run's weights, LoRA / LoHa / LoKr adapters (rsLoRA, DoRA) aroun
 layers, textual inversion (a new trainable token row of a trained text encoder, or a word
 vector beside a frozen CLIP / T5), DreamBooth's prior-preservation data
 (:func:`with_prior_images`), and the files a fine-tuning run publishes at each checkpoint
-(``lora.safetensors``, the word's embedding).  Without ``finetune.base_run`` every method
-does nothing.  The adapters themselves live in :mod:`difflab.finetune`; this module knows
-nothing of the optimiser or the loop.
+(``lora.safetensors``, the word's embedding), and ``finetune.text_encoder``'s adapters on
+the CLIP text encoder(s) (:mod:`difflab.finetune.text_encoder`).  Without
+``finetune.base_run`` every method does nothing.  The adapters themselves live in
+:mod:`difflab.finetune`; this module knows nothing of the optimiser or the loop.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ class FinetuneSetup:
             )  # fmt: skip
             if ft.new_word is not None:  # add_lora froze the rest, the new word included
                 _word_parameter(model).requires_grad_(True)
-            label = {"lora": "DoRA" if ft.dora else "LoRA", "loha": "LoHa", "lokr": "LoKr"}
-            what.append(f"{label[ft.adapter]} rank {ft.rank} on {len(names)} layers")
+            what.append(f"{self._label()} rank {ft.rank} on {len(names)} layers")
+        if ft.text_encoder:
+            what.append(self._adapt_text(model, conditioning))
         if self.is_main:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             if ft.new_word is not None and frozen_text is None:  # a one-row mask
@@ -137,6 +139,37 @@ class FinetuneSetup:
                 f"fine-tuning {ft.base_run}: {' and '.join(what)}; "
                 f"{trainable:,} of {total:,} parameters train"
             )
+
+    def _label(self) -> str:
+        ft = self.ft
+        return {"lora": "DoRA" if ft.dora else "LoRA", "loha": "LoHa", "lokr": "LoKr"}[ft.adapter]
+
+    def _adapt_text(self, model: nn.Module, conditioning: Any) -> str:
+        """``finetune.text_encoder``: adapters on the frozen CLIP encoder(s), attached to
+        ``model`` (:mod:`difflab.finetune.text_encoder`); what was done, for the report."""
+        from ..finetune.text_encoder import add_text_adapters
+
+        ft, text = self.ft, self.cfg.text
+        if conditioning.frozen_text is None or text.encoder not in ("clip", "sdxl"):
+            raise ValueError(
+                f"finetune.text_encoder adapts a CLIP text encoder (text.encoder: clip or "
+                f"sdxl); this run has text.encoder: {text.encoder}"
+            )
+        if self.cfg.train.parallel == "fsdp":
+            raise ValueError(
+                "finetune.text_encoder trains the text models outside the U-Net's forward, "
+                "which train.parallel: fsdp does not shard; use train.parallel: ddp"
+            )
+        if ft.targets == "none" and ft.new_word is None:  # the text encoder alone trains
+            model.requires_grad_(False)
+        gen = torch.Generator().manual_seed(subseed(self.cfg.seed, 6))
+        names = add_text_adapters(
+            model, conditioning.frozen_text, ft.rank, ft.alpha, kind=ft.adapter,
+            rslora=ft.rslora, dora=ft.dora, factor=ft.lokr_factor, lr=ft.text_encoder_lr,
+            generator=gen,
+        )  # fmt: skip
+        n = len(model.text_encoders)  # type: ignore[arg-type]
+        return f"{self._label()} rank {ft.rank} on {len(names)} layers of {n} text encoder(s)"
 
     def attach_word(self, model: nn.Module, conditioning: Any) -> None:
         """Textual inversion through a frozen CLIP / T5: the encoder puts the network's word
@@ -153,7 +186,7 @@ class FinetuneSetup:
 
         ft = self.ft
         meta = {"base_run": str(ft.base_run), "step": str(step), "weights": "ema"}
-        if ft.targets != "none":
+        if ft.targets != "none" or ft.text_encoder:
             save_lora(ema_model, run_dir / LORA_FILE, metadata=meta)
         if ft.new_word is not None:
             from ..finetune.inversion import EMBEDDING_FILE, save_word_vector

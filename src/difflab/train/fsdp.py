@@ -53,6 +53,7 @@ from .checkpoint import (
     write_state_files,
 )
 from .distributed import DistInfo, wrap_ddp
+from .memory import shard_units
 from .tensor_parallel import restore_strided, whole_strided
 
 __all__ = [
@@ -79,15 +80,6 @@ _RANK0_ONLY = {
 
 
 # --------------------------------------------------------------------------- wrapping
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The submodules that become FSDP units: every U-Net ``Stage`` and every ``DiTBlock``
-    (in module order; the root is sharded separately and holds the rest)."""
-    from ..models.dit import DiTBlock
-    from ..models.unet import Stage
-
-    return [m for m in model.modules() if isinstance(m, (Stage, DiTBlock)) and m is not model]
-
-
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` was sharded by ``fully_shard``."""
     from torch.distributed.fsdp import FSDPModule
@@ -204,13 +196,16 @@ def _parallelize_2d(
 
 
 def _memory_line(cfg: Any, model: nn.Module, info: DistInfo, precision: Any) -> str:
-    """``difflab.train.memory``'s per-rank report of this run (activations measured on
-    fake tensors for one micro-batch)."""
+    """``difflab.train.memory``'s per-rank report of this run.  Under torchrun the
+    activations of one micro-batch are measured on fake tensors (seconds: it loads
+    torch's fake-tensor machinery, so a single process skips it and says n/a)."""
     from .memory import memory_report, model_activation_bytes
 
-    batch = max(1, cfg.train.batch_size // info.data_world)
-    with torch.random.fork_rng(devices=[]):  # the probe's random inputs draw no real RNG
-        acts = model_activation_bytes(model, batch, precision)
+    acts = None
+    if info.distributed:
+        batch = max(1, cfg.train.batch_size // info.data_world)
+        with torch.random.fork_rng(devices=[]):  # the probe's random inputs draw no real RNG
+            acts = model_activation_bytes(model, batch, precision)
     report = memory_report(
         model, parallel=cfg.train.parallel, world_size=info.world_size,
         compute_dtype=precision.dtype, activations=acts,

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..formulations import Formulation
 from ..schedules import NoiseSchedule
 from .config import TrainConfig
 from .monitor import sample_grid
+from .protocols import ConditioningPart
 from .seeds import subseed
 from .validation import validation_loss
 
@@ -43,13 +45,14 @@ class TrainHooks:
     :param val_set: the held-out data (None: no validation).
     :param device: where sampling and scoring run.
     :param run_dir: where grids are written.
+    :param null_label: the network's null class label (None: none).
     :param is_main: rank 0 (the only rank that samples and scores).
     """
 
     def __init__(
-        self, config: TrainConfig, schedule: NoiseSchedule, formulation: Any,
-        conditioning: Any, val_set: Any, device: torch.device, run_dir: Path, *,
-        is_main: bool = True,
+        self, config: TrainConfig, schedule: NoiseSchedule, formulation: Formulation | None,
+        conditioning: ConditioningPart, val_set: Any, device: torch.device, run_dir: Path, *,
+        null_label: int | None = None, is_main: bool = True,
     ) -> None:  # fmt: skip
         self.cfg = config
         self.schedule = schedule
@@ -58,13 +61,12 @@ class TrainHooks:
         self.val_set = val_set
         self.device = device
         self.run_dir = run_dir
+        self.null_label = null_label
         self.is_main = is_main
         self._eval_extractor: Any = None  # built on the first periodic eval
         self._eval_prompts: tuple[list[str], bool] | None = None  # a text run's prompts
 
-    def grids(
-        self, step: int, model: nn.Module, ema_model: nn.Module, null_label: int | None
-    ) -> list[Path]:
+    def grids(self, step: int, model: nn.Module, ema_model: nn.Module) -> list[Path]:
         """Sample grids of the raw and the EMA weights (``samples/step_NNNNNN_{raw,ema}.png``)."""
         if not self.is_main:
             return []
@@ -78,7 +80,7 @@ class TrainHooks:
                     self.schedule,
                     path,
                     device=self.device,
-                    null_label=null_label,
+                    null_label=self.null_label,
                     prompts=self.conditioning.grid_prompts,
                     text_encoder=self.conditioning.prompt_encoder(net),
                     vae=self.conditioning.vae,
@@ -87,9 +89,7 @@ class TrainHooks:
             )
         return out
 
-    def validation(
-        self, step: int, model: nn.Module, ema_model: nn.Module, null_label: int | None
-    ) -> dict[str, Any]:
+    def validation(self, step: int, model: nn.Module, ema_model: nn.Module) -> dict[str, Any]:
         """Validation loss of the raw and EMA weights (rank 0; ``{}`` elsewhere or without
         held-out data)."""
         if not self.is_main or self.val_set is None:
@@ -106,7 +106,7 @@ class TrainHooks:
                     timesteps=tc.val_timesteps,
                     seed=subseed(self.cfg.seed, 51),
                     batch_size=tc.batch_size,
-                    null_label=null_label,
+                    null_label=self.null_label,
                     device=self.device,
                     prepare=self.conditioning.validation_inputs,
                 )

@@ -8,19 +8,21 @@ EMA and post-hoc EMA), the run (logging, time budget, early stopping), save / re
 the RNG state.  The autoencoder (:mod:`difflab.train.autoencoder`) is another task of the
 same loop.
 
-The trainer receives ready-made parts, built from the config by
-:func:`difflab.train.parts.build_parts` — the conditioning (class labels, text encoders,
+The trainer receives ready-made parts: :func:`train` builds them from the config with
+:func:`difflab.train.parts.build_parts` and passes them in (``Trainer(parts)``;
+:meth:`Trainer.from_config` does both) — the conditioning (class labels, text encoders,
 autoencoder latents, encoder caches: :mod:`~difflab.train.conditioning`), the fine-tuning
-set-up (:mod:`~difflab.train.finetune_setup`) and the hooks that look at the run (grids,
+set-up (:mod:`~difflab.train.finetune_setup`), the diffusion loss of one micro-batch
+(:mod:`~difflab.train.diffusion_loss`) and the hooks that look at the run (grids,
 validation, periodic eval: :mod:`~difflab.train.hooks`) — and never branches on them.
-Every loss, weighting and timestep sampler comes from ``difflab.losses``.  Data parallelism
-(DDP, or FSDP2 by ``train.parallel``: :mod:`~difflab.train.fsdp`) is one method,
-:meth:`Trainer._wrap_parallel`.
+Data parallelism (DDP, or FSDP2 by ``train.parallel``: :mod:`~difflab.train.fsdp`) is one
+method, :meth:`Trainer._wrap_parallel`.
 
-Randomness: no global RNG is drawn by the loop.  A trainer-owned generator (seeded from
-``config.seed``, the same on every rank) draws condition dropout, timesteps and noise for
-the whole *global* batch, and each rank keeps its rows, so N ranks compute exactly what
-one process does with the same global batch.  Dropout layers inside the model use torch's
+Randomness: no global RNG is drawn by the loop.  A generator of the parts
+(:class:`~difflab.train.seeds.RunGenerators`, seeded from ``config.seed``, the same on every
+rank) draws condition dropout, timesteps and noise for the whole *global* batch, and each
+rank keeps its rows, so N ranks compute exactly what one process does with the same global
+batch.  Dropout layers inside the model use torch's
 global RNG; it is seeded at start (``seed + rank``), saved per rank in the checkpoint and
 restored on resume (and the caller's global RNG state is restored when :func:`train` returns).
 """
@@ -44,11 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..formulations import formulation_from_config
-from ..losses import LossSecondMomentSampler, training_loss
 from ..samplers.common import progress as progress_bar
-from ..schedules import NoiseSchedule
-from .amp import resolve_precision
 from .budget import TimeBudget, format_duration, parse_duration
 from .checkpoint import (
     Checkpoint,
@@ -59,13 +57,8 @@ from .checkpoint import (
 )
 from .compiled import COMPILE_CACHE, inductor_cache
 from .config import TrainConfig, changed_keys, save_config
-from .distributed import (
-    all_gather_objects,
-    any_rank,
-    rank0_says,
-    setup_distributed,
-    teardown_distributed,
-)
+from .diffusion_loss import MicroBatch
+from .distributed import all_gather_objects, any_rank, rank0_says, teardown_distributed
 from .early_stop import BEST_FILE, EarlyStopping
 from .ema import EMA
 from .finetune_setup import word_weight
@@ -78,12 +71,12 @@ from .fsdp import (
     parallelize,
     save_sharded,
 )
-from .hooks import TrainHooks
 from .monitor import MetricsLog, log_line, plot_metrics, truncate_metrics
 from .nonfinite import NonFiniteError, first_nonfinite_grad, first_nonfinite_module
 from .optim import build_optimizer, match_param_layout, step_lr_schedule
-from .parts import StepTask, build_parts
+from .parts import TrainParts, build_parts
 from .posthoc_ema import PostHocEMA, PostHocEMAConfig
+from .protocols import StepTask
 from .seeds import preserve_global_rng, subseed
 from .signals import TrainingInterrupted, stop_on_signals
 
@@ -153,18 +146,6 @@ def run_steps(
 
 
 @dataclass
-class _MicroBatch:
-    x0: Tensor
-    cond: dict[str, Tensor]
-    t: Tensor
-    noise: Tensor
-    importance: Tensor | None
-    rng: dict[str, Tensor]  # global + aux RNG states before its forward (for diagnosis)
-    prior: Tensor | None = None  # DreamBooth: which rows are prior-preservation images
-    mix: Tensor | None = None  # data.mix: which rows come from the general data set
-
-
-@dataclass
 class _Window:
     """The steps since the last logged line: their losses, split losses, last good record."""
 
@@ -175,12 +156,11 @@ class _Window:
 
 
 class Trainer:
-    """One diffusion training run; :func:`train` is the usual way in.
+    """One diffusion training run, from ready-made parts; :func:`train` is the usual way in.
 
-    :param config: the run's configuration (its model section is resolved).
-    :param dataset: data set of dicts; default ``difflab.data.build_dataset(config.data)``.
-    :param model: a network honouring the model contract; default
-        ``difflab.models.UNet(config.model_config())`` initialised from ``config.seed``.
+    :param parts: what :func:`difflab.train.parts.build_parts` built from the run's config
+        (the loop's own options — steps, optimiser, EMA, logging — are read from
+        ``parts.config``).
     :param progress: progress bar on/off; None: on when stderr is a terminal (rank 0 only).
     :param clock: seconds from any origin, read for ``train.max_time`` (default
         ``time.monotonic``; tests inject a scripted one).
@@ -188,48 +168,19 @@ class Trainer:
 
     def __init__(
         self,
-        config: TrainConfig,
+        parts: TrainParts,
         *,
-        dataset: Dataset | None = None,
-        model: nn.Module | None = None,
         progress: bool | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.cfg = cfg = config.resolve()
+        self.cfg = cfg = parts.config
         tc = cfg.train
-        self.dist = setup_distributed(tc.device, tensor_parallel=tc.tensor_parallel)
-        # Dropout layers draw from torch's global RNG: seed it per rank (train() restores the
-        # caller's state afterwards; a checkpoint saves and restores it).
-        torch.manual_seed(subseed(cfg.seed, 100 + self.dist.data_rank))
-        self.device = self.dist.device
-        self.run_dir = Path(cfg.run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ValueError(f"run_dir {str(self.run_dir)!r} is a file, not a directory")
-        self.precision = resolve_precision(tc.mixed_precision, self.device)
-        self.schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
-        # edm / flow (difflab.formulations): their own noise levels, loss and sampling table
-        self.formulation = formulation_from_config(
-            cfg.diffusion.formulation, cfg.diffusion.formulation_options
-        )
-        if self.formulation is not None:
-            self.schedule = self.formulation.schedule
-        rank = self.dist.data_rank  # a TP group shares its draws
-        # Shared by all ranks: condition dropout, timesteps, noise of the global batch.
-        self.gen = torch.Generator().manual_seed(subseed(cfg.seed, 0))
-        # Per rank: offset noise / input perturbation inside the loss, and data flips.
-        self.aux_gen = torch.Generator().manual_seed(subseed(cfg.seed, 1 + 2 * rank))
-        self.data_gen = torch.Generator().manual_seed(subseed(cfg.seed, 2 + 2 * rank))
-
-        # The parts, built from the config (same order on every rank and after a resume).
-        parts = build_parts(cfg, config, self.dist, self.run_dir, dataset=dataset,
-                            model=model, data_gen=self.data_gen)  # fmt: skip
-        self.data_gen, self.stream, self.val_set = parts.data_gen, parts.stream, parts.val_set
+        self.dist, self.device, self.run_dir = parts.dist, parts.dist.device, parts.run_dir
+        self.precision = parts.precision
+        self.gens = parts.generators
+        self.stream, self.val_set = parts.stream, parts.val_set
         self.conditioning, self.finetune = parts.conditioning, parts.finetune
-        self.model = parts.model
-        self.hooks = TrainHooks(
-            cfg, self.schedule, self.formulation, self.conditioning, self.val_set,
-            self.device, self.run_dir, is_main=self.dist.is_main,
-        )  # fmt: skip
+        self.model, self.loss, self.hooks = parts.model, parts.loss, parts.hooks
 
         self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup)
         self.posthoc: PostHocEMA | None = None  # EDM2 power-function EMA snapshots
@@ -238,7 +189,6 @@ class Trainer:
                 self.model, PostHocEMAConfig.from_dict(tc.posthoc_ema), self.run_dir,
                 last_step=tc.max_steps, write=self.dist.is_main,
             )  # fmt: skip
-        self.null_label: int | None = getattr(self.model, "null_class_label", None)
         self._exit = contextlib.ExitStack()  # undone by close()
         self.ddp: Any = self._wrap_parallel(self.model)  # wrapped, then maybe compiled
         self._compile_pending = tc.compile  # the first step compiles; its time is logged
@@ -254,15 +204,26 @@ class Trainer:
         progress_of = self.budget.effective_step if self.budget is not None else None
         self.optimizer, self.lr_schedule = build_optimizer(self.model, tc, progress=progress_of)
         self.scaler = self.precision.grad_scaler()
-        self.timestep_sampler = None
-        if cfg.diffusion.timestep_sampler == "importance":
-            T = self.schedule.num_timesteps
-            self.timestep_sampler = LossSecondMomentSampler(T, subseed(cfg.seed, 3))
         self.step = 0
         self.last_loss = float("nan")
         self.show_progress = progress
         self.log: MetricsLog | None = None
         self._last_records: dict[str, dict[str, Any]] = {}  # latest val / eval record
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TrainConfig,
+        *,
+        dataset: Dataset | None = None,
+        model: nn.Module | None = None,
+        progress: bool | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> Trainer:
+        """Build the parts from ``config`` (:func:`~difflab.train.parts.build_parts`; the
+        ``dataset`` and ``model`` defaults are the config's) and the trainer around them."""
+        parts = build_parts(config, dataset=dataset, model=model)
+        return cls(parts, progress=progress, clock=clock)
 
     def _wrap_parallel(self, model: nn.Module) -> nn.Module:
         """The network the step runs: ``model`` itself in one process; under torchrun
@@ -270,95 +231,7 @@ class Trainer:
         and checkpoints use ``model``)."""
         return parallelize(self.cfg, model, self.ema, self.dist, self.precision)
 
-    # The conditioning part's objects, under the names they had on the trainer.
-    @property
-    def tokenizer(self) -> Any:
-        return self.conditioning.tokenizer
-
-    @property
-    def frozen_text(self) -> Any:
-        return self.conditioning.frozen_text
-
-    @property
-    def vae(self) -> Any:
-        return self.conditioning.vae
-
-    @property
-    def latent_cache(self) -> Any:
-        return self.conditioning.latent_cache
-
-    @property
-    def text_cache(self) -> Any:
-        return self.conditioning.text_cache
-
-    @property
-    def grid_prompts(self) -> list[str] | None:
-        return self.conditioning.grid_prompts
-
     # ------------------------------------------------------------------ one step
-    def _draw(self, batch: dict[str, Any]) -> _MicroBatch:
-        """This rank's inputs, from draws over the whole global batch (same as 1 process)."""
-        B, dev = self.cfg.train.batch_size, self.device
-        b = B // self.dist.data_world  # a TP group's ranks share their rows
-        rows = slice(self.dist.data_rank * b, (self.dist.data_rank + 1) * b)
-        x0, cond = self.conditioning.inputs(batch, self.gen, B, rows, self.null_label)
-        importance = None
-        if self.timestep_sampler is not None:
-            t, w = self.timestep_sampler.sample(B)
-            t, importance = t[rows].to(dev), w[rows].to(dev)
-        elif self.formulation is not None:  # EDM's σ or flow's t, float [B]
-            t = self.formulation.draw_levels(B, self.gen)[rows].to(dev)
-        else:
-            t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.gen)
-            t = t[rows].to(dev)
-        noise = torch.randn((B, *x0.shape[1:]), generator=self.gen)[rows].to(dev)
-        prior = batch.get("prior")
-        if prior is not None:  # DreamBooth eq. 2: prior samples weigh prior_weight
-            prior = torch.as_tensor(prior, device=dev).bool()
-            weight = torch.where(prior, self.cfg.finetune.prior_weight, 1.0)
-            importance = weight if importance is None else importance * weight
-        mix = batch["mix"].to(dev) if "mix" in batch else None
-        return _MicroBatch(x0, cond, t, noise, importance, self._local_rng(), prior, mix)
-
-    def _forward(self, model: nn.Module, mb: _MicroBatch) -> tuple[Tensor, Tensor]:
-        """Scalar loss (importance-weighted mean) and per-sample losses of one micro-batch."""
-        if self.formulation is not None:  # edm / flow: the formulation's loss at its levels
-            with self.precision.autocast():
-                f = self.formulation.training_loss(model, mb.x0, mb.t, mb.noise, mb.cond)
-            weight = 1.0 if mb.importance is None else mb.importance
-            return (f.per_sample * weight).mean(), f.per_sample
-        d = self.cfg.diffusion
-        with self.precision.autocast():
-            out = training_loss(
-                model,
-                self.schedule,
-                mb.x0,
-                prediction=d.prediction,
-                variance=d.variance,
-                weighting=d.weighting,
-                snr_gamma=d.snr_gamma,
-                vlb_weight=d.vlb_weight,
-                cond=mb.cond,
-                t=mb.t,
-                noise=mb.noise,
-                offset_noise=d.offset_noise,
-                input_perturbation=d.input_perturbation,
-                generator=self.aux_gen,
-            )
-        if mb.importance is None:
-            return out.loss, out.per_sample
-        return (out.per_sample * mb.importance).mean(), out.per_sample
-
-    def _update_timestep_sampler(self, mb: _MicroBatch, per_sample: Tensor) -> None:
-        """Feed the importance sampler every rank's losses, in global-batch order."""
-        if self.timestep_sampler is None:
-            return
-        pairs = all_gather_objects((mb.t.cpu(), per_sample.detach().float().cpu()), self.dist)
-        pairs = pairs[:: self.dist.tensor_parallel]  # one copy per TP group
-        self.timestep_sampler.update(
-            torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        )
-
     def train_step(self) -> dict[str, Any]:
         """One optimiser step over ``grad_accum`` micro-batches; returns its metrics."""
         tc = self.cfg.train
@@ -366,22 +239,16 @@ class Trainer:
         self._step_began = time.perf_counter()  # the first compiled step's time is logged
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        parts = torch.zeros(4)
         micro = []
         for i in range(tc.grad_accum):
-            mb = self._draw(self.stream.next())
+            mb = self.loss.draw(self.stream.next())
+            mb.rng = self._local_rng()  # to re-run this forward for a diagnosis
             sync = i == tc.grad_accum - 1 or not self.dist.distributed
             with contextlib.nullcontext() if sync else no_sync(self.ddp):
-                loss, per_sample = self._forward(self.ddp, mb)
+                loss, per_sample = self.loss.loss(self.ddp, mb)
                 self.scaler.scale(loss / tc.grad_accum).backward()
-            self._update_timestep_sampler(mb, per_sample)
+            self.loss.observe(mb, per_sample)
             total += loss.detach().float() / tc.grad_accum
-            split = mb.prior if mb.prior is not None else mb.mix
-            if split is not None:  # instance / prior (or main / mix) loss sums and counts
-                ps = per_sample.detach().float()
-                prior = split.float()
-                parts += torch.stack([(ps * (1 - prior)).sum(), (1 - prior).sum(),
-                                      (ps * prior).sum(), prior.sum()]).cpu()  # fmt: skip
             micro.append(mb)
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
@@ -396,16 +263,7 @@ class Trainer:
         bad_grad = bool(flags[2] > 0) and not self.precision.needs_scaler  # fp16: scaler skips
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": k, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}
-        if self.cfg.finetune.prior_condition is not None or self.cfg.data.mix is not None:
-            if self.dist.distributed:
-                parts = parts.to(self.device)
-                dist.all_reduce(parts)
-            inst_sum, inst_n, prior_sum, prior_n = parts.tolist()
-            names = (
-                ("loss_main", "loss_mix") if self.cfg.data.mix else ("loss_instance", "loss_prior")
-            )
-            record[names[0]] = inst_sum / inst_n if inst_n else None
-            record[names[1]] = prior_sum / prior_n if prior_n else None
+        record.update(self.loss.step_record())  # instance / prior (main / mix) losses
         if bad_loss or bad_grad:
             what = "loss" if bad_loss else "gradient"
             module = self._diagnose(micro)
@@ -434,7 +292,7 @@ class Trainer:
     def _lr_step(self) -> None:
         step_lr_schedule(self.lr_schedule)
 
-    def _diagnose(self, micro: list[_MicroBatch]) -> str | None:
+    def _diagnose(self, micro: list[MicroBatch]) -> str | None:
         """Re-run each micro-batch with hooks (same RNG states) to name the first bad module."""
         now = self._local_rng()
         found = None
@@ -442,7 +300,7 @@ class Trainer:
             for mb in micro:
                 self._set_local_rng(mb.rng)
                 found = first_nonfinite_module(
-                    self.model, functools.partial(self._forward, self.model, mb)
+                    self.model, functools.partial(self.loss.loss, self.model, mb)
                 )
                 if found is not None:
                     break
@@ -456,16 +314,16 @@ class Trainer:
     # ------------------------------------------------------------------ RNG state
     def _local_rng(self) -> dict[str, Tensor]:
         """RNG states that differ per rank: global CPU/CUDA (dropout), aux and data flips."""
-        out = {"torch_cpu": torch.get_rng_state(), "aux": self.aux_gen.get_state()}
-        out["data"] = self.data_gen.get_state()
+        out = {"torch_cpu": torch.get_rng_state(), "aux": self.gens.aux.get_state()}
+        out["data"] = self.gens.data.get_state()
         if self.device.type == "cuda":
             out["torch_cuda"] = torch.cuda.get_rng_state(self.device)
         return out
 
     def _set_local_rng(self, states: dict[str, Tensor]) -> None:
         torch.set_rng_state(states["torch_cpu"])
-        self.aux_gen.set_state(states["aux"])
-        self.data_gen.set_state(states["data"])
+        self.gens.aux.set_state(states["aux"])
+        self.gens.data.set_state(states["data"])
         if self.device.type == "cuda" and "torch_cuda" in states:
             torch.cuda.set_rng_state(states["torch_cuda"], self.device)
 
@@ -476,8 +334,7 @@ class Trainer:
         sharded = is_sharded(self.model)  # FSDP: every rank writes its shards
         if self.dist.is_main or sharded:
             rng = {f"rank{r}.{k}": v for r, st in enumerate(per_rank) for k, v in st.items()}
-            rng["shared.noise"] = self.gen.get_state()
-            ts = self.timestep_sampler
+            rng["shared.noise"] = self.gens.shared.get_state()
             meta = {
                 "step": self.step,
                 "loss": self.last_loss,
@@ -485,7 +342,7 @@ class Trainer:
                 "data_position": self.stream.position,
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "timestep_sampler": ts.state_dict() if ts is not None else None,
+                "timestep_sampler": self.loss.state_dict(),
                 "world_size": self.dist.world_size,
             }
             if self.budget is not None:
@@ -542,15 +399,14 @@ class Trainer:
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
-        if self.timestep_sampler is not None and meta["timestep_sampler"] is not None:
-            self.timestep_sampler.load_state_dict(meta["timestep_sampler"])
+        self.loss.load_state_dict(meta["timestep_sampler"])
         self.step, self.last_loss = int(meta["step"]), float(meta["loss"])
         if self.budget is not None:
             self.budget.spent = float(meta.get("train_time", 0.0))
         if self.early is not None and meta.get("early_stopping") is not None:
             self.early.load_state_dict(meta["early_stopping"])
         self.stream.set_position(meta["data_position"])
-        self.gen.set_state(ck.rng["shared.noise"])
+        self.gens.shared.set_state(ck.rng["shared.noise"])
         prefix = f"rank{self.dist.rank}."
         if meta["world_size"] != self.dist.world_size or prefix + "torch_cpu" not in ck.rng:
             warnings.warn(
@@ -735,23 +591,9 @@ class Trainer:
         metric = self.cfg.train.early_stop_metric
         if self.early is None or metric.startswith("val") != (kind == "val"):
             return False
-        stop = False
-        if self.dist.is_main:
-            record = self._last_records.get(kind, {})
-            if metric not in record:
-                raise ValueError(
-                    f"train.early_stop_metric={metric!r} is not among the measured metrics "
-                    f"({', '.join(k for k in record if k not in ('step', 'event'))}); add it "
-                    "to train.eval_metrics or choose another"
-                )
-            improved, stop = self.early.update(float(record[metric]), self.step)
-            if improved:
-                from safetensors.torch import save_file
-
-                tmp = self.run_dir / (BEST_FILE + ".tmp")
-                meta = {"step": str(self.step), metric: repr(self.early.best)}
-                save_file(self.ema.state_dict(), str(tmp), metadata=meta)
-                tmp.replace(self.run_dir / BEST_FILE)
+        stop = self.dist.is_main and self.early.observe(
+            self._last_records.get(kind, {}), metric, self.step, self.ema.state_dict, self.run_dir
+        )
         return rank0_says(stop, self.dist)
 
     def stopping(self, stop: list[int]) -> bool:
@@ -787,11 +629,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ hooks
     def _grids(self) -> list[Path]:
-        return self.hooks.grids(self.step, self.model, self.ema.model, self.null_label)
+        return self.hooks.grids(self.step, self.model, self.ema.model)
 
     def _validation(self) -> dict[str, Any]:
         """Validation loss of the raw and EMA weights (rank 0), logged to metrics.jsonl."""
-        record = self.hooks.validation(self.step, self.model, self.ema.model, self.null_label)
+        record = self.hooks.validation(self.step, self.model, self.ema.model)
         if record:
             self._log(record)
             self._last_records["val"] = record
@@ -834,7 +676,8 @@ def train(
     :raises TrainingInterrupted: on Ctrl-C or SIGTERM, after saving the step it stopped at.
     """
     with preserve_global_rng():
-        trainer = Trainer(config, dataset=dataset, model=model, progress=progress)
+        parts = build_parts(config, dataset=dataset, model=model)
+        trainer = Trainer(parts, progress=progress)
         try:
             return trainer.run(resume=resume)
         finally:

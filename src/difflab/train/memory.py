@@ -6,7 +6,9 @@ holds ``1/N`` of parameters, gradients, AdamW moments and EMA (ZeRO-3, Rajbhanda
 2020, Table 1) plus, while a unit computes, that unit's gathered parameters and gradients.
 Activations are measured, not guessed: one forward of the per-rank micro-batch runs on fake
 tensors (no memory allocated) and the tensors autograd saves for backward are summed.
-Knows nothing of the loop; works on meta-device models (shapes only).
+Also owns :func:`shard_units`, which submodules FSDP shards (used by
+:mod:`difflab.train.fsdp`).  Knows nothing of the loop; works on meta-device models
+(shapes only).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MemoryReport", "activation_bytes", "memory_report", "model_activation_bytes"]
+__all__ = [
+    "MemoryReport",
+    "activation_bytes",
+    "memory_report",
+    "model_activation_bytes",
+    "shard_units",
+]
 
 ADAM_STATES = 2  # exp_avg, exp_avg_sq (fp32)
 
@@ -72,10 +80,17 @@ class MemoryReport:
         return "\n".join(rows)
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules ``difflab.train.fsdp`` makes FSDP units: every U-Net ``Stage`` and
+    every ``DiTBlock`` (in module order; the root is sharded separately and holds the rest)."""
+    from ..models.dit import DiTBlock
+    from ..models.unet import Stage
+
+    return [m for m in model.modules() if isinstance(m, (Stage, DiTBlock)) and m is not model]
+
+
 def _unit_sizes(model: nn.Module) -> list[int]:
     """Parameter counts of the FSDP units (their own, nested units excluded) and the root."""
-    from .fsdp import shard_units
-
     units = shard_units(model)
     inner = {id(p) for u in units for p in u.parameters()}
     sizes = [sum(p.numel() for p in u.parameters()) for u in units]

@@ -202,7 +202,12 @@ def sample_grid(
     was_training = model.training
     model.eval()
     try:
-        if prompts is not None:
+        rich = getattr(text_encoder, "conditioning", None)  # SDXL: context and vector
+        if prompts is not None and rich is not None:  # as Pipeline: no negative prompt
+            side = mcfg.image_size * (1 if vae is None else vae.config.downsample_factor)
+            cond, uncond = rich(prompts, None, size=(side, side))
+            guidance = config.sample.guidance_scale
+        elif prompts is not None:
             (ctx, ctx_mask), (empty, empty_mask) = text_encoder(prompts), text_encoder([""] * n)
             cond = {**(cond or {}), "context": ctx, "context_mask": ctx_mask}
             uncond = {**(uncond or {}), "context": empty, "context_mask": empty_mask}

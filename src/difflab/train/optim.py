@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,12 +50,18 @@ def build_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]  # frozen bases stay out
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    # A parameter may carry its own rate (finetune.text_encoder_lr): one group per rate,
+    # in the order the rates first appear (the run's own first when it has any).
+    by_lr: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        by_lr.setdefault(float(getattr(p, "difflab_lr", config.lr)), []).append(p)
+    groups: list[dict[str, Any]] = [{"params": ps, "lr": lr} for lr, ps in by_lr.items()]
     try:
         optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay, fused=True
+            groups, lr=config.lr, weight_decay=config.weight_decay, fused=True
         )
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / torch
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stays JSON
         return lr_factor(

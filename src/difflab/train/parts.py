@@ -1,15 +1,17 @@
 """The parts a diffusion run is made of, built from its config and handed to the loop.
 
-Owns the small, typed interfaces through which :class:`difflab.train.loop.Trainer` talks to
-its parts (``Protocol``s: :class:`ConditioningPart`, :class:`HooksPart`,
-:class:`FinetunePart`, and :class:`StepTask`, what the core loop drives) and
-:func:`build_parts`, which builds them from the config in a fixed order (data, held-out
-split, conditioning, network with its fine-tuning set-up) — the order every rank and every
-resume repeats.  The loop itself never branches on text, latents or fine-tuning::
+Owns :class:`TrainParts` and :func:`build_parts`, which builds them from the config in a
+fixed order — the process group and the seeds, data, held-out split, conditioning, network
+with its fine-tuning set-up, then the diffusion loss and the hooks — the order every rank
+and every resume repeats.  As in EDM's ``training_loop``, the loop
+(:class:`difflab.train.loop.Trainer`) receives them ready-made and never branches on text,
+latents or fine-tuning; it talks to them through the ``Protocol``s of
+:mod:`difflab.train.protocols`::
 
-    config ──► build_parts ──► TrainParts(stream, val_set, conditioning, finetune, model)
+    config ──► build_parts ──► TrainParts(config, dist, precision, generators, stream,
+                                          val_set, conditioning, finetune, model, loss, hooks)
                                          │
-                 Trainer(core step, run, save/restore, RNG) ◄── TrainHooks
+                               Trainer(parts): core step, run, save/restore, RNG state
 
 Knows nothing of the optimiser, EMA or checkpoints.
 """
@@ -19,17 +21,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ..formulations import formulation_from_config
+from ..schedules import NoiseSchedule
 from .adapt import adapt_to_data, build_stream, set_bucket_step
+from .amp import Precision, resolve_precision
 from .conditioning import Conditioning
 from .config import TrainConfig
-from .distributed import DistInfo
+from .diffusion_loss import DiffusionLoss
+from .distributed import DistInfo, setup_distributed
 from .finetune_setup import FinetuneSetup, with_prior_images
-from .seeds import subseed
+from .hooks import TrainHooks
+from .protocols import ConditioningPart, FinetunePart, HooksPart, StepTask
+from .seeds import RunGenerators, subseed
 from .stream import BatchStream
 from .validation import split_dataset
 
@@ -43,97 +51,74 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class ConditioningPart(Protocol):
-    """Batch -> network inputs: (latent) images and the ``cond`` dict (class labels, text)."""
-
-    vae: Any  # the frozen autoencoder of a latent run (None in pixel space)
-    grid_prompts: list[str] | None
-
-    def inputs(
-        self, batch: dict[str, Any], gen: torch.Generator, B: int, rows: slice,
-        null_label: int | None,
-    ) -> tuple[Tensor, dict[str, Tensor]]: ...  # fmt: skip
-
-    def validation_inputs(
-        self, images: Tensor, items: list[dict[str, Any]]
-    ) -> tuple[Tensor, dict[str, Tensor]]: ...
-
-    def prompt_encoder(self, net: nn.Module) -> Any: ...
-
-    def write(self, run_dir: Path) -> None: ...
-
-    def check_resume(self, run_dir: Path) -> None: ...
-
-
-@runtime_checkable
-class FinetunePart(Protocol):
-    """The fine-tuning set-up: what it publishes at each checkpoint (nothing when off)."""
-
-    def save(self, ema_model: nn.Module, run_dir: Path, step: int) -> None: ...
-
-
-@runtime_checkable
-class HooksPart(Protocol):
-    """What the loop calls to look at the run: grids, validation, periodic evaluation."""
-
-    def grids(
-        self, step: int, model: nn.Module, ema_model: nn.Module, null_label: int | None
-    ) -> list[Path]: ...
-
-    def validation(
-        self, step: int, model: nn.Module, ema_model: nn.Module, null_label: int | None
-    ) -> dict[str, Any]: ...
-
-    def periodic_eval(self, step: int, ema_model: nn.Module) -> dict[str, Any]: ...
-
-
-@runtime_checkable
-class StepTask(Protocol):
-    """What :func:`difflab.train.loop.run_steps` drives: one optimiser step at a time.
-
-    ``train_step`` advances ``step`` and returns the step's record; ``after_step`` runs the
-    task's logging and hooks and returns the (possibly earlier) last step; ``save`` writes a
-    checkpoint; ``stopping`` says whether a stop signal arrived (on any rank).
-    """
-
-    step: int
-    run_dir: Path
-
-    def train_step(self) -> dict[str, Any]: ...
-
-    def after_step(self, record: dict[str, Any], last: int) -> int: ...
-
-    def save(self) -> None: ...
-
-    def stopping(self, stop: list[int]) -> bool: ...
-
-
 @dataclass
 class TrainParts:
-    """What :func:`build_parts` built: the batch stream, the held-out data, the
-    conditioning and fine-tuning parts, the network, and the data generator in use."""
+    """What :func:`build_parts` built for one process of a run.
 
+    :param config: the resolved run config (its model section complete, folders absolute).
+    :param dist: this process's rank, world size and device (the process group is set up).
+    :param run_dir: the run directory.
+    :param precision: the mixed-precision mode (autocast, grad scaler).
+    :param generators: the shared, aux and data generators.
+    :param stream: the training batches.
+    :param val_set: the held-out data (None: no validation).
+    :param conditioning: batch -> (latent) images and ``cond``.
+    :param finetune: the fine-tuning set-up (what it publishes at each checkpoint).
+    :param model: the network to train (a :class:`~difflab.models.contract.DenoiserNet`).
+    :param loss: the diffusion loss of one micro-batch.
+    :param hooks: sample grids, validation loss, periodic evaluation.
+    """
+
+    config: TrainConfig
+    dist: DistInfo
+    run_dir: Path
+    precision: Precision
+    generators: RunGenerators
     stream: BatchStream
     val_set: Any
-    conditioning: Conditioning
-    finetune: FinetuneSetup
+    conditioning: ConditioningPart
+    finetune: FinetunePart
     model: nn.Module
-    data_gen: torch.Generator
+    loss: DiffusionLoss
+    hooks: HooksPart
 
 
 def build_parts(
-    cfg: TrainConfig, given: TrainConfig, info: DistInfo, run_dir: Path, *,
-    dataset: Any = None, model: nn.Module | None = None, data_gen: torch.Generator,
-) -> TrainParts:  # fmt: skip
-    """Build a run's parts from its resolved config ``cfg`` (``given``: as the caller gave
-    it, to tell which model keys were set).  See the module docstring for the order."""
+    config: TrainConfig, *, dataset: Any = None, model: nn.Module | None = None
+) -> TrainParts:
+    """Build a run's parts from ``config`` (resolved here; the keys the caller set tell
+    whether ``model.num_classes`` was chosen).  Sets up the process group under torchrun
+    and seeds torch's global RNG for dropout (``seed + rank``; :func:`difflab.train.train`
+    restores the caller's).  See the module docstring for the order.
+
+    :param dataset: data set of dicts; default ``difflab.data.build_dataset(config.data)``.
+    :param model: a network honouring the model contract; default the config's, initialised
+        from ``config.seed``.
+    """
+    cfg = config.resolve()
+    tc = cfg.train
+    info = setup_distributed(tc.device, tensor_parallel=tc.tensor_parallel)
+    # Dropout layers draw from torch's global RNG: seed it per rank (train() restores the
+    # caller's state afterwards; a checkpoint saves and restores it).
+    torch.manual_seed(subseed(cfg.seed, 100 + info.data_rank))
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {str(run_dir)!r} is a file, not a directory")
+    precision = resolve_precision(tc.mixed_precision, info.device)
+    schedule = NoiseSchedule.from_config(cfg.diffusion.schedule)
+    # edm / flow (difflab.formulations): their own noise levels, loss and sampling table
+    formulation = formulation_from_config(
+        cfg.diffusion.formulation, cfg.diffusion.formulation_options
+    )
+    if formulation is not None:
+        schedule = formulation.schedule
+    gens = RunGenerators.from_seed(cfg.seed, info.data_rank)  # a TP group shares its draws
     set_bucket_step(cfg)  # data.buckets: sides in multiples the network takes
     report = None  # printed once the captions' token counts are known
     if dataset is None:
         from ..data import build_dataset
 
-        dataset, report = build_dataset(cfg.data, generator=data_gen)
+        dataset, report = build_dataset(cfg.data, generator=gens.data)
         if info.is_main and cfg.data.source == "captions" and not cfg.text.enabled:
             warnings.warn(
                 "data.source=captions, but text.encoder is none: the captions are read and "
@@ -144,19 +129,20 @@ def build_parts(
             )
     else:
         gen = getattr(dataset, "generator", None)
-        data_gen = gen if isinstance(gen, torch.Generator) else data_gen
+        if isinstance(gen, torch.Generator):
+            gens.data = gen
     dataset = with_prior_images(cfg, dataset, info, run_dir)
     # Held-out validation data: the same split on every rank and after a resume.
     dataset, val_set = split_dataset(dataset, cfg.train.val_fraction, subseed(cfg.seed, 50))
     if val_set is not None and info.is_main:
         print(f"validation: {len(val_set)} held-out samples, {len(dataset)} for training")
     notes = adapt_to_data(
-        cfg, dataset, num_classes_given=model is not None or "num_classes" in given.model,
+        cfg, dataset, num_classes_given=model is not None or "num_classes" in config.model,
         world_size=info.data_world,
     )  # fmt: skip
     stream = build_stream(
         cfg, dataset, rank=info.data_rank, world_size=info.data_world,
-        mix_seed=subseed(cfg.seed, 60), generator=data_gen,
+        mix_seed=subseed(cfg.seed, 60), generator=gens.data,
     )  # fmt: skip
     conditioning = Conditioning(cfg, dataset, info.device)
     if info.is_main:
@@ -168,7 +154,17 @@ def build_parts(
     finetune = FinetuneSetup(cfg, is_main=info.is_main)
     net = build_network(cfg, conditioning, finetune, model).to(info.device)
     finetune.attach_word(net, conditioning)
-    return TrainParts(stream, val_set, conditioning, finetune, net, data_gen)
+    null_label: int | None = getattr(net, "null_class_label", None)
+    loss = DiffusionLoss(
+        cfg, conditioning, schedule, formulation, precision, info,
+        shared=gens.shared, aux=gens.aux, null_label=null_label,
+    )  # fmt: skip
+    hooks = TrainHooks(
+        cfg, schedule, formulation, conditioning, val_set, info.device, run_dir,
+        null_label=null_label, is_main=info.is_main,
+    )  # fmt: skip
+    return TrainParts(cfg, info, run_dir, precision, gens, stream, val_set, conditioning,
+                      finetune, net, loss, hooks)  # fmt: skip
 
 
 def build_network(
