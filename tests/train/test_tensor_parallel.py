@@ -165,7 +165,7 @@ def test_tensor_parallel_is_validated(tmp_path):
         load_config(None, ["train.tensor_parallel=0"])
     assert load_config(None, []).train.tensor_parallel == 1
     with pytest.raises(ValueError, match="divisible"):  # one process cannot hold 2 TP ranks
-        Trainer(tiny_dit_config(tmp_path, "train.tensor_parallel=2"), dataset=ToyData())
+        Trainer.from_config(tiny_dit_config(tmp_path, "train.tensor_parallel=2"), dataset=ToyData())
     from difflab.models.dit import DiT, DiTConfig
     from difflab.models.unet import UNet, UNetConfig
 
