@@ -40,6 +40,16 @@ def tiny_config(run_dir: Path, *overrides: str) -> TrainConfig:
     return load_config(None, [f"run_dir={run_dir}", *TINY_MODEL, *overrides])
 
 
+DIT_MODEL = [o for o in TINY_MODEL if not o.startswith("model.")] + [
+    "model.arch=dit", "model.preset=tiny", "model.num_classes=4", "model.num_heads=2",
+]  # fmt: skip
+
+
+def tiny_dit_config(run_dir: Path, *overrides: str) -> TrainConfig:
+    """A 2-block DiT (width 32, 2 heads) on 8x8 images; ``overrides`` as ``key.sub=value``."""
+    return load_config(None, [f"run_dir={run_dir}", *DIT_MODEL, *overrides])
+
+
 class ToyData(Dataset):
     """``n`` fixed 1x8x8 images in [-1, 1] with class labels ``i % 4``."""
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 
 from difflab._validate import check_keys
@@ -317,7 +318,8 @@ class DiT(nn.Module):
         pos = self._pos_cache.get((height, width))
         if pos is None:
             pos = sincos_pos_embed_2d(self.config.hidden_size, height, width).float()[None]
-            self._pos_cache[(height, width)] = pos
+            if not isinstance(pos, FakeTensor):  # a memory probe's fake grid is not kept
+                self._pos_cache[(height, width)] = pos
         return pos.to(like.device, like.dtype)
 
     def forward(

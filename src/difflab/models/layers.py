@@ -202,10 +202,11 @@ def upsample_then_conv(conv: nn.Module, x: Tensor) -> Tensor:
     return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """``[B, N, H*D] -> [B, H, N, D]``."""
+def _split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """``[B, N, H*D] -> [B, H, N, D]`` for heads ``D`` wide (``H`` follows from the width, so a
+    tensor-parallel shard of the projection gives this rank's heads)."""
     b, n, _ = x.shape
-    return x.view(b, n, heads, -1).transpose(1, 2)
+    return x.view(b, n, -1, head_dim).transpose(1, 2)
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -304,6 +305,9 @@ class CrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = _check_heads(dim, num_heads)
+        # Heads are read off the projections' width in units of head_dim, so under tensor
+        # parallelism (difflab.train.tensor_parallel) each rank runs its num_heads / N heads.
+        self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
         self.fused = fuse_qkv
         if not fuse_qkv:
@@ -328,14 +332,14 @@ class CrossAttention(nn.Module):
             source = context
         if not self.fused:
             q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
-            h = self.num_heads
-            return _split_heads(q, h), _split_heads(k, h), _split_heads(v, h)
+            d = self.head_dim
+            return _split_heads(q, d), _split_heads(k, d), _split_heads(v, d)
         if self.is_cross:
-            q = _split_heads(self.to_q(x), self.num_heads)
-            kv = self.to_kv(source).view(b, source.shape[1], 2, self.num_heads, -1)
+            q = _split_heads(self.to_q(x), self.head_dim)
+            kv = self.to_kv(source).view(b, source.shape[1], 2, -1, self.head_dim)
             k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
             return q, k, v
-        q, k, v = self.to_qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.to_qkv(x).view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
     def forward(

@@ -241,6 +241,11 @@ class LoopConfig:
     parallel: str = "ddp"
     # fsdp only, CUDA only: keep the sharded parameters and optimiser state in CPU memory.
     cpu_offload: bool = False
+    # Tensor parallelism of the DiT blocks' attention and MLP projections over groups of N
+    # ranks (difflab.train.tensor_parallel); 1 = off.  The world size must be divisible by
+    # N; the remaining "dp" dimension is sharded by FSDP (train.parallel=fsdp, or any
+    # parallel setting when all ranks form one TP group).
+    tensor_parallel: int = 1
     on_nonfinite: str = "stop"
     log_every: int = 50
     sample_every: int = 500  # 0 = never
@@ -302,7 +307,7 @@ class LoopConfig:
         check_choice("train.parallel", self.parallel, PARALLELS)
         if self.cpu_offload and self.parallel != "fsdp":
             raise ValueError("train.cpu_offload offloads FSDP shards; it needs train.parallel=fsdp")
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "tensor_parallel"):
             _check_range(f"train.{name}", getattr(self, name), 1)
         for name in ("lr", "warmup_steps", "weight_decay", "grad_clip"):
             _check_range(f"train.{name}", getattr(self, name), 0)

@@ -93,8 +93,8 @@ class DiffusionLoss:
     def draw(self, batch: dict[str, Any]) -> MicroBatch:
         """This rank's inputs, from draws over the whole global batch (same as 1 process)."""
         B, dev = self.cfg.train.batch_size, self.dist.device
-        b = B // self.dist.world_size
-        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        b = B // self.dist.data_world  # a TP group's ranks share their rows
+        rows = slice(self.dist.data_rank * b, (self.dist.data_rank + 1) * b)
         x0, cond = self.conditioning.inputs(batch, self.gen, B, rows, self.null_label)
         importance = None
         if self.timestep_sampler is not None:
@@ -148,6 +148,7 @@ class DiffusionLoss:
         (global-batch order) and add to the instance / prior (main / mix) sums."""
         if self.timestep_sampler is not None:
             pairs = all_gather_objects((mb.t.cpu(), per_sample.detach().float().cpu()), self.dist)
+            pairs = pairs[:: self.dist.tensor_parallel]  # one copy per TP group
             self.timestep_sampler.update(
                 torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
             )

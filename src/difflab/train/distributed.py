@@ -30,13 +30,30 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: ``rank`` of ``world_size``, on ``device``."""
+    """Where this process sits: ``rank`` of ``world_size``, on ``device``.
+
+    Under tensor parallelism (``tensor_parallel`` ranks share one model replica, torchtitan's
+    ``("dp", "tp")`` mesh: rank = ``data_rank * tensor_parallel + tp index``) every rank of a
+    group sees the same rows: ``data_rank`` of ``data_world`` is the replica's index, the one
+    the data stream and the batch draws use.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # True when setup_distributed created the process group
+    tensor_parallel: int = 1  # ranks per model replica (train.tensor_parallel)
+
+    @property
+    def data_rank(self) -> int:
+        """Index of this rank's data-parallel replica (its rows of each global batch)."""
+        return self.rank // self.tensor_parallel
+
+    @property
+    def data_world(self) -> int:
+        """Number of data-parallel replicas: ``world_size / tensor_parallel``."""
+        return self.world_size // self.tensor_parallel
 
     @property
     def is_main(self) -> bool:
@@ -48,12 +65,20 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
+def setup_distributed(
+    device: str | torch.device | None = None, *, tensor_parallel: int = 1
+) -> DistInfo:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1).
 
     :param device: force a device; default CUDA (``cuda:LOCAL_RANK``) when available, else CPU.
+    :param tensor_parallel: ranks per model replica; must divide the world size.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ValueError(
+            f"train.tensor_parallel={tensor_parallel} needs a world size divisible by it; this "
+            f"job has {world} process(es) (torchrun --nproc_per_node a multiple of it, or 1)"
+        )
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
@@ -81,7 +106,7 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
         owns = True
-    return DistInfo(rank, world, local, dev, owns)
+    return DistInfo(rank, world, local, dev, owns, tensor_parallel)
 
 
 def teardown_distributed(info: DistInfo) -> None:

@@ -11,6 +11,9 @@ Owns how a network is spread over the ranks of a ``torchrun`` job, on PyTorch's 
   fp16 compute copies of the weights, fp32 gradient reduction); ``train.cpu_offload`` keeps
   the shards in CPU memory (CUDA only).  Frozen modules (autoencoder, CLIP/T5) are not part
   of the trained network and are never sharded.
+- With ``train.tensor_parallel: N`` :func:`parallelize` first splits the DiT blocks over
+  the ``"tp"`` dimension of a 2-D ``("dp", "tp")`` mesh (:mod:`difflab.train.tensor_parallel`)
+  and then shards every parameter over ``"dp"`` (torchtitan's layout).
 - :func:`no_sync` / :func:`clip_grad_norm`: gradient accumulation and clipping under either
   wrapper.  FSDP reduce-scatters every micro-batch into the sharded gradients (they stay
   sharded while accumulating); the clipping norm is the global one over all shards.
@@ -51,6 +54,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, wrap_ddp
 from .memory import shard_units
+from .tensor_parallel import restore_strided, whole_strided
 
 __all__ = [
     "DCP_DIR",
@@ -146,6 +150,8 @@ def parallelize(cfg: Any, model: nn.Module, ema: Any, info: DistInfo, precision:
         print(_memory_line(cfg, model, info, precision), flush=True)
     if not info.distributed:
         return model
+    if cfg.train.tensor_parallel > 1:
+        return _parallelize_2d(cfg, model, ema, info, precision)
     if cfg.train.parallel == "ddp":
         return wrap_ddp(model, info)
     from torch.distributed.device_mesh import init_device_mesh
@@ -158,6 +164,37 @@ def parallelize(cfg: Any, model: nn.Module, ema: Any, info: DistInfo, precision:
     return model
 
 
+def _parallelize_2d(
+    cfg: Any, model: nn.Module, ema: Any, info: DistInfo, precision: Any
+) -> nn.Module:
+    """``train.tensor_parallel: N``: the DiT blocks split over ``"tp"`` groups of N ranks
+    (:mod:`difflab.train.tensor_parallel`), then every parameter sharded by FSDP2 over
+    ``"dp"`` on the 2-D mesh ``(world / N, N)`` (a ``"dp"`` of 1 rank shards nothing; it
+    makes every parameter a DTensor for the optimiser, EMA, clipping and DCP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .tensor_parallel import check_tensor_parallel, fsdp_placement, tensor_parallelize
+
+    n = cfg.train.tensor_parallel
+    check_tensor_parallel(model, n, info.world_size)
+    dp = info.world_size // n
+    if dp > 1 and cfg.train.parallel != "fsdp":
+        raise ValueError(
+            f"train.tensor_parallel={n} on {info.world_size} ranks leaves {dp} model replicas; "
+            "they are sharded by FSDP over the 'dp' mesh dimension: set train.parallel=fsdp "
+            "(DDP does not take tensor-parallel DTensor parameters)"
+        )
+    _check_supported(cfg)
+    kwargs = _policies(precision, cfg.train.cpu_offload, info.device)
+    kwargs["shard_placement_fn"] = fsdp_placement  # fused q/k/v: FSDP splits the columns
+    mesh = init_device_mesh(info.device.type, (dp, n), mesh_dim_names=("dp", "tp"))
+    ema_kwargs = {k: v for k, v in kwargs.items() if k != "mp_policy"}  # EMA stays fp32
+    for net, kw in ((model, kwargs), (ema.model, ema_kwargs)):
+        tensor_parallelize(net, mesh["tp"])
+        _fully_shard(net, mesh["dp"], kw)
+    return model
+
+
 def _memory_line(cfg: Any, model: nn.Module, info: DistInfo, precision: Any) -> str:
     """``difflab.train.memory``'s per-rank report of this run.  Under torchrun the
     activations of one micro-batch are measured on fake tensors (seconds: it loads
@@ -166,7 +203,7 @@ def _memory_line(cfg: Any, model: nn.Module, info: DistInfo, precision: Any) -> 
 
     acts = None
     if info.distributed:
-        batch = max(1, cfg.train.batch_size // info.world_size)
+        batch = max(1, cfg.train.batch_size // info.data_world)
         with torch.random.fork_rng(devices=[]):  # the probe's random inputs draw no real RNG
             acts = model_activation_bytes(model, batch, precision)
     report = memory_report(
@@ -187,10 +224,31 @@ def no_sync(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
     """``clip_grad_norm_`` over every rank's shards; returns the global norm as a plain
-    tensor (DTensor gradients give a replicated DTensor norm, unwrapped here)."""
-    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
-    full = getattr(norm, "full_tensor", None)
-    return full() if full is not None else norm
+    tensor (DTensor gradients give a replicated DTensor norm, unwrapped here).
+
+    Under FSDP x TP the gradients live on two meshes (the 2-D ``("dp", "tp")`` one for the
+    split projections, ``"dp"`` for the rest), which one ``clip_grad_norm_`` cannot mix: the
+    norm is then taken per mesh, made whole, and combined (``sqrt(sum of squares)``)."""
+    params = [p for p in parameters if p.grad is not None]
+    groups: dict[int, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p)
+    if len(groups) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full = getattr(norm, "full_tensor", None)
+        return full() if full is not None else norm
+    norms = []
+    for group in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None])
+        full = getattr(n, "full_tensor", None)
+        norms.append(full() if full is not None else n)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # clip_grad_norm_'s
+    if coef < 1.0:
+        for p in params:
+            grad: Any = p.grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(coef)
+    return total
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -246,6 +304,7 @@ def save_sharded(
         msd, osd = get_state_dict(model, optimizer)
         opt_tensors, groups = _split_optimizer(osd)
         state = {"model": msd, "ema": get_model_state_dict(ema.model), "optimizer": opt_tensors}
+        state, _ = whole_strided(state)  # TP's fused q/k/v shards: written whole
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True))
         model_full = get_model_state_dict(model, options=_full_options())  # rank 0 only
         ema_full = get_model_state_dict(ema.model, options=_full_options())
@@ -330,7 +389,9 @@ def load_sharded(
         msd, osd = get_state_dict(model, optimizer)  # initialises AdamW's moments (lr 0)
         opt_tensors, _ = _split_optimizer(osd)
         state = {"model": msd, "ema": get_model_state_dict(ema.model), "optimizer": opt_tensors}
-        dcp.load(state, storage_reader=_reader(state_dir / DCP_DIR))
+        whole, swapped = whole_strided(state, empty=True)  # TP's fused q/k/v: read whole
+        dcp.load(whole, storage_reader=_reader(state_dir / DCP_DIR))
+        restore_strided(swapped)
         live: Any = osd["param_groups"]  # a list of dicts (typed loosely by torch)
         groups = [_tuples(g, ref) for g, ref in zip(sharded["optimizer_groups"], live)]
         osd = {"state": state["optimizer"], "param_groups": groups}

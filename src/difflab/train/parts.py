@@ -97,10 +97,10 @@ def build_parts(
     """
     cfg = config.resolve()
     tc = cfg.train
-    info = setup_distributed(tc.device)
+    info = setup_distributed(tc.device, tensor_parallel=tc.tensor_parallel)
     # Dropout layers draw from torch's global RNG: seed it per rank (train() restores the
     # caller's state afterwards; a checkpoint saves and restores it).
-    torch.manual_seed(subseed(cfg.seed, 100 + info.rank))
+    torch.manual_seed(subseed(cfg.seed, 100 + info.data_rank))
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir {str(run_dir)!r} is a file, not a directory")
@@ -112,7 +112,7 @@ def build_parts(
     )
     if formulation is not None:
         schedule = formulation.schedule
-    gens = RunGenerators.from_seed(cfg.seed, info.rank)
+    gens = RunGenerators.from_seed(cfg.seed, info.data_rank)  # a TP group shares its draws
     set_bucket_step(cfg)  # data.buckets: sides in multiples the network takes
     report = None  # printed once the captions' token counts are known
     if dataset is None:
@@ -138,10 +138,10 @@ def build_parts(
         print(f"validation: {len(val_set)} held-out samples, {len(dataset)} for training")
     notes = adapt_to_data(
         cfg, dataset, num_classes_given=model is not None or "num_classes" in config.model,
-        world_size=info.world_size,
+        world_size=info.data_world,
     )  # fmt: skip
     stream = build_stream(
-        cfg, dataset, rank=info.rank, world_size=info.world_size,
+        cfg, dataset, rank=info.data_rank, world_size=info.data_world,
         mix_seed=subseed(cfg.seed, 60), generator=gens.data,
     )  # fmt: skip
     conditioning = Conditioning(cfg, dataset, info.device)
