@@ -243,7 +243,22 @@ def train_difflab(config: Path, overrides: list[str], args: argparse.Namespace) 
     params = sum(p.numel() for p in pipe.model.parameters())
     return dict(steps=result.step, train_cpu_s=train_cpu, sample_cpu_s=time.process_time() - cpu0,
                 images=images, labels=labels, params=params, loss=result.final_loss,
-                sampling=sampling, batch=cfg.train.batch_size)  # fmt: skip
+                sampling=sampling, batch=cfg.train.batch_size, pipe=pipe)  # fmt: skip
+
+
+def sweep_rows(r: dict[str, Any], args: argparse.Namespace, ref: Tensor, judge: CNN28Judge):
+    """Rows of the recipe's run sampled at each ``--sweep`` ``sampler:steps:cfg``."""
+    for spec in filter(None, args.sweep.split(",")):
+        sampler, steps, cfg = spec.split(":")
+        cpu0 = time.process_time()
+        images = r["pipe"](args.n, class_labels=r["labels"], sampler=sampler, steps=int(steps),
+                           guidance_scale=float(cfg), seed=args.seed, progress=False)  # fmt: skip
+        row = {**r, "images": images, "sample_cpu_s": time.process_time() - cpu0}
+        row["sampling"] = f"{sampler}, {steps} steps, CFG {float(cfg):g}"
+        row["fid"], row["acc"] = score(images, r["labels"], ref, judge)
+        print(f"    {row['sampling']}: FID {row['fid']:.2f}, acc {row['acc']:.3f}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        yield row
 
 
 def train_diffusers(data: tuple[Tensor, Tensor], args: argparse.Namespace) -> dict[str, Any]:
@@ -314,41 +329,66 @@ def run_cell(cell: str, name: str, folder: Path, data: tuple[Tensor, Tensor],
 
 
 # --------------------------------------------------------------------------- report
-def report(rows: list[dict[str, Any]], floors: dict[str, float], judges: dict[str, CNN28Judge],
-           args: argparse.Namespace, total_s: float) -> str:  # fmt: skip
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of ``rows`` (each with its data set's ``floor``)."""
+    lines = [
+        "| data | cell | params (M) | train CPU s | train steps | img/CPU-s | sampling | "
+        "sample CPU s | FID[cnn28] | x floor | accuracy |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['data']} | {r['cell']} | {r['params'] / 1e6:.2f} | {r['train_cpu_s']:.0f} | "
+            f"{r['steps']} | {r['steps'] * r['batch'] / r['train_cpu_s']:.0f} | {r['sampling']} | "
+            f"{r['sample_cpu_s']:.0f} | {r['fid']:.2f} | {r['fid'] / r['floor']:.1f}x | "
+            f"{100 * r['acc']:.1f}% |"
+        )
+    return lines
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, total_s: float) -> str:
+    """The results page: how it was measured, the table, floors and grids."""
     command = " ".join(["python bench/small_data.py", *args.argv])
+    budget = (
+        f"{args.budget} of process CPU time per cell"
+        if not args.merge
+        else ("each row's train CPU s of process CPU time")
+    )
     lines = [
         "# Small images: recipe vs digits config vs diffusers, at equal CPU time",
         "",
         f"`{command}`",
         "",
-        f"- Budget: **{args.budget} of process CPU time per cell** (`time.process_time` with "
-        f"{args.threads} torch thread; not wall time: the 2-core machine was shared with "
-        f"other jobs), then {args.n} class-conditional samples (labels i mod 10, seed "
-        f"{args.seed}) at each cell's sampling settings. {total_s / 60:.0f} min wall in all.",
+        f"- Budget: **{budget}** (`time.process_time` with {args.threads} torch thread; not "
+        "wall time: the 2-core machine was shared with other jobs), then "
+        f"{args.n} class-conditional samples (labels i mod 10, seed {args.seed}) at each "
+        "cell's sampling settings."
+        + (f" {total_s / 60:.0f} min wall in all." if not args.merge else ""),
         "- Judge: per data set a CNN (3 conv + 2 fc, 128-d features) trained on 90% of the "
         "10,000 training images; FID in its features against all 10,000; accuracy = its "
         "agreement with the requested label. Floor: FID of "
         f"{args.n} fresh real images (a new augmentation draw) against the same reference.",
         "",
-        "| data | cell | params (M) | train steps | img/CPU-s | sampling | sample CPU s | "
-        "FID[cnn28] | x floor | accuracy |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        *table(rows),
+        "",
     ]
-    for r in rows:
-        batch = r["batch"]
-        lines.append(
-            f"| {r['data']} | {r['cell']} | {r['params'] / 1e6:.2f} | {r['steps']} | "
-            f"{r['steps'] * batch / r['train_cpu_s']:.0f} | {r['sampling']} | "
-            f"{r['sample_cpu_s']:.0f} | {r['fid']:.2f} | {r['fid'] / floors[r['data']]:.1f}x | "
-            f"{100 * r['acc']:.1f}% |"
-        )
-    lines += [""]
-    for name, floor in floors.items():
-        lines.append(f"- {name}: real-vs-real floor FID {floor:.2f} (n = {args.n}); judge "
-                     f"held-out accuracy {100 * judges[name].accuracy:.1f}%; grid: "
-                     f"![{name}](small_data_{name}.png)")  # fmt: skip
+    for name in dict.fromkeys(r["data"] for r in rows):
+        r = next(r for r in rows if r["data"] == name)
+        lines.append(f"- {name}: real-vs-real floor FID {r['floor']:.2f} (n = {args.n}); judge "
+                     f"held-out accuracy {100 * r['judge_acc']:.1f}%; grid (real first, then "
+                     f"the rows in table order): ![{name}](small_data_{name}.png)")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def merged_rows(specs: str) -> list[dict[str, Any]]:
+    """The rows (with 100 samples each) of earlier runs' ``OUT.json`` / ``OUT.pt`` files."""
+    rows = []
+    for path in map(Path, specs.split(",")):
+        samples = torch.load(path.with_suffix(".pt"), weights_only=True)
+        for r in json.loads(path.read_text())["rows"]:
+            r["images"] = samples[f"{r['data']}/{r['cell']}"].float() / 127.5 - 1
+            rows.append(r)
+    return rows
 
 
 def save_grids(name: str, real: Tensor, rows: list[dict[str, Any]], out: Path) -> None:
@@ -371,11 +411,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--datasets", default="digits28", help=f"comma-separated: {DATASETS}")
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated: {CELLS}")
     p.add_argument("--recipe-set", action="append", default=[], help="override for the recipe")
+    p.add_argument("--sweep", default="", help="recipe also at sampler:steps:cfg,... (e.g. "
+                   "dpmpp_2m:10:2,dpmpp_2m:20:3)")  # fmt: skip
     p.add_argument("--n", type=int, default=500, help="samples per cell")
     p.add_argument("--size", type=int, default=10000, help="training images per data set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--merge", default="", help="A.json,B.json: one page from earlier runs")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     parse_duration(args.budget)
@@ -384,6 +427,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="small_data_"))
     rows, floors, judges = [], {}, {}
+    if args.merge:
+        rows = merged_rows(args.merge)
+        for name in dict.fromkeys(r["data"] for r in rows):
+            real = MAKERS[name](args.n, args.seed + 1000)[0]
+            save_grids(name, real, rows, args.out)
+        args.out.write_text(report(rows, args, 0.0), encoding="utf-8")
+        return
     try:
         for name in args.datasets.split(","):
             data = MAKERS[name](args.size, args.seed)
@@ -405,11 +455,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {cell}: {r['steps']} steps, loss {r['loss']:.4f}, FID {r['fid']:.2f}, "
                       f"acc {r['acc']:.3f} ({r['sampling']})", file=sys.stderr)  # fmt: skip
                 rows.append(r)
+                if cell == "recipe":
+                    rows += list(sweep_rows(r, args, data[0], judge))
             save_grids(name, fresh[0], rows, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = report(rows, floors, judges, args, time.perf_counter() - start)
-    raw = [{k: v for k, v in r.items() if k not in ("images", "labels")} for r in rows]
+    text = report(rows, args, time.perf_counter() - start)
+    raw = [{k: v for k, v in r.items() if k not in ("images", "labels", "pipe")} for r in rows]
     args.out.with_suffix(".json").write_text(json.dumps({"floors": floors, "rows": raw}, indent=1))
     args.out.write_text(text, encoding="utf-8")
     samples = {f"{r['data']}/{r['cell']}": to_uint8(r["images"][:100]) for r in rows}
