@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
             real = MAKERS[name](args.n, args.seed + 1000)[0]
             save_grids(name, real, rows, args.out)
         args.out.write_text(report(rows, args, 0.0), encoding="utf-8")
+        raw = [{k: v for k, v in r.items() if k != "images"} for r in rows]
+        args.out.with_suffix(".json").write_text(json.dumps({"rows": raw}, indent=1))
         return
     try:
         for name in args.datasets.split(","):
