@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -157,6 +158,11 @@ class DataConfig:
         return cls(**dict(data))
 
 
+def _is_npz_file(path: str | None) -> bool:
+    """True for an existing ``.npz`` file: ``source: folder`` templates then just work."""
+    return path is not None and Path(path).suffix.lower() == ".npz" and Path(path).is_file()
+
+
 def build_dataset(
     cfg: DataConfig | Mapping[str, Any] | Any, *, generator: torch.Generator | None = None
 ) -> tuple[Dataset, DataReport]:
@@ -188,6 +194,9 @@ def build_dataset(
         dataset, report = load_shapes_dataset(
             cfg.image_size, cfg.channels, random_flip=cfg.random_flip, generator=generator
         )
+    elif cfg.source == "folder" and _is_npz_file(path):
+        dataset, report = load_npz(path, transform, generator=generator)
+        report.notes.append("data.path is a .npz file: read as data.source npz")
     elif cfg.source == "folder":
         dataset, report = load_image_folder(
             path, transform, generator=generator, min_side=cfg.min_side
