@@ -112,3 +112,15 @@ def test_npz_that_is_not_a_zip(tmp_path, capsys):
     fake.write_bytes(b"these are not the arrays you are looking for" * 10)
     argv = train_argv(tmp_path / "r", "data.source=npz", f"data.path={fake}")
     user_error(capsys, argv, str(fake), "not a .npz archive")
+
+
+def test_train_takes_the_config_as_an_option_too(tmp_path, capsys):
+    """``difflab train --config FILE`` trains as ``difflab train FILE`` does; none or both is
+    one clear line."""
+    argv = train_argv(tmp_path / "run")
+    as_option = [argv[0], "--config", argv[1], *argv[2:]]
+    assert main(as_option) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    capsys.readouterr()
+    user_error(capsys, ["train", *argv[2:]], "one config", "--config")
+    user_error(capsys, [*argv[:2], "--config", argv[1], *argv[2:]], "one config")

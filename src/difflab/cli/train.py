@@ -22,7 +22,11 @@ def add_train_parser(subparsers: Any) -> None:
         help="train a model from a YAML config",
         description="Train from CONFIG.yaml; the resolved config is written to the run.",
     )
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    p.add_argument(
+        "--config", dest="config_option", metavar="CONFIG",
+        help="the YAML config, as an option (the same as the positional CONFIG)",
+    )  # fmt: skip
     _add_overrides(p, "override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="resume from the run's checkpoint")
     p.add_argument(
@@ -34,6 +38,12 @@ def add_train_parser(subparsers: Any) -> None:
 def _train(args: argparse.Namespace) -> int:
     from ..train import load_config, train
 
+    if (args.config is None) == (args.config_option is None):
+        raise UserError(
+            "difflab train takes one config: `difflab train CONFIG.yaml` or "
+            "`difflab train --config CONFIG.yaml`"
+        )
+    args.config = args.config or args.config_option
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"config file {args.config!r} does not exist")
     config = load_config(args.config, args.overrides)
