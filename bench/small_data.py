@@ -69,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "small_data.md"
 DATASETS = ("digits28", "shapes28")
 CELLS = ("recipe", "digits", "diffusers")
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 # --------------------------------------------------------------------------- data sets
@@ -228,7 +229,7 @@ def train_difflab(config: Path, overrides: list[str], args: argparse.Namespace) 
                                "train.sample_every=0", "train.save_every=0",
                                "train.tensorboard=false", "train.plot_metrics=false"])  # fmt: skip
     cpu0 = time.process_time()
-    trainer = Trainer(cfg, progress=False, clock=time.process_time)
+    trainer = Trainer.from_config(cfg, progress=False, clock=CLOCKS[args.clock])
     try:
         result = trainer.run()
     finally:
@@ -278,9 +279,10 @@ def train_diffusers(data: tuple[Tensor, Tensor], args: argparse.Namespace) -> di
     x_all = data[0].float() / 127.5 - 1
     y_all = data[1]
     gen = torch.Generator().manual_seed(args.seed)
-    budget, steps, cpu0 = parse_duration(args.budget), 0, time.process_time()
+    clock = CLOCKS[args.clock]
+    budget, steps, cpu0, start = parse_duration(args.budget), 0, time.process_time(), clock()
     net.train()
-    while time.process_time() - cpu0 < budget:
+    while clock() - start < budget:
         idx = torch.randint(len(x_all), (128,), generator=gen)
         x0, y = x_all[idx], y_all[idx].clone()
         y[torch.rand(len(y), generator=gen) < 0.1] = 10  # the null label for CFG
@@ -416,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=500, help="samples per cell")
     p.add_argument("--size", type=int, default=10000, help="training images per data set")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
+                   help="the budget's clock: process CPU time (a shared machine) or wall time "
+                   "(an idle one, as the judge's 15 minutes)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--merge", default="", help="A.json,B.json: one page from earlier runs")

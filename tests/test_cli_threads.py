@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from difflab import cli
+from difflab.cli.common import free_cores
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -41,15 +42,23 @@ def _patched(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def test_default_is_one_thread_on_two_cores(monkeypatch):
+def test_default_is_the_free_cores(monkeypatch):
+    """Idle 2 cores: torch's 2; one busy process (load 1.3): 1; 16 cores at load 3.2: 13."""
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with cli._torch_threads(None):
-            assert torch.get_num_threads() == 1
+        for load, expected in ((0.6, 2), (1.3, 1), (7.5, 1)):
+            monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+            with cli._torch_threads(None):
+                assert torch.get_num_threads() == expected, load
+        assert torch.get_num_threads() == 2
         monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
-        with cli._torch_threads(None):
-            assert torch.get_num_threads() == 2  # torch's own choice is left alone
+        monkeypatch.setattr(cli.os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+        assert free_cores(16) == 13 and free_cores(8) == 0  # 0: torch's own choice
+        monkeypatch.delattr(cli.os, "getloadavg")
+        assert free_cores(16) == 0
+        monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+        assert free_cores(2) == 1
     finally:
         torch.set_num_threads(before)

@@ -77,3 +77,32 @@ def test_explicit_null_classes_warns_and_trains_unconditionally(tmp_path, folder
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "the data has 3 classes (blue, green, red) but model.num_classes is null" in err
+
+
+def test_more_classes_than_the_model_has_is_one_line(tmp_path, folders, capsys):
+    """3 class folders into model.num_classes 2: label 2 would have no embedding."""
+    args = ["train", str(TEMPLATE), "--set", f"data.path={folders}",
+            "--set", f"run_dir={tmp_path / 'run'}", "--set", "model.num_classes=2"]  # fmt: skip
+    for item in FAST:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == (
+        "difflab train: error: the data (source folder) has 3 classes (blue, green, red) but "
+        "model.num_classes is 2: label 2 has no embedding; set model.num_classes: 3 (or leave "
+        "it out for folder/npz data)"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fewer_classes_than_the_model_has_warns(tmp_path, capsys):
+    """The digits config (10 classes) on the shapes set (6): trains, and says so."""
+    args = ["train", str(TEMPLATE.parent / "digits.yaml"), "--set", "data.source=shapes",
+            "--set", "data.image_size=8", "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", "train.max_steps=1", "--set", "train.sample_every=0",
+            "--set", "train.plot_metrics=false", "--set", "train.tensorboard=false",
+            "--set", "model.model_channels=8", "--set", "model.norm_groups=4"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert ("the data (source shapes) has 6 classes (disc, square, " in err
+            and "but model.num_classes is 10: classes 6..9 are never trained" in err)  # fmt: skip

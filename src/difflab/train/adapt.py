@@ -62,9 +62,13 @@ def _classes(cfg: TrainConfig, dataset: Any, given: bool) -> list[str]:
     """Class folders and ``model.num_classes``: conditional when left out, a word when null."""
     k = getattr(dataset, "num_classes", None)
     names = list(getattr(dataset, "class_names", []) or [])
-    if not k or cfg.data.source not in ("folder", "npz") or cfg.text.enabled:
+    if not k or cfg.text.enabled:
         return []
-    if cfg.finetune.base_run is not None or cfg.model.get("num_classes") is not None:
+    declared = cfg.model.get("num_classes")
+    if declared is not None:
+        _check_class_count(k, int(declared), names, cfg.data.source)
+        return []
+    if cfg.data.source not in ("folder", "npz") or cfg.finetune.base_run is not None:
         return []
     if given:  # an explicit null: the user asked for an unconditional model
         warnings.warn(
@@ -81,6 +85,26 @@ def _classes(cfg: TrainConfig, dataset: Any, given: bool) -> list[str]:
         f"model: class-conditional on the {k} class folders ({shown}) since model.num_classes "
         "is not set; set model.num_classes: null for an unconditional model"
     ]
+
+
+def _check_class_count(k: int, declared: int, names: list[str], source: str) -> None:
+    """The data's ``k`` classes against ``model.num_classes``: more is an error (their labels
+    have no embedding), fewer a warning (the model's other classes are never trained)."""
+    shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+    if k > declared:
+        extra = f"label {declared} has" if k - declared == 1 else f"labels {declared}..{k - 1} have"
+        raise ValueError(
+            f"the data (source {source}) has {k} classes ({shown}) but model.num_classes is "
+            f"{declared}: {extra} no embedding; set model.num_classes: "
+            f"{k} (or leave it out for folder/npz data)"
+        )
+    if k < declared:
+        warnings.warn(
+            f"the data (source {source}) has {k} classes ({shown}) but model.num_classes is "
+            f"{declared}: classes {k}..{declared - 1} are never trained and sample noise; set "
+            f"model.num_classes: {k} unless a later run adds them",
+            stacklevel=3,
+        )
 
 
 def set_bucket_step(cfg: TrainConfig) -> None:
