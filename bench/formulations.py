@@ -35,18 +35,21 @@ Usage::
     python bench/formulations.py                    # 6 cells x 60 s + eval, ~10 min
     python bench/formulations.py --budget 20s --n 200 --steps 5,10  # a quick look
     python bench/formulations.py --data shapes --budget 30s --n 300 --steps 5,10
+    python bench/formulations.py --data shapes --budget 4m --n 300 --steps 8,16 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +152,18 @@ def train_cell(formulation: str, arch: str, args: argparse.Namespace, work: Path
     return dict(formulation=formulation, arch=arch, run_dir=run_dir, params=params,
                 train_steps=result.step, stop=result.stop_reason, train_wall_s=wall_s,
                 train_cpu_s=cpu_s)  # fmt: skip
+
+
+def run_cell(cell: tuple[str, str], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Train and score one (formulation, backbone) cell (in a worker process with ``--jobs``)."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="FID computed from")
+    formulation, arch = cell
+    out = train_cell(formulation, arch, args, work)
+    print(f"{formulation}/{arch}: {out['train_steps']} steps in {out['train_wall_s']:.0f} s "
+          f"wall, {out['train_cpu_s']:.0f} s CPU", file=sys.stderr, flush=True)  # fmt: skip
+    eval_cell(out, args)
+    return out
 
 
 def _build(cfg: Any) -> torch.nn.Module:
@@ -289,9 +304,9 @@ def report(
             else "wall seconds"
         )
         + f"), {args.threads} CPU thread (`torch.set_num_threads`), {cpu_name()}, torch "
-        f"{torch.__version__}; {total_s / 60:.1f} min in all. The machine (2 cores) was "
-        "shared with other processes; CPU s and wall s are those of each cell's `Trainer` "
-        "(construction included).",
+        f"{torch.__version__}; {total_s / 60:.1f} min in all"
+        + (f", {args.jobs} cells at a time (one process each)" if args.jobs > 1 else "")
+        + ". CPU s and wall s are those of each cell's `Trainer` (construction included).",
         *recipe_lines(args, floor),
         f"- Steps for quality: fewest steps with FID within {100 * args.tolerance:g}% of the "
         f"cell's best over steps {', '.join(map(str, args.steps))} (1 network call per step, "
@@ -345,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
         default="cpu",
         help="what the budget counts: process CPU seconds (time.process_time) or wall seconds",
     )
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells trained at once, one process each (2 on an idle 2-core machine "
+                   "with --threads 1 and --clock cpu)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", choices=tuple(DATA), default="digits",
                    help="digits (8x8, configs/digits.yaml) or shapes (32x32 RGB, data.source "
@@ -367,15 +385,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="formulations_"))
 
-    cells = []
-    for arch in args.archs.split(","):
-        for formulation in args.formulations.split(","):
-            cell = train_cell(formulation, arch, args, work)
-            print(f"{formulation}/{arch}: {cell['train_steps']} steps in "
-                  f"{cell['train_wall_s']:.0f} s wall, {cell['train_cpu_s']:.0f} s CPU",
-                  file=sys.stderr)  # fmt: skip
-            eval_cell(cell, args)
-            cells.append(cell)
+    todo = [(f, a) for a in args.archs.split(",") for f in args.formulations.split(",")]
+    if args.jobs > 1:  # one process per cell, each on --threads threads (the CPU clock is its own)
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            cells = list(pool.map(run_cell, todo, [args] * len(todo), [work] * len(todo)))
+    else:
+        cells = [run_cell(cell, args, work) for cell in todo]
     floor = real_floor(args.data, args.n, args.seed)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ files are written once, by rank 0.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/_tiny_run.py
 from _tiny_run import make_tiny_run  # noqa: E402
+from torchrun_helpers import torchrun, worker_env  # noqa: E402
 
 from difflab.eval.ranks import Ranks  # noqa: E402
 from difflab.eval.sweep import evaluate_pipeline, run_sweep  # noqa: E402
@@ -37,22 +36,12 @@ SWEEP = ["--samplers", "ddim", "--steps", "1,2", "--cfg", "2", "--metrics", "fid
 METRICS = ("fid[digits-cnn]", "kid[digits-cnn]", "kid_std[digits-cnn]", "accuracy[digits-cnn]")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str) -> subprocess.Popen:
     """``torchrun ... -m difflab.cli -- ARGS``: the ``--`` keeps torchrun's own parser off
     ``--n``, which it would take for an ambiguous abbreviation of ``--nnodes`` / ``--node-rank``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "difflab.cli", "--", *args]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    cmd = torchrun("-m", "difflab.cli", "--", *args)
+    return subprocess.Popen(cmd, env=worker_env(SRC), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_ranks_share_the_batches_in_rounds():

@@ -14,7 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
-from sd_helpers import tiny_sd1_pipeline  # noqa: E402
+
 from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
@@ -24,20 +24,7 @@ from difflab.convert.sd_import import import_stable_diffusion  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-CAPTIONS = ["a red cat", "a blue house", "a cat in the tree", "the red sky"]
 FT = ["--steps", "2", "--lr", "0.01", "--set", "train.batch_size=2"]
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd1") / "sd"
-    tiny_sd1_pipeline(seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_captioned_images(tmp_path_factory.mktemp("data") / "images", CAPTIONS)
 
 
 def _inputs(seed: int = 0):
@@ -86,11 +73,11 @@ def test_lora_kohya_file_gives_difflabs_unet_output_in_diffusers(sd_folder, data
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_textual_inversion_word_loads_in_difflab_and_diffusers(sd_folder, tmp_path):
+def test_textual_inversion_word_loads_in_difflab_and_diffusers(sd_folder, captions, tmp_path):
     from difflab.interop.sd import load_stable_diffusion
     from difflab.interop.text import load_embedding
 
-    data = write_captioned_images(tmp_path / "images", [f"a photo of sks {c}" for c in CAPTIONS])
+    data = write_captioned_images(tmp_path / "images", [f"a photo of sks {c}" for c in captions])
     out = tmp_path / "ti"
     argv = ["finetune", str(sd_folder), "--out", str(out), "--targets", "none",
             "--new-word", "sks", "--init-word", "cat", *FT,

@@ -17,9 +17,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
 sys.path.insert(0, str(Path(__file__).parent))
-from sd_helpers import tiny_sd1_pipeline, tiny_sdxl_pipeline  # noqa: E402
 from test_lycoris_train import _peft_twin  # noqa: E402
-from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
@@ -28,28 +26,8 @@ from difflab.finetune import lora_layers  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-CAPTIONS = ["a red cat", "a blue house", "a cat in the tree", "the red sky"]
 FT = ["--steps", "2", "--lr", "0.01", "--set", "train.batch_size=2", "--text-encoder"]
 PROMPTS = ["a red cat", "the blue house in the tree"]
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd1") / "sd"
-    tiny_sd1_pipeline(seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def xl_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
-    tiny_sdxl_pipeline(seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_captioned_images(tmp_path_factory.mktemp("data") / "images", CAPTIONS)
 
 
 def _keys(path: Path) -> set[str]:

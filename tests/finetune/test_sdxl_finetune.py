@@ -20,9 +20,7 @@ from sd_helpers import (  # noqa: E402
     TEXT_WIDTH,
     hf_checkpoint_state,
     open_clip_state,
-    tiny_sdxl_pipeline,
 )
-from train_helpers import write_captioned_images  # noqa: E402
 
 import difflab as dl  # noqa: E402
 from difflab.cli import main as cli_main  # noqa: E402
@@ -32,26 +30,8 @@ from difflab.finetune import lora_layers  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-CAPTIONS = ["a red cat", "a blue house", "a cat in the tree", "the red sky"]
 FT = ["--steps", "2", "--lr", "0.01", "--set", "train.batch_size=2"]
 SIZE = 32  # the tiny SDXL's images: 16x16 latents, a 2x autoencoder
-
-
-@pytest.fixture(scope="module")
-def xl_pipe():
-    return tiny_sdxl_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def xl_folder(xl_pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
-    xl_pipe.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_captioned_images(tmp_path_factory.mktemp("data") / "images", CAPTIONS)
 
 
 def _diffusers_inputs(pipe, prompts, seed=1):
@@ -249,7 +229,9 @@ def test_sdxl_run_draws_sample_grids_with_the_vector(xl_folder, data, tmp_path):
     assert grid.std() > 1.0  # drawn, not a blank canvas
 
 
-def test_sdxl_encoder_cache_holds_the_whole_keyword_conditioning(xl_folder, data, tmp_path):
+def test_sdxl_encoder_cache_holds_the_whole_keyword_conditioning(
+    xl_folder, data, captions, tmp_path
+):
     """``train.encoder_cache`` on ``text.encoder: sdxl``: the cached context, mask and vector
     equal the encoders' own, and a second batch of the same captions is read back."""
     from difflab.train import TrainConfig
@@ -262,7 +244,7 @@ def test_sdxl_encoder_cache_holds_the_whole_keyword_conditioning(xl_folder, data
     config = TrainConfig.from_dict(cfg).resolve()
 
     class Captions:
-        texts = CAPTIONS
+        texts = captions
 
     cond = Conditioning(config, Captions(), torch.device("cpu"))
     assert cond.text_cache is not None

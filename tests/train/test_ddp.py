@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_helpers import torchrun, worker_env
 from train_helpers import (  # noqa: F401
     ToyData,
     one_thread,
@@ -43,12 +41,6 @@ result = train(tiny_config(sys.argv[1], *sys.argv[3:]), dataset=dataset)
 if os.environ["RANK"] == "0":  # one writer: two ranks' lines can interleave on one pipe
     print("FINAL", result.final_loss, flush=True)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TEXT = [
@@ -102,15 +94,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
         opts = [*OPTS, *_clip_inversion_opts(tmp_path)]
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(script), str(tmp_path / "ddp"), kind, *opts]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    cmd = torchrun(str(script), str(tmp_path / "ddp"), kind, *opts)
+    proc = subprocess.run(cmd, env=worker_env(HERE), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     data = ToyData() if kind in ("toy", "latent") else None

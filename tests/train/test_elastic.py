@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torchrun_helpers import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
@@ -59,17 +59,11 @@ if os.environ.get("DIFFLAB_TEST_KILL_AT") and os.environ.get("RANK") == "1" \\
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(config: Path, run_dir: Path) -> list[str]:
     """docs/training.md's elastic command (``torchrun`` is ``python -m torch.distributed.run``)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
             "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", run_dir.name,
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", run_dir.name,
             "--max-restarts", "1",
             "-m", "difflab.cli", "train", str(config), "--set", f"run_dir={run_dir}",
             "--resume"]  # fmt: skip

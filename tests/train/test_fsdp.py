@@ -13,16 +13,14 @@ directories with one-process runs of the same config and global batch:
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_helpers import torchrun, worker_env
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
 from difflab.train import Trainer, load_checkpoint, train
@@ -41,12 +39,6 @@ BF16 = [*OPTS, "train.mixed_precision=bf16"]
 WEIGHTS = ("model.safetensors", "ema.safetensors")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cut(run_dir: Path, opts: list[str], at: int) -> None:
@@ -73,12 +65,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         {"dir": str(dirs["D"]), "opts": OPTS, "resume": True},
         {"dir": str(dirs["E"]), "opts": BF16},
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(HERE / "fsdp_jobs.py"), json.dumps(jobs)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun(str(HERE / "fsdp_jobs.py"), json.dumps(jobs))
+    proc = subprocess.run(cmd, env=worker_env(HERE), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (root / "stdout.txt").write_text(proc.stdout)
     train(tiny_config(dirs["S"], *OPTS), dataset=ToyData())

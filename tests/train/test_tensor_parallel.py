@@ -15,15 +15,13 @@ one-process runs of the same config and global batch:
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_helpers import torchrun, worker_env
 from tp_step import mesh_steps
 from train_helpers import ToyData, one_thread, tiny_dit_config  # noqa: F401
 
@@ -43,12 +41,6 @@ WEIGHTS = ("model.safetensors", "ema.safetensors")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Run directories T, U, V, W (2 ranks, one launch), S (one process), V resumed; and
@@ -66,12 +58,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         {"dir": str(dirs["V"]), "opts": TP, "dit": True, "cut": 2},
         {"dir": str(dirs["W"]), "opts": [*BASE, "train.tensor_parallel=2"], "dit": True},
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(HERE / "fsdp_jobs.py"), json.dumps(jobs)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun(str(HERE / "fsdp_jobs.py"), json.dumps(jobs))
+    proc = subprocess.run(cmd, env=worker_env(HERE), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (root / "stdout.txt").write_text(proc.stdout)
     train(tiny_dit_config(dirs["S"], *BASE), dataset=ToyData())
