@@ -247,15 +247,38 @@ def train_difflab(config: Path, overrides: list[str], args: argparse.Namespace) 
                 sampling=sampling, batch=cfg.train.batch_size, pipe=pipe)  # fmt: skip
 
 
+def scored_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``--score-run``: an earlier recipe run (say, one this script trained and kept), sampled
+    at the recipe's *current* ``sample:`` defaults; its steps and loss from ``metrics.jsonl``."""
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    pipe = Pipeline.from_run(run_dir)
+    recipe = load_config(ROOT / "configs" / "small_images.yaml", ["data.path=."])
+    pipe.sample_defaults.update({k: v for k, v in recipe.sample.items()
+                                 if k in pipe.sample_defaults})  # fmt: skip
+    labels = torch.arange(args.n) % 10
+    cpu0 = time.process_time()
+    images = pipe(args.n, class_labels=labels, seed=args.seed, progress=False)
+    d, params = pipe.sample_defaults, sum(p.numel() for p in pipe.model.parameters())
+    sampling = f"{d['sampler']}, {d['steps']} steps, CFG {d['guidance_scale']:g}"
+    return dict(steps=last["step"], train_cpu_s=None, sample_cpu_s=time.process_time() - cpu0,
+                images=images, labels=labels, params=params, loss=last["loss"],
+                batch=recipe.train.batch_size, pipe=pipe, sampling=sampling)  # fmt: skip
+
+
 def sweep_rows(r: dict[str, Any], args: argparse.Namespace, ref: Tensor, judge: CNN28Judge):
-    """Rows of the recipe's run sampled at each ``--sweep`` ``sampler:steps:cfg``."""
+    """Rows of the recipe's run sampled at each ``--sweep`` ``sampler:steps:cfg[:lo-hi]``
+    (``lo-hi``: a guidance interval in σ)."""
     for spec in filter(None, args.sweep.split(",")):
-        sampler, steps, cfg = spec.split(":")
+        sampler, steps, cfg, *iv = spec.split(":")
+        interval = tuple(float(v) for v in iv[0].split("-")) if iv else None
         cpu0 = time.process_time()
         images = r["pipe"](args.n, class_labels=r["labels"], sampler=sampler, steps=int(steps),
-                           guidance_scale=float(cfg), seed=args.seed, progress=False)  # fmt: skip
+                           guidance_scale=float(cfg), guidance_interval=interval, seed=args.seed,
+                           progress=False)  # fmt: skip
         row = {**r, "images": images, "sample_cpu_s": time.process_time() - cpu0}
-        row["sampling"] = f"{sampler}, {steps} steps, CFG {float(cfg):g}"
+        row["sampling"] = f"{sampler}, {steps} steps, CFG {float(cfg):g}" + (
+            f" in σ {interval[0]:g}-{interval[1]:g}" if interval else ""
+        )
         row["fid"], row["acc"] = score(images, r["labels"], ref, judge)
         print(f"    {row['sampling']}: FID {row['fid']:.2f}, acc {row['acc']:.3f}",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -321,6 +344,8 @@ def run_cell(cell: str, name: str, folder: Path, data: tuple[Tensor, Tensor],
              args: argparse.Namespace, work: Path) -> dict[str, Any]:  # fmt: skip
     data_set = ["data.source=folder", f"data.path={folder}", f"run_dir={work / cell / name}",
                 f"seed={args.seed}"]  # fmt: skip
+    if cell == "recipe" and args.score_run is not None:
+        return scored_run(args.score_run, args)
     if cell == "recipe":
         return train_difflab(ROOT / "configs" / "small_images.yaml",
                              [*data_set, *args.recipe_set], args)  # fmt: skip
@@ -339,9 +364,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        cpu = r["train_cpu_s"]  # None: a --score-run row (trained by an earlier run)
+        speed = "—" if cpu is None else f"{r['steps'] * r['batch'] / cpu:.0f}"
         lines.append(
-            f"| {r['data']} | {r['cell']} | {r['params'] / 1e6:.2f} | {r['train_cpu_s']:.0f} | "
-            f"{r['steps']} | {r['steps'] * r['batch'] / r['train_cpu_s']:.0f} | {r['sampling']} | "
+            f"| {r['data']} | {r['cell']} | {r['params'] / 1e6:.2f} | "
+            f"{'—' if cpu is None else f'{cpu:.0f}'} | {r['steps']} | {speed} | {r['sampling']} | "
             f"{r['sample_cpu_s']:.0f} | {r['fid']:.2f} | {r['fid'] / r['floor']:.1f}x | "
             f"{100 * r['acc']:.1f}% |"
         )
@@ -422,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe-set", action="append", default=[], help="override for the recipe")
     p.add_argument("--sweep", default="", help="recipe also at sampler:steps:cfg,... (e.g. "
                    "dpmpp_2m:10:2,dpmpp_2m:20:3)")  # fmt: skip
+    p.add_argument("--score-run", type=Path, default=None,
+                   help="score this earlier recipe run (at the recipe's current sample: "
+                   "defaults) instead of training one")  # fmt: skip
     p.add_argument("--n", type=int, default=500, help="samples per cell")
     p.add_argument("--size", type=int, default=10000, help="training images per data set")
     p.add_argument("--threads", type=int, default=1)
