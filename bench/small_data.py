@@ -359,9 +359,9 @@ def run_cell(cell: str, name: str, folder: Path, data: tuple[Tensor, Tensor],
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of ``rows`` (each with its data set's ``floor``)."""
     lines = [
-        "| data | cell | params (M) | train CPU s | train steps | img/CPU-s | sampling | "
-        "sample CPU s | FID[cnn28] | x floor | accuracy |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| data | cell | params (M) | train CPU s | train steps | img/CPU-s | sampling | n | "
+        "sample CPU s | FID[cnn28] | floor | x floor | accuracy |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cpu = r["train_cpu_s"]  # None: a --score-run row (trained by an earlier run)
@@ -369,7 +369,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['data']} | {r['cell']} | {r['params'] / 1e6:.2f} | "
             f"{'—' if cpu is None else f'{cpu:.0f}'} | {r['steps']} | {speed} | {r['sampling']} | "
-            f"{r['sample_cpu_s']:.0f} | {r['fid']:.2f} | {r['fid'] / r['floor']:.1f}x | "
+            f"{r.get('n', '?')} | {r['sample_cpu_s']:.0f} | {r['fid']:.2f} | {r['floor']:.2f} | "
+            f"{r['fid'] / r['floor']:.1f}x | "
             f"{100 * r['acc']:.1f}% |"
         )
     return lines
@@ -495,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
                     if cell != "recipe" or not args.recipe_set
                     else (f"recipe [{', '.join(args.recipe_set)}]")
                 )
-                r.update(data=name, cell=label, judge_acc=judge.accuracy, floor=floors[name])
+                r.update(data=name, cell=label, judge_acc=judge.accuracy, floor=floors[name],
+                         n=args.n)  # fmt: skip
                 print(f"  {cell}: {r['steps']} steps, loss {r['loss']:.4f}, FID {r['fid']:.2f}, "
                       f"acc {r['acc']:.3f} ({r['sampling']})", file=sys.stderr)  # fmt: skip
                 rows.append(r)
