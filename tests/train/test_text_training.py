@@ -53,7 +53,7 @@ def test_config_checks():
 
 
 def test_context_dim_without_text_encoder_is_refused(tmp_path):
-    cfg = tiny_config(tmp_path, "model.context_dim=8", "data.source=digits")
+    cfg = tiny_config(tmp_path, "model.context_dim=8", "data.source=digits", "model.num_classes=10")
     with pytest.raises(ValueError, match="set text.encoder: transformer"):
         Trainer.from_config(cfg)
 
