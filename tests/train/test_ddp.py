@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchrun_helpers import torchrun, worker_env
+from torchrun_helpers import run_once_more_on_exit_abort, torchrun, worker_env
 from train_helpers import (  # noqa: F401
     ToyData,
     one_thread,
@@ -95,7 +94,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, kind):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(SCRIPT))
     cmd = torchrun(str(script), str(tmp_path / "ddp"), kind, *opts)
-    proc = subprocess.run(cmd, env=worker_env(HERE), capture_output=True, text=True, timeout=120)
+    proc = run_once_more_on_exit_abort(cmd, worker_env(HERE), 120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     data = ToyData() if kind in ("toy", "latent") else None

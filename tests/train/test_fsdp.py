@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchrun_helpers import torchrun, worker_env
+from torchrun_helpers import run_once_more_on_exit_abort, torchrun, worker_env
 from train_helpers import ToyData, one_thread, tiny_config  # noqa: F401
 
 from difflab.train import Trainer, load_checkpoint, train
@@ -66,7 +66,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         {"dir": str(dirs["E"]), "opts": BF16},
     ]
     cmd = torchrun(str(HERE / "fsdp_jobs.py"), json.dumps(jobs))
-    proc = subprocess.run(cmd, env=worker_env(HERE), capture_output=True, text=True, timeout=300)
+    proc = run_once_more_on_exit_abort(cmd, worker_env(HERE), 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (root / "stdout.txt").write_text(proc.stdout)
     train(tiny_config(dirs["S"], *OPTS), dataset=ToyData())

@@ -15,13 +15,12 @@ one-process runs of the same config and global batch:
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torchrun_helpers import torchrun, worker_env
+from torchrun_helpers import run_once_more_on_exit_abort, torchrun, worker_env
 from tp_step import mesh_steps
 from train_helpers import ToyData, one_thread, tiny_dit_config  # noqa: F401
 
@@ -59,7 +58,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         {"dir": str(dirs["W"]), "opts": [*BASE, "train.tensor_parallel=2"], "dit": True},
     ]
     cmd = torchrun(str(HERE / "fsdp_jobs.py"), json.dumps(jobs))
-    proc = subprocess.run(cmd, env=worker_env(HERE), capture_output=True, text=True, timeout=300)
+    proc = run_once_more_on_exit_abort(cmd, worker_env(HERE), 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (root / "stdout.txt").write_text(proc.stdout)
     train(tiny_dit_config(dirs["S"], *BASE), dataset=ToyData())
